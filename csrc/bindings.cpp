@@ -1,0 +1,111 @@
+// The one binding file: every op's Python-visible signature, routed to the CPU or CUDA kernel by the
+// device of its first tensor. pyengine/_backend.py picks which backend runs; this file only routes.
+#include <torch/extension.h>
+
+#include "common/checks.h"
+#include "ops.h"
+
+namespace pyengine {
+namespace {
+
+#define PE_STR_(x) #x
+#define PE_STR(x) PE_STR_(x)
+
+bool on_cuda(const at::Tensor& t, const char* op) {
+  const auto dev = t.device();
+  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), op, ": pyengine runs on CPU and CUDA tensors, got ", dev);
+#ifndef PYENGINE_WITH_CUDA
+  TORCH_CHECK(!dev.is_cuda(), op, ": this build of pyengine has no CUDA kernels. Rebuild on a machine with ",
+              "a CUDA toolkit and a CUDA build of torch (PYENGINE_CUDA=1 pip install --no-build-isolation .), ",
+              "or use the python backend.");
+#endif
+  return dev.is_cuda();
+}
+
+#ifdef PYENGINE_WITH_CUDA
+#define PE_ROUTE(t, fn, ...) return on_cuda(t, #fn) ? fn##_cuda(__VA_ARGS__) : fn##_cpu(__VA_ARGS__)
+#else
+#define PE_ROUTE(t, fn, ...) \
+  on_cuda(t, #fn);           \
+  return fn##_cpu(__VA_ARGS__)
+#endif
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  PE_ROUTE(x, linear_forward, x, weight, bias);
+}
+std::vector<at::Tensor> linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                        bool need_x, bool need_weight, bool need_bias) {
+  PE_ROUTE(grad_y, linear_backward, grad_y, x, weight, need_x, need_weight, need_bias);
+}
+
+at::Tensor relu_forward(const at::Tensor& x) { PE_ROUTE(x, relu_forward, x); }
+at::Tensor relu_backward(const at::Tensor& grad_y, const at::Tensor& y) { PE_ROUTE(y, relu_backward, grad_y, y); }
+at::Tensor sigmoid_forward(const at::Tensor& x) { PE_ROUTE(x, sigmoid_forward, x); }
+at::Tensor sigmoid_backward(const at::Tensor& grad_y, const at::Tensor& y) {
+  PE_ROUTE(y, sigmoid_backward, grad_y, y);
+}
+
+at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const at::Scalar& alpha) {
+  PE_ROUTE(input, add_forward, input, other, alpha);
+}
+at::Tensor add_backward(const at::Tensor& grad, std::vector<int64_t> shape, const at::Scalar& scale) {
+  PE_ROUTE(grad, add_backward, grad, shape, scale);
+}
+
+std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                              const OptTensor& weight, int64_t ignore_index, int64_t reduction,
+                                              double label_smoothing) {
+  PE_ROUTE(logits, cross_entropy_forward, logits, target, weight, ignore_index, reduction, label_smoothing);
+}
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const OptTensor& weight, const at::Tensor& lse, const at::Tensor& denom,
+                                  int64_t ignore_index, int64_t reduction, double label_smoothing) {
+  PE_ROUTE(logits, cross_entropy_backward, grad_loss, logits, target, weight, lse, denom, ignore_index, reduction,
+           label_smoothing);
+}
+
+bool with_cuda() {
+#ifdef PYENGINE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string simd_level() {
+#ifdef CPU_CAPABILITY
+  return PE_STR(CPU_CAPABILITY);
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace
+}  // namespace pyengine
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pyengine;
+  namespace py = pybind11;
+  m.doc() = "pyengine's compiled kernels (see pyengine/ops/*.py for the Python reference of each formula)";
+
+  m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("linear_backward", &linear_backward, py::arg("grad_y"), py::arg("x"), py::arg("weight"),
+        py::arg("need_x") = true, py::arg("need_weight") = true, py::arg("need_bias") = true);
+  m.def("relu_forward", &relu_forward, py::arg("x"));
+  m.def("relu_backward", &relu_backward, py::arg("grad_y"), py::arg("y"));
+  m.def("sigmoid_forward", &sigmoid_forward, py::arg("x"));
+  m.def("sigmoid_backward", &sigmoid_backward, py::arg("grad_y"), py::arg("y"));
+  m.def("add_forward", &add_forward, py::arg("input"), py::arg("other"), py::arg("alpha") = 1);
+  m.def("add_backward", &add_backward, py::arg("grad"), py::arg("shape"), py::arg("scale") = 1);
+  m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("logits"), py::arg("target"),
+        py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+        py::arg("label_smoothing") = 0.0);
+  m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("grad_loss"), py::arg("logits"),
+        py::arg("target"), py::arg("weight"), py::arg("lse"), py::arg("denom"), py::arg("ignore_index") = -100,
+        py::arg("reduction") = 1, py::arg("label_smoothing") = 0.0);
+
+  m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
+  m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");
+}

@@ -1,0 +1,108 @@
+// Per-element math shared by the CPU and CUDA kernels. Each formula lives here once; the CPU kernels also
+// instantiate it with at::vec::Vectorized<float/double> (see cpu/vec_math.h for the vector overloads of
+// pe_exp, pe_log, pe_max_nan and pe_where_positive), so the CPU tests exercise the formulas the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#ifdef __CUDACC__
+#define PE_HD __host__ __device__ __forceinline__
+#else
+#define PE_HD inline
+#endif
+
+namespace pyengine {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+PE_HD float pe_exp(float x) { return ::expf(x); }
+PE_HD double pe_exp(double x) { return ::exp(x); }
+PE_HD float pe_log(float x) { return ::logf(x); }
+PE_HD double pe_log(double x) { return ::log(x); }
+
+// max(x, y) that returns NaN when x is NaN (torch.relu(nan) is nan).
+template <typename T> PE_HD T pe_max_nan(T x, T y) { return (x != x || x > y) ? x : y; }
+// g where y > 0, else 0 (NaN y gives 0, as torch's threshold_backward does).
+template <typename T> PE_HD T pe_where_positive(T y, T g) { return y > T(0) ? g : T(0); }
+
+// relu: y = max(x, 0); dx = dy * (y > 0), from the output alone.
+template <typename T> PE_HD T relu_forward_math(T x) { return pe_max_nan(x, T(0)); }
+template <typename T> PE_HD T relu_backward_math(T dy, T y) { return pe_where_positive(y, dy); }
+
+// sigmoid: y = 1 / (1 + e^-x); dx = dy * y * (1 - y), from the output alone. For x -> -inf e^-x
+// overflows to inf and y -> 0 exactly; for x -> +inf y -> 1 and the gradient vanishes (saturation).
+template <typename T> PE_HD T sigmoid_forward_math(T x) { return T(1) / (T(1) + pe_exp(T(0) - x)); }
+template <typename T> PE_HD T sigmoid_backward_math(T dy, T y) { return dy * y * (T(1) - y); }
+
+// Online softmax (Milakov & Gimelshein): one pass keeps the running max m and s = sum(exp(x - m)),
+// rescaling s whenever the max grows. -inf logits contribute nothing; NaN propagates into s.
+template <typename T> struct SoftmaxState {
+  T max = -std::numeric_limits<T>::infinity();
+  T sum = T(0);
+};
+
+template <typename T> PE_HD void online_softmax_add(SoftmaxState<T>& st, T x) {
+  if (x > st.max) {
+    st.sum = st.sum * pe_exp(st.max - x) + T(1);
+    st.max = x;
+  } else if (x != -std::numeric_limits<T>::infinity()) {
+    st.sum += pe_exp(x - st.max);
+  }
+}
+
+// Merges two partial states (warp shuffles, per-thread partials).
+template <typename T> PE_HD SoftmaxState<T> online_softmax_merge(SoftmaxState<T> a, SoftmaxState<T> b) {
+  if (b.max > a.max) {
+    SoftmaxState<T> t = a;
+    a = b;
+    b = t;
+  }
+  // An all -inf part has sum 0 (or NaN if it saw a NaN): add it unscaled so NaN still propagates.
+  a.sum += b.max == -std::numeric_limits<T>::infinity() ? b.sum : b.sum * pe_exp(b.max - a.max);
+  return a;
+}
+
+// logsumexp of the row: m + log(s); -inf for an all -inf row, as torch.logsumexp gives.
+template <typename T> PE_HD T online_softmax_lse(SoftmaxState<T> st) { return st.max + pe_log(st.sum); }
+
+// Cross-entropy with class-index target t, class weights w (all 1 without weight), smoothing eps, C classes:
+//   loss = (1 - eps) * w_t * (lse - x_t) + eps / C * sum_c w_c * (lse - x_c)
+//   dloss/dx_j = p_j * ((1 - eps) * w_t + eps / C * sum_c w_c) - [j == t] * (1 - eps) * w_t - eps / C * w_j
+// With eps = 0 and no weight this is the familiar p - onehot(t). The caller multiplies by the incoming
+// gradient and 1/denominator for reduction='mean'.
+template <typename T> struct CrossEntropyIndexCoefs {
+  T target;  // (1 - eps) * w_t
+  T row;     // (1 - eps) * w_t + eps / C * sum_c w_c
+  T smooth;  // eps / C
+};
+
+template <typename T> PE_HD CrossEntropyIndexCoefs<T> cross_entropy_index_coefs(T w_t, T w_sum, T eps, T num_classes) {
+  T smooth = eps / num_classes;
+  return {(T(1) - eps) * w_t, (T(1) - eps) * w_t + smooth * w_sum, smooth};
+}
+
+template <typename T>
+PE_HD T cross_entropy_index_loss(CrossEntropyIndexCoefs<T> k, T lse, T x_t, T w_sum, T wx_sum) {
+  // wx_sum = sum_c w_c * x_c; eps / C * sum_c w_c (lse - x_c) = smooth * (w_sum * lse - wx_sum)
+  T loss = k.target * (lse - x_t);
+  if (k.smooth != T(0)) loss += k.smooth * (w_sum * lse - wx_sum);
+  return loss;
+}
+
+template <typename T> PE_HD T cross_entropy_index_grad(CrossEntropyIndexCoefs<T> k, T p, bool is_target, T w_j) {
+  return p * k.row - (is_target ? k.target : T(0)) - k.smooth * w_j;
+}
+
+// Cross-entropy with class-probability targets y (smoothed: y' = (1 - eps) * y + eps / C):
+//   loss = sum_c w_c * y'_c * (lse - x_c)
+//   dloss/dx_j = p_j * sum_c w_c * y'_c - w_j * y'_j
+template <typename T> PE_HD T smoothed_probability(T y, T eps, T num_classes) {
+  return (T(1) - eps) * y + eps / num_classes;
+}
+template <typename T> PE_HD T cross_entropy_prob_grad(T p, T wy_sum, T w_j, T y_j) { return p * wy_sum - w_j * y_j; }
+
+}  // namespace pyengine

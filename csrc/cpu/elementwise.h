@@ -1,0 +1,92 @@
+// Parallel, vectorized elementwise loops for the CPU kernels. `op` is a generic callable (a formula from
+// common/math.h) applied to acc_t<scalar_t> scalars and to Vectorized<acc_t> vectors: float16/bfloat16
+// lanes are widened to float, computed, and rounded back once, as torch does.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "common/checks.h"
+#include "cpu/vec_math.h"
+
+namespace pyengine {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kElementwiseGrain = 32768;
+
+template <typename scalar_t> constexpr bool is_reduced_float() {
+  return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+}
+
+// out[i] = op(a[i]) for contiguous a, out of n elements.
+template <typename scalar_t, typename Op>
+void map_contiguous(scalar_t* out, const scalar_t* a, int64_t n, const Op& op) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    using Vec = Vectorized<scalar_t>;
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) {
+      Vec va = Vec::loadu(a + i);
+      if constexpr (is_reduced_float<scalar_t>()) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(va);
+        at::vec::convert_from_float<scalar_t>(op(lo), op(hi)).store(out + i);
+      } else {
+        op(va).store(out + i);
+      }
+    }
+    for (; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc>(a[i])));
+  });
+}
+
+// out[i] = op(a[i], b[i]) for contiguous a and b.
+template <typename scalar_t, typename Op>
+void map_contiguous(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, const Op& op) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    using Vec = Vectorized<scalar_t>;
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) {
+      Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
+      if constexpr (is_reduced_float<scalar_t>()) {
+        auto [alo, ahi] = at::vec::convert_to_float<scalar_t>(va);
+        auto [blo, bhi] = at::vec::convert_to_float<scalar_t>(vb);
+        at::vec::convert_from_float<scalar_t>(op(alo, blo), op(ahi, bhi)).store(out + i);
+      } else {
+        op(va, vb).store(out + i);
+      }
+    }
+    for (; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc>(a[i]), static_cast<acc>(b[i])));
+  });
+}
+
+// y = op(x) for an activation: any shape, non-contiguous inputs made contiguous once, contiguous output.
+template <typename Op> at::Tensor activation_forward(const at::Tensor& x_in, const char* name, const Op& op) {
+  check(x_in, "x", name).cpu().floating();
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "activation_forward_cpu", [&] {
+    map_contiguous(y.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), x.numel(), op);
+  });
+  return y;
+}
+
+// dx = op(dy, y) for an activation whose derivative is a function of its output y.
+template <typename Op>
+at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& y_in, const char* name, const Op& op) {
+  check(y_in, "y", name).cpu().floating();
+  check(grad_y_in, "grad_y", name).same_device(y_in).same_dtype(y_in).sizes(y_in.sizes());
+  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
+  at::Tensor grad_x = at::empty(y.sizes(), y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "activation_backward_cpu", [&] {
+    map_contiguous(grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                   y.numel(), op);
+  });
+  return grad_x;
+}
+
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,17 @@
+// relu on the CPU: y = max(x, 0) (NaN stays NaN); dx = dy * (y > 0), from the saved output y.
+// The formulas are relu_forward_math / relu_backward_math in common/math.h, shared with the CUDA kernels.
+#include "cpu/elementwise.h"
+#include "ops.h"
+
+namespace pyengine {
+
+at::Tensor relu_forward_cpu(const at::Tensor& x) {
+  return cpu::activation_forward(x, "relu_forward_cpu", [](auto v) { return relu_forward_math(v); });
+}
+
+at::Tensor relu_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
+  return cpu::activation_backward(grad_y, y, "relu_backward_cpu",
+                                  [](auto dy, auto yv) { return relu_backward_math(dy, yv); });
+}
+
+}  // namespace pyengine

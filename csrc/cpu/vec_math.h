@@ -1,0 +1,26 @@
+// Vector overloads of the primitives that common/math.h builds its formulas from, so those same formulas
+// run on at::vec::Vectorized<float/double> in the CPU kernels. Include this instead of common/math.h in
+// CPU code: the overloads must be declared before the templates in math.h that call them.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace pyengine {
+
+template <typename T> at::vec::Vectorized<T> pe_exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+template <typename T> at::vec::Vectorized<T> pe_log(const at::vec::Vectorized<T>& x) { return x.log(); }
+// at::vec::maximum propagates NaN, as torch.relu does.
+template <typename T>
+at::vec::Vectorized<T> pe_max_nan(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
+  return at::vec::maximum(x, y);
+}
+// Comparison gives an all-ones/all-zeros lane mask; NaN compares false, so it selects 0.
+template <typename T>
+at::vec::Vectorized<T> pe_where_positive(const at::vec::Vectorized<T>& y, const at::vec::Vectorized<T>& g) {
+  return g & (y > at::vec::Vectorized<T>(T(0)));
+}
+
+}  // namespace pyengine
+
+#include "common/math.h"

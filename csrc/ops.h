@@ -1,0 +1,61 @@
+// Every kernel entry point, CPU and CUDA. bindings.cpp routes each op to the one that matches its tensors'
+// device. Shapes are the kernels' own contract: the Python layer (pyengine/ops/*.py) reshapes user inputs
+// (leading batch dims, 1-D input, (N, C, d1, ..., dk) logits) into them and applies type promotion.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Scalar.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace pyengine {
+
+// linear: x (M, K), weight (N, K), bias (N) -> y (M, N) = x @ weight^T + bias
+// backward -> {dx (M, K), dweight (N, K), dbias (N)}; an entry is undefined when its flag is false.
+#define PYENGINE_LINEAR_OPS(dev)                                                                        \
+  at::Tensor linear_forward_##dev(const at::Tensor& x, const at::Tensor& weight,                       \
+                                  const c10::optional<at::Tensor>& bias);                              \
+  std::vector<at::Tensor> linear_backward_##dev(const at::Tensor& grad_y, const at::Tensor& x,         \
+                                                const at::Tensor& weight, bool need_x, bool need_weight, \
+                                                bool need_bias);
+
+// relu / sigmoid: any shape; the backward works from the saved output y.
+#define PYENGINE_UNARY_OPS(name, dev)                             \
+  at::Tensor name##_forward_##dev(const at::Tensor& x);           \
+  at::Tensor name##_backward_##dev(const at::Tensor& grad_y, const at::Tensor& y);
+
+// add: input and other share one dtype (the caller promotes); out = input + alpha * other, broadcast.
+// backward: grad (out's shape) summed over the broadcast dims down to `shape`, times `scale`.
+#define PYENGINE_ADD_OPS(dev)                                                                           \
+  at::Tensor add_forward_##dev(const at::Tensor& input, const at::Tensor& other, const at::Scalar& alpha); \
+  at::Tensor add_backward_##dev(const at::Tensor& grad, at::IntArrayRef shape, const at::Scalar& scale);
+
+// cross_entropy: logits (N, C, D) contiguous, D = prod(d1..dk) (1 for (N, C) input);
+// target (N, D) int64 class indices, or (N, C, D) class probabilities of the logits' dtype; weight (C).
+// reduction: 0 none, 1 mean, 2 sum.
+// forward -> {loss ((N, D) for none, else 0-dim; logits' dtype), lse (N, D) in the accumulation type,
+//             denom (0-dim, accumulation type: the divisor of 'mean')}
+// backward -> dlogits (N, C, D) = (softmax - smoothed target distribution) * weights * grad_loss / denom
+#define PYENGINE_CROSS_ENTROPY_OPS(dev)                                                                     \
+  std::vector<at::Tensor> cross_entropy_forward_##dev(                                                      \
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,          \
+      int64_t ignore_index, int64_t reduction, double label_smoothing);                                     \
+  at::Tensor cross_entropy_backward_##dev(const at::Tensor& grad_loss, const at::Tensor& logits,            \
+                                          const at::Tensor& target, const c10::optional<at::Tensor>& weight, \
+                                          const at::Tensor& lse, const at::Tensor& denom,                    \
+                                          int64_t ignore_index, int64_t reduction, double label_smoothing);
+
+#define PYENGINE_ALL_OPS(dev)        \
+  PYENGINE_LINEAR_OPS(dev)           \
+  PYENGINE_UNARY_OPS(relu, dev)      \
+  PYENGINE_UNARY_OPS(sigmoid, dev)   \
+  PYENGINE_ADD_OPS(dev)              \
+  PYENGINE_CROSS_ENTROPY_OPS(dev)
+
+PYENGINE_ALL_OPS(cpu)
+#ifdef PYENGINE_WITH_CUDA
+PYENGINE_ALL_OPS(cuda)
+#endif
+
+}  // namespace pyengine

@@ -1,0 +1,14 @@
+"""pyengine: hand-written C++/CUDA kernels for the forward and backward passes of PyTorch's basic layers.
+
+    import pyengine
+    pyengine.available_backends()          # e.g. ['cpp', 'python']
+    with pyengine.use_backend("python"):   # the readable reference implementation
+        ...
+"""
+from ._backend import available_backends, built_backends, current_backend, use_backend
+from . import autograd, functional, nn  # noqa: E402  (after the backend module, which they import)
+
+__version__ = "0.1.0"
+
+__all__ = ["autograd", "available_backends", "built_backends", "current_backend", "functional", "nn",
+           "use_backend"]

@@ -1,0 +1,69 @@
+"""Command line: `python -m pyengine info | bench | train ...` (also installed as the `pyengine` script)."""
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+
+def _benchmarks():
+    """The benchmark definitions: installed as pyengine.benchmarks, or benchmarks/ beside a source checkout."""
+    try:
+        return importlib.import_module("pyengine.benchmarks")
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.isdir(os.path.join(root, "benchmarks")):
+            raise SystemExit("pyengine bench: the benchmarks are not installed; run it from a pyengine checkout "
+                             "after `pip install --no-build-isolation -e .`")
+        sys.path.insert(0, root)
+        return importlib.import_module("benchmarks")
+
+
+def info():
+    from . import _backend
+
+    c = _backend._C
+    try:
+        from . import _build_info
+
+        build = vars(_build_info)
+    except ImportError:
+        build = {}
+    lines = [
+        ("pyengine", sys.modules["pyengine"].__version__),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("python", platform.python_version()),
+        ("backends built", ", ".join(_backend.built_backends())),
+        ("backends available", ", ".join(_backend.available_backends())),
+        ("default backend", _backend.current_backend() or "by device (cpu: %s, cuda: %s)"
+         % (_backend._default("cpu"), _backend._default("cuda"))),
+        ("CPU", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
+        ("CPU SIMD (pyengine kernels)", c.simd_level() if c else "n/a (extension not built)"),
+        ("CUDA architectures compiled", build.get("CUDA_ARCHS") or "none"),
+        ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"),
+    ]
+    if c is None:
+        lines.append(("extension import error", str(_backend._C_IMPORT_ERROR)))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pyengine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="torch version, backends built, CUDA architectures, CPU threads and SIMD level")
+    sub.add_parser("bench", help="benchmark every op against native torch (see --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return info()
+    if args.command == "bench":
+        return _benchmarks().main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

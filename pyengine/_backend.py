@@ -1,0 +1,124 @@
+"""Which implementation runs an op: the one place that decides.
+
+Three backends implement every op's forward and backward:
+  cpp     the compiled C++ kernels in pyengine._C, for CPU tensors
+  cuda    the compiled CUDA kernels in pyengine._C, for CUDA tensors
+  python  the readable reference in pyengine/ops/*.py: plain tensor arithmetic, any device
+
+Choice, first match wins: the innermost ``with pyengine.use_backend(name):``, then the environment
+variable PYENGINE_BACKEND (read at import), then the tensors' device (cpp for CPU, cuda for CUDA, python
+where that backend is not built). The backend chosen in forward also runs that call's backward.
+"""
+import contextlib
+import contextvars
+import os
+import types
+import warnings
+
+import torch
+
+BACKENDS = ("cpp", "cuda", "python")
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the pyengine checkout (see README.md)"
+
+try:
+    from . import _C
+except ImportError as exc:  # no compiled extension: everything still works on the python backend
+    _C = None
+    _C_IMPORT_ERROR = exc
+    warnings.warn(f"pyengine: the compiled extension pyengine._C is not available ({exc}); "
+                  f"falling back to the python backend. To get the C++/CUDA kernels, {BUILD_HINT}.",
+                  RuntimeWarning, stacklevel=2)
+else:
+    _C_IMPORT_ERROR = None
+
+# The python backend: filled by @reference in pyengine/ops/*.py, with the same function names as _C.
+REFERENCE = types.SimpleNamespace()
+
+
+def reference(fn):
+    """Registers fn as the python backend's implementation of the kernel of the same name."""
+    setattr(REFERENCE, fn.__name__, fn)
+    return fn
+
+
+def _check_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown pyengine backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _cuda_built():
+    return _C is not None and _C.with_cuda()
+
+
+def built_backends():
+    """Backends compiled into this installation, whether or not this machine can run them."""
+    return [b for b, ok in (("cpp", _C is not None), ("cuda", _cuda_built()), ("python", True)) if ok]
+
+
+def available_backends():
+    """Backends that can run here: cpp when the extension is built, cuda when it has CUDA kernels and a GPU
+    is visible, python always."""
+    return [b for b in built_backends() if b != "cuda" or torch.cuda.is_available()]
+
+
+_chosen = contextvars.ContextVar("pyengine_backend", default=None)
+_env_backend = os.environ.get("PYENGINE_BACKEND") or None
+if _env_backend is not None:
+    _check_name(_env_backend)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Runs the ops inside the block on backend `name` ('cpp', 'cuda' or 'python')."""
+    _require_built(_check_name(name))
+    token = _chosen.set(name)
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
+def current_backend():
+    """The backend forced by use_backend or PYENGINE_BACKEND, or None when the device decides."""
+    return _chosen.get() or _env_backend
+
+
+def _require_built(name):
+    if name == "cpp" and _C is None:
+        raise RuntimeError(f"pyengine backend 'cpp' is not built: importing pyengine._C failed "
+                           f"({_C_IMPORT_ERROR}). To get it, {BUILD_HINT}.")
+    if name == "cuda" and not _cuda_built():
+        why = "pyengine._C is missing" if _C is None else "pyengine._C was built without CUDA kernels"
+        raise RuntimeError(f"pyengine backend 'cuda' is not built: {why}. Rebuild on a machine with a CUDA "
+                           "toolkit (nvcc) and a CUDA build of torch: "
+                           "`PYENGINE_CUDA=1 pip install --no-build-isolation -e .`.")
+
+
+def _default(device_type):
+    if device_type == "cpu":
+        return "cpp" if _C is not None else "python"
+    if device_type == "cuda":
+        return "cuda" if _cuda_built() else "python"
+    return "python"
+
+
+def select(device):
+    """The backend name that runs an op whose tensors live on `device`."""
+    name = _chosen.get() or _env_backend
+    if name is None:
+        return _default(device.type)
+    if name == "python":
+        return name
+    _require_built(name)
+    wanted = "cpu" if name == "cpp" else "cuda"
+    if device.type != wanted:
+        raise RuntimeError(f"pyengine backend {name!r} runs on {wanted} tensors, but these are on {device}. "
+                           f"Move them with .to('{wanted}'), or choose the backend for {device.type} tensors "
+                           f"({_default(device.type)!r}) or 'python'.")
+    return name
+
+
+def kernels(device):
+    """The namespace of <op>_forward/<op>_backward kernels that runs on `device`: pyengine._C or REFERENCE."""
+    return REFERENCE if select(device) == "python" else _C

@@ -1,0 +1,50 @@
+"""torch.nn modules whose forward runs pyengine's kernels.
+
+Each one subclasses its torch.nn twin and changes only forward, so constructor arguments, initialization,
+parameters and state_dict keys are torch's: weights load either way, and `convert` swaps a model's layers
+in place without touching its parameters (an optimizer built on them keeps working).
+"""
+import torch
+
+from . import functional as F
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, input):
+        return F.linear(input, self.weight, self.bias)
+
+
+class ReLU(torch.nn.ReLU):
+    """inplace=True is accepted for compatibility; the result is computed out of place."""
+
+    def forward(self, input):
+        return F.relu(input)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    def forward(self, input):
+        return F.sigmoid(input)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input, target):
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+_SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid,
+          torch.nn.CrossEntropyLoss: CrossEntropyLoss}
+
+
+def convert(model):
+    """Swaps every torch.nn Linear/ReLU/Sigmoid/CrossEntropyLoss inside `model` (and `model` itself) for
+    pyengine's, keeping parameters, buffers and hooks; returns the model. Subclasses of those torch modules
+    are left alone, since they may override forward."""
+    for module in model.modules():
+        swap = _SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+    return model
+
+
+__all__ = ["CrossEntropyLoss", "Linear", "ReLU", "Sigmoid", "convert"]

@@ -1,0 +1,102 @@
+"""Broadcast add: out = input + alpha * other, with PyTorch's broadcasting and type promotion.
+
+Broadcasting lines the shapes up from the right; a missing or size-1 dim is repeated to match the other
+operand. A repeated operand fed every output along those dims, so by the chain rule its gradient is the
+sum of the output gradient over them: broadcasting's backward is a sum over the broadcast dims.
+  d input = sum over input's broadcast dims of dout          reshaped to input.shape
+  d other = alpha * sum over other's broadcast dims of dout  reshaped to other.shape
+Kernels: csrc/cpu/add.cpp, csrc/cuda/add.cu.
+"""
+import numbers
+
+import torch
+
+from .. import _backend
+
+
+@_backend.reference
+def add_forward(input, other, alpha=1):
+    if input.dtype == torch.bool:  # bool + bool is logical or; a true alpha keeps other, a false one drops it
+        return torch.logical_or(input, torch.logical_and(other, bool(alpha)))
+    if input.is_floating_point():  # float16/bfloat16 computed in float and rounded once, as the kernels do
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        return (input.to(acc) + alpha * other.to(acc)).to(input.dtype)
+    return input + alpha * other
+
+
+@_backend.reference
+def add_backward(grad, shape, scale=1):
+    """Sums grad over the dims that broadcasting added or stretched, giving a tensor of `shape`."""
+    shape = tuple(shape)
+    lead = grad.dim() - len(shape)
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    if lead:
+        g = g.sum(dim=tuple(range(lead)))  # dims the operand did not have at all
+    stretched = tuple(d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1)
+    if stretched:
+        g = g.sum(dim=stretched, keepdim=True)  # size-1 dims repeated to match the other operand
+    if scale != 1:
+        g = g * scale
+    return g.to(grad.dtype).reshape(shape)
+
+
+def _check_alpha(dtype, alpha):
+    """torch.add's rules for alpha: a bool alpha needs a bool result, an integral result an integral alpha."""
+    if isinstance(alpha, bool) and dtype != torch.bool:
+        raise RuntimeError("Boolean alpha only supported for Boolean results.")
+    if not (dtype.is_floating_point or dtype.is_complex) and not isinstance(alpha, numbers.Integral):
+        raise RuntimeError("For integral input tensors, argument alpha must not be a floating point number.")
+
+
+class BroadcastAddFunction(torch.autograd.Function):
+    """out = input + alpha * other for tensors of broadcastable shapes; operands of different dtypes are
+    promoted as torch.add promotes them, and each gradient comes back in its operand's own dtype."""
+
+    @staticmethod
+    def forward(ctx, input, other, alpha=1):
+        dtype = torch.result_type(input, other)
+        if dtype.is_complex:
+            raise NotImplementedError("pyengine.add does not support complex tensors")
+        _check_alpha(dtype, alpha)
+        torch.broadcast_shapes(input.shape, other.shape)  # raises torch's own message when they don't broadcast
+        a, b = input.to(dtype), other.to(dtype)
+        if a.device != b.device:  # a 0-dim CPU tensor may join a CUDA one, as in torch
+            a, b = (a.to(b.device), b) if a.dim() == 0 and a.device.type == "cpu" else (a, b.to(a.device))
+        ctx.kernels = _backend.kernels(a.device)
+        ctx.alpha = alpha
+        ctx.shapes = (input.shape, other.shape)
+        ctx.dtypes = (input.dtype, other.dtype)
+        ctx.devices = (input.device, other.device)
+        return ctx.kernels.add_forward(a, b, alpha)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grads = []
+        for i, scale in enumerate((1, ctx.alpha)):
+            if not ctx.needs_input_grad[i]:
+                grads.append(None)
+                continue
+            g = ctx.kernels.add_backward(grad, list(ctx.shapes[i]), scale)
+            grads.append(g.to(dtype=ctx.dtypes[i], device=ctx.devices[i]))
+        return grads[0], grads[1], None
+
+
+def add(input, other, *, alpha=1):
+    """torch.add(input, other, alpha=alpha): input + alpha * other, broadcasting both ways."""
+    if not torch.is_tensor(input) and not torch.is_tensor(other):
+        raise TypeError("pyengine.add needs at least one tensor operand")
+    dtype = torch.result_type(input, other)  # Python numbers promote as torch's wrapped numbers do
+    device = input.device if torch.is_tensor(input) else other.device
+    if not torch.is_tensor(input):
+        input = torch.tensor(input, dtype=dtype, device=device)
+    if not torch.is_tensor(other):
+        other = torch.tensor(other, dtype=dtype, device=device)
+    if not isinstance(alpha, numbers.Number):
+        raise TypeError(f"add(): alpha must be a number, got {type(alpha).__name__}")
+    if input.dtype != dtype:
+        input = input.to(dtype)
+    if other.dtype != dtype:
+        other = other.to(dtype)
+    return BroadcastAddFunction.apply(input, other, alpha)

@@ -1,0 +1,179 @@
+"""Softmax cross-entropy: the loss of logits x against a class index t (or a distribution y over classes).
+
+  p = softmax(x) = exp(x - lse),  lse = log(sum_c exp(x_c))      computed as max + log(sum(exp(x - max)))
+  loss = -log p_t = lse - x_t                                    (class index)
+  loss = -sum_c y_c log p_c = sum_c y_c (lse - x_c)               (class probabilities)
+  dloss/dx = p - y                                                (y = onehot(t) for a class index)
+The gradient needs only p, and p = exp(x - lse): the forward saves one lse per row, never the (N, C)
+softmax, and the backward rebuilds p in the same pass that writes the gradient.
+Class weights w scale each row's loss by w_t (and 'mean' divides by the sum of the w_t of rows kept);
+label smoothing eps mixes the target with the uniform distribution: y' = (1 - eps) y + eps / C.
+Inputs (C), (N, C) and (N, C, d1, ..., dk) are viewed as (N, C, D) with D = d1 * ... * dk.
+Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/common/math.h.
+"""
+import torch
+
+from .. import _backend
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@_backend.reference
+def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
+    """logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities -> (loss, lse (N, D), denom)."""
+    n, c, d = logits.shape
+    x = logits.to(_acc(logits.dtype))
+    m = x.amax(dim=1) if c else x.new_full((n, d), float("-inf"))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: lse = -inf, not NaN
+    lse = m + torch.log(torch.exp(x - m.unsqueeze(1)).sum(dim=1))
+    w = None if weight is None else weight.to(x.dtype).view(1, c, 1)
+    eps = max(label_smoothing, 0.0)
+    if target.is_floating_point():
+        y = target.to(x.dtype)
+        if eps > 0:
+            y = (1 - eps) * y + eps / c
+        wy = y if w is None else y * w
+        loss = (wy * (lse.unsqueeze(1) - x)).sum(dim=1)
+        denom = torch.tensor(float(n * d), dtype=x.dtype, device=x.device)
+    else:
+        keep = target != ignore_index
+        bad = keep & ((target < 0) | (target >= c))
+        if bad.any():
+            raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
+        t = torch.where(keep, target, torch.zeros_like(target))
+        x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
+        w_t = torch.ones_like(x_t) if w is None else w.view(c)[t]
+        w_t = torch.where(keep, w_t, torch.zeros_like(w_t))
+        loss = (1 - eps) * w_t * (lse - x_t)
+        if eps > 0:
+            w_sum = float(c) if w is None else w.sum()
+            wx_sum = x.sum(dim=1) if w is None else (w * x).sum(dim=1)
+            loss = loss + eps / c * (w_sum * lse - wx_sum)
+        loss = torch.where(keep, loss, torch.zeros_like(loss))  # ignored rows: 0 even if their logits are NaN
+        denom = w_t.sum()
+    if reduction == 0:
+        out = loss
+    elif reduction == 2:
+        out = loss.sum()
+    else:
+        out = loss.sum() / denom
+    return out.to(logits.dtype), lse, denom
+
+
+@_backend.reference
+def cross_entropy_backward(grad_loss, logits, target, weight, lse, denom, ignore_index=-100, reduction=1,
+                           label_smoothing=0.0):
+    """dlogits (N, C, D) = (p - y') * w * grad_loss [/ denom]."""
+    n, c, d = logits.shape
+    x = logits.to(_acc(logits.dtype))
+    p = torch.exp(x - lse.unsqueeze(1))
+    w = None if weight is None else weight.to(x.dtype).view(1, c, 1)
+    eps = max(label_smoothing, 0.0)
+    if target.is_floating_point():
+        y = target.to(x.dtype)
+        if eps > 0:
+            y = (1 - eps) * y + eps / c
+        wy = y if w is None else y * w
+        grad = p * wy.sum(dim=1, keepdim=True) - wy
+    else:
+        keep = target != ignore_index
+        t = torch.where(keep, target, torch.zeros_like(target))
+        onehot = torch.arange(c, device=x.device).view(1, c, 1) == t.unsqueeze(1)
+        w_t = torch.ones_like(lse) if w is None else w.view(c)[t]
+        coef_t = (1 - eps) * w_t
+        w_sum = float(c) if w is None else w.sum()
+        coef_row = coef_t + eps / c * w_sum
+        grad = p * coef_row.unsqueeze(1) - onehot * coef_t.unsqueeze(1)
+        if eps > 0:
+            grad = grad - eps / c * (torch.ones_like(x) if w is None else w)
+        grad = torch.where(keep.unsqueeze(1), grad, torch.zeros_like(grad))
+    g = grad_loss.to(x.dtype)
+    g = g.unsqueeze(1) if reduction == 0 else g
+    if reduction == 1:
+        g = g / denom
+    return (grad * g).to(logits.dtype)
+
+
+def _flatten(input, target, weight, label_smoothing):
+    """Checks the arguments as torch does and views them as (N, C, D) logits and (N, D) or (N, C, D) targets."""
+    if not input.is_floating_point():
+        raise RuntimeError(f"cross_entropy: input must be a floating-point tensor of logits, got {input.dtype}")
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ...)")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    c = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != c:
+            raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes but got "
+                               f"weight tensor of shape: {list(weight.shape)}")
+    logits = input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, -1)
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise RuntimeError(f"cross_entropy: class-probability target must have the input's shape "
+                               f"{list(input.shape)}, got {list(target.shape)}")
+        return logits, target.reshape(logits.shape)
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise RuntimeError(f"cross_entropy: for input of shape (C) the target is a 0-dim class index, "
+                               f"got shape {list(target.shape)}")
+    elif target.dim() == 0 or target.shape[0] != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                         f"({target.shape[0] if target.dim() else 0}).")
+    elif target.shape != input.shape[:1] + input.shape[2:]:
+        raise RuntimeError(f"Expected target size {list(input.shape[:1] + input.shape[2:])}, got {list(target.shape)}")
+    return logits, target.reshape(logits.shape[0], logits.shape[2]).to(torch.int64)
+
+
+class SoftmaxCrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) as one autograd node:
+    softmax and the negative log-likelihood fused, with the gradient p - y computed in one pass."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        logits, tgt = _flatten(input, target, weight, label_smoothing)
+        if tgt.is_floating_point() and tgt.dtype != logits.dtype:  # torch promotes input and probabilities
+            dtype = torch.promote_types(logits.dtype, tgt.dtype)
+            logits, tgt = logits.to(dtype), tgt.to(dtype)
+        if weight is not None and weight.dtype != logits.dtype:
+            raise RuntimeError(f"expected scalar type {logits.dtype} but found {weight.dtype} (weight)")
+        logits = logits.contiguous()
+        tgt = tgt.contiguous()
+        ctx.kernels = _backend.kernels(logits.device)
+        ctx.args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
+        loss, lse, denom = ctx.kernels.cross_entropy_forward(logits, tgt, weight, *ctx.args)
+        ctx.save_for_backward(logits, tgt, weight, lse, denom)
+        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
+        if reduction == "none":
+            loss = loss.reshape(() if input.dim() == 1 else input.shape[:1] + input.shape[2:])
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        logits, tgt, weight, lse, denom = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss
+            grad = ctx.kernels.cross_entropy_backward(g.contiguous(), logits, tgt, weight, lse, denom, *ctx.args)
+            grad = grad.reshape(ctx.input_shape).to(ctx.input_dtype)
+        return grad, None, None, None, None, None
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
+    """torch.nn.functional.cross_entropy, with the same arguments (size_average and reduce are the
+    deprecated spellings of reduction, honored as torch honors them)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)

@@ -1,0 +1,44 @@
+"""relu: y = max(x, 0).
+
+Its derivative is 1 where x > 0 and 0 elsewhere, and since y > 0 exactly where x > 0 the backward needs only
+the output: dx = dy * (y > 0). Saving y instead of x lets the input be freed after the forward.
+Kernels: csrc/cpu/relu.cpp, csrc/cuda/relu.cu; formula: relu_*_math in csrc/common/math.h.
+"""
+import torch
+
+from .. import _backend
+
+
+@_backend.reference
+def relu_forward(x):
+    # where(x < 0, 0, x) rather than x * (x > 0): NaN stays NaN and -inf gives 0, not NaN.
+    return torch.where(x < 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+@_backend.reference
+def relu_backward(grad_y, y):
+    return torch.where(y > 0, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
+
+
+class ReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kernels = _backend.kernels(x.device)
+        y = ctx.kernels.relu_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return ctx.kernels.relu_backward(grad_y, y)
+
+
+def relu(input):
+    """torch.relu: elementwise max(input, 0). Integer tensors (which carry no gradient) take the reference."""
+    if input.dtype == torch.bool:
+        raise NotImplementedError("Boolean inputs not supported for relu")
+    if not input.is_floating_point():
+        return relu_forward(input)
+    return ReLUFunction.apply(input)

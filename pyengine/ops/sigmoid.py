@@ -1,0 +1,48 @@
+"""sigmoid: y = 1 / (1 + exp(-x)).
+
+dy/dx = y * (1 - y), so the backward needs only the output. For |x| large y saturates at 0 or 1 and
+y * (1 - y) vanishes: the vanishing gradient that makes deep sigmoid networks hard to train.
+Kernels: csrc/cpu/sigmoid.cpp, csrc/cuda/sigmoid.cu; formula: sigmoid_*_math in csrc/common/math.h.
+"""
+import torch
+
+from .. import _backend
+
+
+@_backend.reference
+def sigmoid_forward(x):
+    # Computed in float for float16/bfloat16 and rounded once, as the kernels do. exp(-x) overflows to inf
+    # for very negative x and 1 / inf = 0, the right limit.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (1.0 / (1.0 + torch.exp(-x.to(acc)))).to(x.dtype)
+
+
+@_backend.reference
+def sigmoid_backward(grad_y, y):
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    y_acc = y.to(acc)
+    return (grad_y.to(acc) * y_acc * (1.0 - y_acc)).to(y.dtype)
+
+
+class SigmoidFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kernels = _backend.kernels(x.device)
+        y = ctx.kernels.sigmoid_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return ctx.kernels.sigmoid_backward(grad_y, y)
+
+
+def sigmoid(input):
+    """torch.sigmoid. Integer and bool inputs are promoted to the default float dtype, as torch does."""
+    if not input.is_floating_point():
+        if input.is_complex():
+            raise NotImplementedError("pyengine.sigmoid supports real tensors only")
+        input = input.to(torch.get_default_dtype())
+    return SigmoidFunction.apply(input)

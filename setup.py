@@ -1,0 +1,111 @@
+"""Builds pyengine._C: C++ CPU kernels always, CUDA kernels when a CUDA toolkit and a CUDA torch are present.
+
+Environment:
+  PYENGINE_CUDA=1|0      force the CUDA kernels on or off (default: on when torch has CUDA and nvcc is found)
+  PYENGINE_CPU_ARCH=...  -march value for the C++ kernels (default: native, since pip builds on the machine
+                         that runs it; set "x86-64-v3" or "" for a portable build)
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default with no GPU visible: 8.0 9.0+PTX)
+  MAX_JOBS               parallel compile jobs
+"""
+import glob
+import os
+import subprocess
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    flag = os.environ.get("PYENGINE_CUDA", "").strip()
+    have = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1" and not have:
+        raise RuntimeError(
+            "PYENGINE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch {torch.__version__} has CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}. "
+            "Install a CUDA build of torch and a CUDA toolkit (nvcc), or unset PYENGINE_CUDA."
+        )
+    return have
+
+
+def cpu_capability(march):
+    """The at::vec capability the compiler will target with -march=<march>: AVX512, AVX2 or DEFAULT."""
+    cmd = ["c++", "-dM", "-E", "-x", "c++", "-"] + ([f"-march={march}"] if march else [])
+    try:
+        macros = subprocess.run(cmd, input="", capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "DEFAULT"
+    if all(f"__{f}__" in macros for f in ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "FMA")):
+        return "AVX512"
+    if "__AVX2__" in macros and "__FMA__" in macros:
+        return "AVX2"
+    return "DEFAULT"
+
+
+def cuda_include_dirs():
+    """torch's CUDA headers include cuBLAS/cuSPARSE; pip-installed torch carries them in nvidia/cu*/include."""
+    dirs = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+            dirs += sorted(glob.glob(os.path.join(base, "cublas", "include")))
+            dirs += sorted(glob.glob(os.path.join(base, "cusparse", "include")))
+    except ImportError:
+        pass
+    return dirs
+
+
+def write_build_info(**info):
+    """pyengine/_build_info.py records how _C was built, for `python -m pyengine info`."""
+    with open(os.path.join(ROOT, "pyengine", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time."""\n')
+        for key, value in info.items():
+            f.write(f"{key.upper()} = {value!r}\n")
+
+
+def extension():
+    march = os.environ.get("PYENGINE_CPU_ARCH", "native" if os.uname().machine == "x86_64" else "").strip()
+    cap = cpu_capability(march)
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
+           f"-DPYENGINE_SIMD_LEVEL=\"{cap}\""]
+    if march:
+        cxx.append(f"-march={march}")
+    if cap != "DEFAULT":
+        cxx += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    info = dict(torch_version=torch.__version__, cpu_arch=march, simd_level=cap, cuda_archs="")
+    if not want_cuda():
+        write_build_info(**info)
+        return CppExtension("pyengine._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0 9.0+PTX"
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(f"{a}.{b}" for a, b in sorted(caps))
+    write_build_info(**info, cuda_version=torch.version.cuda, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            "-Xptxas=-warn-spills", "-DPYENGINE_WITH_CUDA"]
+    return CUDAExtension(
+        "pyengine._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs + cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx + ["-DPYENGINE_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["pyengine", "pyengine.*"]) + ["pyengine.benchmarks"],
+    package_dir={"pyengine.benchmarks": "benchmarks"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
