@@ -26,8 +26,8 @@ PE_HD double pe_log(double x) { return ::log(x); }
 
 // max(x, y) that returns NaN when x is NaN (torch.relu(nan) is nan).
 template <typename T> PE_HD T pe_max_nan(T x, T y) { return (x != x || x > y) ? x : y; }
-// g where y > 0, else 0 (NaN y gives 0, as torch's threshold_backward does).
-template <typename T> PE_HD T pe_where_positive(T y, T g) { return y > T(0) ? g : T(0); }
+// 0 where y <= 0, else g: a NaN y passes g through, as torch's threshold_backward does.
+template <typename T> PE_HD T pe_where_positive(T y, T g) { return y <= T(0) ? T(0) : g; }
 
 // relu: y = max(x, 0); dx = dy * (y > 0), from the output alone.
 template <typename T> PE_HD T relu_forward_math(T x) { return pe_max_nan(x, T(0)); }

@@ -15,10 +15,11 @@ template <typename T>
 at::vec::Vectorized<T> pe_max_nan(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
   return at::vec::maximum(x, y);
 }
-// Comparison gives an all-ones/all-zeros lane mask; NaN compares false, so it selects 0.
+// Comparison gives an all-ones/all-zeros lane mask; NaN compares false, so a NaN y keeps g.
 template <typename T>
 at::vec::Vectorized<T> pe_where_positive(const at::vec::Vectorized<T>& y, const at::vec::Vectorized<T>& g) {
-  return g & (y > at::vec::Vectorized<T>(T(0)));
+  const at::vec::Vectorized<T> zero(T(0));
+  return at::vec::Vectorized<T>::blendv(g, zero, y <= zero);
 }
 
 }  // namespace pyengine

@@ -7,6 +7,8 @@ The chain rule through y = x W^T + b, with dy the gradient arriving from the lay
 Leading batch dims are flattened into one: (*, in) -> (M, in).
 Kernels: csrc/cpu/linear.cpp, csrc/cuda/linear.cu.
 """
+import math
+
 import torch
 
 from .. import _backend
@@ -50,7 +52,7 @@ class LinearFunction(torch.autograd.Function):
         _check(x, weight, bias)
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit: -1 is ambiguous when K = 0
         y = ctx.kernels.linear_forward(x2, weight, bias)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None

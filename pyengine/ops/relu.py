@@ -1,7 +1,7 @@
 """relu: y = max(x, 0).
 
 Its derivative is 1 where x > 0 and 0 elsewhere, and since y > 0 exactly where x > 0 the backward needs only
-the output: dx = dy * (y > 0). Saving y instead of x lets the input be freed after the forward.
+the output: dx = dy * (y > 0)  (NaN y: dy, as torch). Saving y instead of x lets the input be freed after the forward.
 Kernels: csrc/cpu/relu.cpp, csrc/cuda/relu.cu; formula: relu_*_math in csrc/common/math.h.
 """
 import torch
@@ -17,7 +17,8 @@ def relu_forward(x):
 
 @_backend.reference
 def relu_backward(grad_y, y):
-    return torch.where(y > 0, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
+    # y <= 0 rather than y > 0 selects the zeros: a NaN output passes its gradient on, as in torch.
+    return torch.where(y <= 0, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
 
 
 class ReLUFunction(torch.autograd.Function):
