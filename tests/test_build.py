@@ -1,0 +1,41 @@
+"""Properties of the compiled extension itself."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import pyengine
+from pyengine import _backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cuobjdump():
+    local = os.path.join(ROOT, ".tools", "nvidia", "cu13", "bin", "cuobjdump")
+    return os.environ.get("PYENGINE_CUOBJDUMP") or (local if os.access(local, os.X_OK) else shutil.which("cuobjdump"))
+
+
+@pytest.mark.skipif("cuda" not in pyengine.built_backends(), reason="this build has no CUDA kernels")
+def test_cuda_kernels_do_not_spill_registers():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (pip download nvidia-cuda-cuobjdump; .ci/run fetches it into .tools/)")
+    out = subprocess.run([tool, "--dump-resource-usage", _backend._C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert kernels, f"no kernels found in cuobjdump's output:\n{out[:2000]}"
+    spilling = [(name, local) for name, _, _, _, local in kernels if int(local) != 0]
+    assert not spilling, f"kernels using local memory (register spills): {spilling}"
+
+
+def test_every_kernel_source_has_a_python_reference():
+    """One op, one name everywhere: csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu and pyengine/ops/<op>.py."""
+    cpu = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))}
+    cpu = {op for op in cpu if not op.startswith("zz_")}
+    python = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "pyengine", "ops", "*.py"))}
+    assert cpu <= python, f"kernels without a python reference: {cpu - python}"
+    for op in cpu:
+        assert hasattr(_backend.REFERENCE, f"{op}_forward") and hasattr(_backend.REFERENCE, f"{op}_backward")
