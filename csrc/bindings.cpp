@@ -66,6 +66,36 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
            label_smoothing);
 }
 
+at::Tensor tanh_forward(const at::Tensor& x) { PE_ROUTE(x, tanh_forward, x); }
+at::Tensor tanh_backward(const at::Tensor& grad_y, const at::Tensor& y) { PE_ROUTE(y, tanh_backward, grad_y, y); }
+at::Tensor leaky_relu_forward(const at::Tensor& x, double slope) { PE_ROUTE(x, leaky_relu_forward, x, slope); }
+at::Tensor leaky_relu_backward(const at::Tensor& grad_y, const at::Tensor& x, double slope) {
+  PE_ROUTE(x, leaky_relu_backward, grad_y, x, slope);
+}
+
+at::Tensor mse_loss_forward(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  PE_ROUTE(input, mse_loss_forward, input, target, reduction);
+}
+std::vector<at::Tensor> mse_loss_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                          const at::Tensor& target, int64_t reduction, bool need_input,
+                                          bool need_target) {
+  PE_ROUTE(input, mse_loss_backward, grad_loss, input, target, reduction, need_input, need_target);
+}
+
+at::Tensor binary_cross_entropy_with_logits_forward(const at::Tensor& input, const at::Tensor& target,
+                                                    const OptTensor& weight, const OptTensor& pos_weight,
+                                                    int64_t reduction) {
+  PE_ROUTE(input, binary_cross_entropy_with_logits_forward, input, target, weight, pos_weight, reduction);
+}
+std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const at::Tensor& grad_loss,
+                                                                  const at::Tensor& input, const at::Tensor& target,
+                                                                  const OptTensor& weight,
+                                                                  const OptTensor& pos_weight, int64_t reduction,
+                                                                  bool need_input, bool need_target) {
+  PE_ROUTE(input, binary_cross_entropy_with_logits_backward, grad_loss, input, target, weight, pos_weight, reduction,
+           need_input, need_target);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -105,6 +135,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("grad_loss"), py::arg("logits"),
         py::arg("target"), py::arg("weight"), py::arg("lse"), py::arg("denom"), py::arg("ignore_index") = -100,
         py::arg("reduction") = 1, py::arg("label_smoothing") = 0.0);
+  m.def("tanh_forward", &tanh_forward, py::arg("x"));
+  m.def("tanh_backward", &tanh_backward, py::arg("grad_y"), py::arg("y"));
+  m.def("leaky_relu_forward", &leaky_relu_forward, py::arg("x"), py::arg("negative_slope") = 0.01);
+  m.def("leaky_relu_backward", &leaky_relu_backward, py::arg("grad_y"), py::arg("x"),
+        py::arg("negative_slope") = 0.01);
+  m.def("mse_loss_forward", &mse_loss_forward, py::arg("input"), py::arg("target"), py::arg("reduction") = 1);
+  m.def("mse_loss_backward", &mse_loss_backward, py::arg("grad_loss"), py::arg("input"), py::arg("target"),
+        py::arg("reduction") = 1, py::arg("need_input") = true, py::arg("need_target") = true);
+  m.def("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward, py::arg("input"),
+        py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
+        py::arg("reduction") = 1);
+  m.def("binary_cross_entropy_with_logits_backward", &binary_cross_entropy_with_logits_backward,
+        py::arg("grad_loss"), py::arg("input"), py::arg("target"), py::arg("weight") = py::none(),
+        py::arg("pos_weight") = py::none(), py::arg("reduction") = 1, py::arg("need_input") = true,
+        py::arg("need_target") = true);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

@@ -46,12 +46,40 @@ namespace pyengine {
                                           const at::Tensor& lse, const at::Tensor& denom,                    \
                                           int64_t ignore_index, int64_t reduction, double label_smoothing);
 
+// leaky_relu: the backward works from the saved input x (the slope may be zero or negative).
+#define PYENGINE_LEAKY_RELU_OPS(dev)                                                  \
+  at::Tensor leaky_relu_forward_##dev(const at::Tensor& x, double negative_slope);    \
+  at::Tensor leaky_relu_backward_##dev(const at::Tensor& grad_y, const at::Tensor& x, double negative_slope);
+
+// mse_loss: input and target of one shape and dtype (the caller broadcasts), contiguous.
+// forward -> loss (input's shape for none, else 0-dim); backward -> {dinput, dtarget}, undefined where not needed.
+#define PYENGINE_MSE_LOSS_OPS(dev)                                                                          \
+  at::Tensor mse_loss_forward_##dev(const at::Tensor& input, const at::Tensor& target, int64_t reduction);  \
+  std::vector<at::Tensor> mse_loss_backward_##dev(const at::Tensor& grad_loss, const at::Tensor& input,     \
+                                                  const at::Tensor& target, int64_t reduction, bool need_input, \
+                                                  bool need_target);
+
+// binary_cross_entropy_with_logits: input, target and the optional weight and pos_weight all of one shape and
+// dtype (the caller broadcasts the weights), contiguous. Outputs as mse_loss.
+#define PYENGINE_BCE_WITH_LOGITS_OPS(dev)                                                                     \
+  at::Tensor binary_cross_entropy_with_logits_forward_##dev(                                                  \
+      const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,             \
+      const c10::optional<at::Tensor>& pos_weight, int64_t reduction);                                        \
+  std::vector<at::Tensor> binary_cross_entropy_with_logits_backward_##dev(                                    \
+      const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,                         \
+      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight, int64_t reduction, \
+      bool need_input, bool need_target);
+
 #define PYENGINE_ALL_OPS(dev)        \
   PYENGINE_LINEAR_OPS(dev)           \
   PYENGINE_UNARY_OPS(relu, dev)      \
   PYENGINE_UNARY_OPS(sigmoid, dev)   \
+  PYENGINE_UNARY_OPS(tanh, dev)      \
+  PYENGINE_LEAKY_RELU_OPS(dev)       \
   PYENGINE_ADD_OPS(dev)              \
-  PYENGINE_CROSS_ENTROPY_OPS(dev)
+  PYENGINE_CROSS_ENTROPY_OPS(dev)    \
+  PYENGINE_MSE_LOSS_OPS(dev)         \
+  PYENGINE_BCE_WITH_LOGITS_OPS(dev)
 
 PYENGINE_ALL_OPS(cpu)
 #ifdef PYENGINE_WITH_CUDA

@@ -1,5 +1,7 @@
 """The torch.autograd.Function subclasses behind pyengine.functional; each one's forward and backward run
 the kernels of the backend chosen in pyengine._backend."""
-from .ops import BroadcastAddFunction, LinearFunction, ReLUFunction, SigmoidFunction, SoftmaxCrossEntropyFunction
+from .ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, LeakyReLUFunction, LinearFunction,
+                  MSELossFunction, ReLUFunction, SigmoidFunction, SoftmaxCrossEntropyFunction, TanhFunction)
 
-__all__ = ["BroadcastAddFunction", "LinearFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction"]
+__all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
+           "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction"]

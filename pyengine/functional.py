@@ -4,6 +4,8 @@
     y = PF.relu(PF.linear(x, w, b))
     loss = PF.cross_entropy(y, target, label_smoothing=0.1)
 """
-from .ops import add, cross_entropy, linear, relu, sigmoid
+from .ops import (add, binary_cross_entropy_with_logits, cross_entropy, leaky_relu, linear, mse_loss, relu, sigmoid,
+                  tanh)
 
-__all__ = ["add", "cross_entropy", "linear", "relu", "sigmoid"]
+__all__ = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
+           "sigmoid", "tanh"]

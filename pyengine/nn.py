@@ -26,18 +26,43 @@ class Sigmoid(torch.nn.Sigmoid):
         return F.sigmoid(input)
 
 
+class Tanh(torch.nn.Tanh):
+    def forward(self, input):
+        return F.tanh(input)
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    """inplace=True is accepted for compatibility; the result is computed out of place."""
+
+    def forward(self, input):
+        return F.leaky_relu(input, self.negative_slope)
+
+
+class MSELoss(torch.nn.MSELoss):
+    def forward(self, input, target):
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    def forward(self, input, target):
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input, target):
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-_SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid,
-          torch.nn.CrossEntropyLoss: CrossEntropyLoss}
+_SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid, torch.nn.Tanh: Tanh,
+          torch.nn.LeakyReLU: LeakyReLU, torch.nn.CrossEntropyLoss: CrossEntropyLoss, torch.nn.MSELoss: MSELoss,
+          torch.nn.BCEWithLogitsLoss: BCEWithLogitsLoss}
 
 
 def convert(model):
-    """Swaps every torch.nn Linear/ReLU/Sigmoid/CrossEntropyLoss inside `model` (and `model` itself) for
+    """Swaps every torch.nn module pyengine has a twin of (Linear, ReLU, Sigmoid, Tanh, LeakyReLU,
+    CrossEntropyLoss, MSELoss, BCEWithLogitsLoss) inside `model` (and `model` itself) for
     pyengine's, keeping parameters, buffers and hooks; returns the model. Subclasses of those torch modules
     are left alone, since they may override forward."""
     for module in model.modules():
@@ -47,4 +72,5 @@ def convert(model):
     return model
 
 
-__all__ = ["CrossEntropyLoss", "Linear", "ReLU", "Sigmoid", "convert"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid", "Tanh",
+           "convert"]

@@ -23,11 +23,20 @@ PE_HD float pe_exp(float x) { return ::expf(x); }
 PE_HD double pe_exp(double x) { return ::exp(x); }
 PE_HD float pe_log(float x) { return ::logf(x); }
 PE_HD double pe_log(double x) { return ::log(x); }
+PE_HD float pe_log1p(float x) { return ::log1pf(x); }
+PE_HD double pe_log1p(double x) { return ::log1p(x); }
+PE_HD float pe_tanh(float x) { return ::tanhf(x); }
+PE_HD double pe_tanh(double x) { return ::tanh(x); }
+PE_HD float pe_abs(float x) { return ::fabsf(x); }
+PE_HD double pe_abs(double x) { return ::fabs(x); }
 
 // max(x, y) that returns NaN when x is NaN (torch.relu(nan) is nan).
 template <typename T> PE_HD T pe_max_nan(T x, T y) { return (x != x || x > y) ? x : y; }
 // 0 where y <= 0, else g: a NaN y passes g through, as torch's threshold_backward does.
 template <typename T> PE_HD T pe_where_positive(T y, T g) { return y <= T(0) ? T(0) : g; }
+
+// c > 0 ? a : b, lane by lane on vectors (NaN c picks b).
+template <typename T> PE_HD T pe_select_positive(T c, T a, T b) { return c > T(0) ? a : b; }
 
 // relu: y = max(x, 0); dx = dy * (y > 0), from the output alone.
 template <typename T> PE_HD T relu_forward_math(T x) { return pe_max_nan(x, T(0)); }
@@ -37,6 +46,36 @@ template <typename T> PE_HD T relu_backward_math(T dy, T y) { return pe_where_po
 // overflows to inf and y -> 0 exactly; for x -> +inf y -> 1 and the gradient vanishes (saturation).
 template <typename T> PE_HD T sigmoid_forward_math(T x) { return T(1) / (T(1) + pe_exp(T(0) - x)); }
 template <typename T> PE_HD T sigmoid_backward_math(T dy, T y) { return dy * y * (T(1) - y); }
+
+// tanh: dx = dy * (1 - y^2), from the output alone.
+template <typename T> PE_HD T tanh_forward_math(T x) { return pe_tanh(x); }
+template <typename T> PE_HD T tanh_backward_math(T dy, T y) { return dy * (T(1) - y * y); }
+
+// leaky_relu: y = x > 0 ? x : slope * x; dx = dy * (x > 0 ? 1 : slope), from the input (slope may be <= 0).
+template <typename T> PE_HD T leaky_relu_forward_math(T x, T slope) { return pe_select_positive(x, x, x * slope); }
+template <typename T> PE_HD T leaky_relu_backward_math(T dy, T x, T slope) {
+  return pe_select_positive(x, dy, dy * slope);
+}
+
+// mse_loss: l = (x - y)^2; dl/dx = 2 (x - y) * g, dl/dy = -dl/dx.
+template <typename T> PE_HD T mse_loss_math(T x, T y) { return (x - y) * (x - y); }
+template <typename T> PE_HD T mse_loss_grad_math(T x, T y, T g) { return T(2) * (x - y) * g; }
+
+// Binary cross-entropy with logits, pw = pos_weight, lw = 1 + (pw - 1) y:
+//   l = (1 - y) x + lw * softplus(-x),   softplus(-x) = log1p(e^-|x|) + max(-x, 0)  (no overflow for any x)
+//   dl/dx = lw * sigmoid(x) - pw * y,    dl/dy = (pw - 1) * softplus(-x) - x
+template <typename T> PE_HD T softplus_neg_math(T x) {
+  return pe_log1p(pe_exp(T(0) - pe_abs(x))) + pe_max_nan(T(0) - x, T(0));
+}
+template <typename T> PE_HD T bce_with_logits_loss_math(T x, T y, T pw) {
+  return (T(1) - y) * x + (T(1) + (pw - T(1)) * y) * softplus_neg_math(x);
+}
+template <typename T> PE_HD T bce_with_logits_grad_input_math(T x, T y, T pw) {
+  return (T(1) + (pw - T(1)) * y) * sigmoid_forward_math(x) - pw * y;
+}
+template <typename T> PE_HD T bce_with_logits_grad_target_math(T x, T pw) {
+  return (pw - T(1)) * softplus_neg_math(x) - x;
+}
 
 // Online softmax (Milakov & Gimelshein): one pass keeps the running max m and s = sum(exp(x - m)),
 // rescaling s whenever the max grows. -inf logits contribute nothing; NaN propagates into s.

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <vector>
+
 #include "common/checks.h"
 #include "cpu/vec_math.h"
 
@@ -63,6 +65,57 @@ void map_contiguous(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t
   });
 }
 
+// acc-typed vectors of Vectorized<acc_t>::size() elements, loaded from and stored to scalar_t memory.
+template <typename scalar_t> Vectorized<acc_t<scalar_t>> load_acc(const scalar_t* p) {
+  if constexpr (is_reduced_float<scalar_t>()) {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, Vectorized<float>::size())));
+  } else {
+    return Vectorized<scalar_t>::loadu(p);
+  }
+}
+template <typename scalar_t> void store_acc(scalar_t* p, const Vectorized<acc_t<scalar_t>>& v) {
+  if constexpr (is_reduced_float<scalar_t>()) {
+    at::vec::convert_from_float<scalar_t>(v, Vectorized<float>(0.0f)).store(p, Vectorized<float>::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// out[i] = op(in[i]...) over n elements of any number of contiguous inputs, op taking acc values or vectors.
+template <typename scalar_t, typename Op, typename... In>
+void map_acc(scalar_t* out, int64_t n, const Op& op, const In*... in) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t V = Vectorized<acc>::size();
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + V <= end; i += V) store_acc(out + i, op(load_acc(in + i)...));
+    for (; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc>(in[i])...));
+  });
+}
+
+// sum over i < n of op(in[i]...), in acc_t. Fixed chunks summed in order: the same result on every run.
+template <typename scalar_t, typename Op, typename... In>
+acc_t<scalar_t> sum_acc(int64_t n, const Op& op, const In*... in) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t V = Vectorized<acc>::size();
+  const int64_t chunks = (n + kElementwiseGrain - 1) / kElementwiseGrain;
+  std::vector<acc> partial(static_cast<size_t>(chunks), acc(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kElementwiseGrain, end = std::min(n, begin + kElementwiseGrain);
+      Vectorized<acc> lanes(acc(0));
+      int64_t i = begin;
+      for (; i + V <= end; i += V) lanes = lanes + op(load_acc(in + i)...);
+      acc total = at::vec::vec_reduce_all<acc>([](const auto& a, const auto& b) { return a + b; }, lanes);
+      for (; i < end; ++i) total += op(static_cast<acc>(in[i])...);
+      partial[c] = total;
+    }
+  });
+  acc total = 0;
+  for (acc p : partial) total += p;
+  return total;
+}
+
 // y = op(x) for an activation: any shape, non-contiguous inputs made contiguous once, contiguous output.
 template <typename Op> at::Tensor activation_forward(const at::Tensor& x_in, const char* name, const Op& op) {
   check(x_in, "x", name).cpu().floating();
@@ -74,10 +127,10 @@ template <typename Op> at::Tensor activation_forward(const at::Tensor& x_in, con
   return y;
 }
 
-// dx = op(dy, y) for an activation whose derivative is a function of its output y.
+// dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input).
 template <typename Op>
 at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& y_in, const char* name, const Op& op) {
-  check(y_in, "y", name).cpu().floating();
+  check(y_in, "saved tensor", name).cpu().floating();
   check(grad_y_in, "grad_y", name).same_device(y_in).same_dtype(y_in).sizes(y_in.sizes());
   const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
   at::Tensor grad_x = at::empty(y.sizes(), y.options());

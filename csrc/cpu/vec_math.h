@@ -10,6 +10,14 @@ namespace pyengine {
 
 template <typename T> at::vec::Vectorized<T> pe_exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
 template <typename T> at::vec::Vectorized<T> pe_log(const at::vec::Vectorized<T>& x) { return x.log(); }
+template <typename T> at::vec::Vectorized<T> pe_log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
+template <typename T> at::vec::Vectorized<T> pe_tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+template <typename T> at::vec::Vectorized<T> pe_abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+template <typename T>
+at::vec::Vectorized<T> pe_select_positive(const at::vec::Vectorized<T>& c, const at::vec::Vectorized<T>& a,
+                                          const at::vec::Vectorized<T>& b) {
+  return at::vec::Vectorized<T>::blendv(b, a, c > at::vec::Vectorized<T>(T(0)));
+}
 // at::vec::maximum propagates NaN, as torch.relu does.
 template <typename T>
 at::vec::Vectorized<T> pe_max_nan(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {

@@ -1,9 +1,16 @@
 """One module per op: its python-backend reference kernels, its autograd Function and its functional form."""
 from .add import BroadcastAddFunction, add
+from .binary_cross_entropy_with_logits import BinaryCrossEntropyWithLogitsFunction, binary_cross_entropy_with_logits
 from .cross_entropy import SoftmaxCrossEntropyFunction, cross_entropy
+from .leaky_relu import LeakyReLUFunction, leaky_relu
 from .linear import LinearFunction, linear
+from .mse_loss import MSELossFunction, mse_loss
 from .relu import ReLUFunction, relu
 from .sigmoid import SigmoidFunction, sigmoid
+from .tanh import TanhFunction, tanh
 
-__all__ = ["BroadcastAddFunction", "LinearFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction",
-           "add", "cross_entropy", "linear", "relu", "sigmoid"]
+FUNCTIONS = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
+             "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction"]
+FUNCTIONAL = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
+              "sigmoid", "tanh"]
+__all__ = FUNCTIONS + FUNCTIONAL

@@ -1,0 +1,102 @@
+"""Sigmoid and binary cross-entropy fused: the loss of a logit x against a label y in [0, 1].
+
+  loss = -[pw y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))]
+       = (1 - y) x + (1 + (pw - 1) y) softplus(-x)            softplus(-x) = log(1 + e^-x)
+softplus(-x) is computed as log1p(e^-|x|) + max(-x, 0), which never overflows: a logit of 1000 gives a loss,
+not inf or NaN, where sigmoid followed by log would underflow to log(0). pw is pos_weight (1 by default).
+  d loss / dx = (1 + (pw - 1) y) sigmoid(x) - pw y             (= sigmoid(x) - y without pos_weight)
+  d loss / dy = (pw - 1) softplus(-x) - x
+each times the element weight w, and 1 / n for reduction 'mean'.
+Kernels: csrc/cpu/binary_cross_entropy_with_logits.cpp, csrc/cuda/binary_cross_entropy_with_logits.cu;
+formulas: bce_with_logits_*_math in csrc/common/math.h.
+"""
+import torch
+
+from .. import _backend
+from .mse_loss import REDUCTIONS, _acc, _check_reduction, _reduce
+
+
+def _softplus_neg(x):
+    return torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0)
+
+
+@_backend.reference
+def binary_cross_entropy_with_logits_forward(input, target, weight=None, pos_weight=None, reduction=1):
+    acc = _acc(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    log_weight = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * y
+    loss = (1.0 - y) * x + log_weight * _softplus_neg(x)
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    return _reduce(loss, reduction, input.dtype)
+
+
+@_backend.reference
+def binary_cross_entropy_with_logits_backward(grad_loss, input, target, weight=None, pos_weight=None, reduction=1,
+                                              need_input=True, need_target=True):
+    acc = _acc(input.dtype)
+    x, y = input.to(acc), target.to(acc)
+    g = grad_loss.to(acc)
+    if reduction == 1:
+        g = g / input.numel()
+    if weight is not None:
+        g = g * weight.to(acc)
+    grad_input = grad_target = None
+    if need_input:
+        sig = 1.0 / (1.0 + torch.exp(-x))
+        if pos_weight is None:
+            grad_input = (sig - y) * g
+        else:
+            pw = pos_weight.to(acc)
+            grad_input = ((1.0 + (pw - 1.0) * y) * sig - pw * y) * g
+        grad_input = grad_input.to(input.dtype)
+    if need_target:
+        grad_target = -x if pos_weight is None else (pos_weight.to(acc) - 1.0) * _softplus_neg(x) - x
+        grad_target = (grad_target * g).to(input.dtype)
+    return grad_input, grad_target
+
+
+class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """BCE with logits for input, target, weight and pos_weight all of one shape and dtype (weights may be None)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, pos_weight=None, reduction="mean"):
+        for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+            if t is not None and (t.shape != input.shape or t.dtype != input.dtype):
+                raise RuntimeError(f"BinaryCrossEntropyWithLogitsFunction: {name} must have the input's shape "
+                                   f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
+        ctx.kernels = _backend.kernels(input.device)
+        ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
+        input, target = input.contiguous(), target.contiguous()
+        weight = None if weight is None else weight.contiguous()
+        pos_weight = None if pos_weight is None else pos_weight.contiguous()
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        return ctx.kernels.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, ctx.reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[:2]
+        grad_input, grad_target = ctx.kernels.binary_cross_entropy_with_logits_backward(
+            grad_loss.contiguous(), input, target, weight, pos_weight, ctx.reduction, need_input, need_target)
+        return grad_input, grad_target, None, None, None
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None, reduction="mean",
+                                     pos_weight=None):
+    """torch.nn.functional.binary_cross_entropy_with_logits. weight broadcasts to the input's shape, pos_weight
+    along its last (class) dim, as in torch."""
+    reduction = _check_reduction(reduction, size_average, reduce)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    if not input.is_floating_point() or not target.is_floating_point():
+        raise RuntimeError(f"binary_cross_entropy_with_logits: expected floating-point input and target, got "
+                           f"{input.dtype} and {target.dtype}")
+    dtype = torch.result_type(input, target)
+    input, target = input.to(dtype), target.to(dtype)
+    if weight is not None:
+        weight = weight.to(dtype).broadcast_to(input.shape)
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(dtype).broadcast_to(input.shape)
+    return BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)

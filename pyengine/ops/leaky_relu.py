@@ -1,0 +1,50 @@
+"""leaky_relu: y = x for x > 0, negative_slope * x otherwise.
+
+dy/dx = 1 for x > 0, negative_slope otherwise. Unlike relu, a negative input still passes a little gradient,
+so a unit never goes silent for good. The slope may be zero or negative, so the sign of x cannot be read back
+from y: the backward keeps the input.
+Kernels: csrc/cpu/leaky_relu.cpp, csrc/cuda/leaky_relu.cu; formula: leaky_relu_*_math in csrc/common/math.h.
+"""
+import numbers
+
+import torch
+
+from .. import _backend
+
+
+@_backend.reference
+def leaky_relu_forward(x, negative_slope=0.01):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    return torch.where(xa > 0, xa, xa * negative_slope).to(x.dtype)
+
+
+@_backend.reference
+def leaky_relu_backward(grad_y, x, negative_slope=0.01):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad_y.to(acc)
+    return torch.where(x > 0, g, g * negative_slope).to(grad_y.dtype)
+
+
+class LeakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, negative_slope=0.01):
+        ctx.kernels = _backend.kernels(x.device)
+        ctx.negative_slope = float(negative_slope)
+        ctx.save_for_backward(x)
+        return ctx.kernels.leaky_relu_forward(x, ctx.negative_slope)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return ctx.kernels.leaky_relu_backward(grad_y, x, ctx.negative_slope), None
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """torch.nn.functional.leaky_relu. inplace=True is accepted; the result is computed out of place."""
+    if not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"leaky_relu(): negative_slope must be a number, got {type(negative_slope).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"leaky_relu\" not implemented for {input.dtype}: pass a floating-point tensor")
+    return LeakyReLUFunction.apply(input, negative_slope)

@@ -1,0 +1,92 @@
+"""Mean squared error, the regression loss of the origin notes' LinearModel: loss = mean((x - y)^2).
+
+  d loss / dx = 2 (x - y) / n        (reduction 'mean'; 'sum' drops the 1 / n, 'none' keeps one per element)
+  d loss / dy = -2 (x - y) / n
+Operands of different shapes broadcast (torch warns, since that is rarely meant), so their gradients are summed
+back over the broadcast dims by autograd's expand.
+Kernels: csrc/cpu/mse_loss.cpp, csrc/cuda/mse_loss.cu; formula: mse_loss_*_math in csrc/common/math.h.
+"""
+import warnings
+
+import torch
+
+from .. import _backend
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(loss, reduction, dtype):
+    if reduction == 0:
+        return loss.to(dtype)
+    total = loss.sum()
+    return (total / loss.numel() if reduction == 1 else total).to(dtype)
+
+
+@_backend.reference
+def mse_loss_forward(input, target, reduction=1):
+    d = input.to(_acc(input.dtype)) - target.to(_acc(input.dtype))
+    return _reduce(d * d, reduction, input.dtype)
+
+
+@_backend.reference
+def mse_loss_backward(grad_loss, input, target, reduction=1, need_input=True, need_target=True):
+    acc = _acc(input.dtype)
+    g = grad_loss.to(acc)
+    if reduction == 1:
+        g = g / input.numel()
+    grad = 2.0 * (input.to(acc) - target.to(acc)) * g
+    return (grad.to(input.dtype) if need_input else None), ((-grad).to(input.dtype) if need_target else None)
+
+
+def _check_reduction(reduction, size_average, reduce):
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+class MSELossFunction(torch.autograd.Function):
+    """mean((input - target)^2) for input and target of one shape and dtype."""
+
+    @staticmethod
+    def forward(ctx, input, target, reduction="mean"):
+        if input.shape != target.shape or input.dtype != target.dtype:
+            raise RuntimeError(f"MSELossFunction: input and target must have one shape and dtype, got "
+                               f"{list(input.shape)} {input.dtype} and {list(target.shape)} {target.dtype}")
+        ctx.kernels = _backend.kernels(input.device)
+        ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
+        input, target = input.contiguous(), target.contiguous()
+        ctx.save_for_backward(input, target)
+        return ctx.kernels.mse_loss_forward(input, target, ctx.reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        input, target = ctx.saved_tensors
+        need_input, need_target, _ = ctx.needs_input_grad
+        grad_input, grad_target = ctx.kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,
+                                                                need_input, need_target)
+        return grad_input, grad_target, None
+
+
+def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """torch.nn.functional.mse_loss (without its weight argument)."""
+    if weight is not None:
+        raise NotImplementedError("pyengine.mse_loss has no weight argument; multiply the per-element loss instead")
+    reduction = _check_reduction(reduction, size_average, reduce)
+    if target.shape != input.shape:
+        warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+                      "This will likely lead to incorrect results due to broadcasting. "
+                      "Please ensure they have the same size.", stacklevel=2)
+        input, target = torch.broadcast_tensors(input, target)
+    dtype = torch.result_type(input, target)
+    if not dtype.is_floating_point:
+        raise RuntimeError(f"mse_loss: expected floating-point input and target, got {input.dtype} and {target.dtype}")
+    return MSELossFunction.apply(input.to(dtype), target.to(dtype), reduction)

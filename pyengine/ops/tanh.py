@@ -1,0 +1,50 @@
+"""tanh: y = (e^x - e^-x) / (e^x + e^-x), from the origin notes' table of activation functions.
+
+dy/dx = 1 - y^2, a function of the output alone, so the backward needs only y. Like sigmoid it saturates
+(|x| large: y -> +-1 and the gradient vanishes), but it is centred on 0.
+Kernels: csrc/cpu/tanh.cpp, csrc/cuda/tanh.cu; formula: tanh_*_math in csrc/common/math.h.
+"""
+import torch
+
+from .. import _backend
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@_backend.reference
+def tanh_forward(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf, no inf/inf. Computed in float for float16/bfloat16.
+    xa = x.to(_acc(x.dtype))
+    return (1.0 - 2.0 / (torch.exp(2.0 * xa) + 1.0)).to(x.dtype)
+
+
+@_backend.reference
+def tanh_backward(grad_y, y):
+    ya = y.to(_acc(y.dtype))
+    return (grad_y.to(ya.dtype) * (1.0 - ya * ya)).to(y.dtype)
+
+
+class TanhFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kernels = _backend.kernels(x.device)
+        y = ctx.kernels.tanh_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return ctx.kernels.tanh_backward(grad_y, y)
+
+
+def tanh(input):
+    """torch.tanh. Integer and bool inputs are promoted to the default float dtype, as torch does."""
+    if not input.is_floating_point():
+        if input.is_complex():
+            raise NotImplementedError("pyengine.tanh supports real tensors only")
+        input = input.to(torch.get_default_dtype())
+    return TanhFunction.apply(input)
