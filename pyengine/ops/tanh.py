@@ -15,9 +15,11 @@ def _acc(dtype):
 
 @_backend.reference
 def tanh_forward(x):
-    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf, no inf/inf. Computed in float for float16/bfloat16.
+    # tanh(|x|) = t / (2 - t) with t = 1 - e^{-2|x|} = -expm1(-2|x|): no overflow for large |x|, no
+    # cancellation for tiny |x|; the sign comes back with copysign. Computed in float for float16/bfloat16.
     xa = x.to(_acc(x.dtype))
-    return (1.0 - 2.0 / (torch.exp(2.0 * xa) + 1.0)).to(x.dtype)
+    t = -torch.expm1(-2.0 * xa.abs())
+    return torch.copysign(t / (2.0 - t), xa).to(x.dtype)
 
 
 @_backend.reference

@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine.functional as PF
+import pyengine.nn as pnn
+from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
+                   grads, make, on)
+
+SHAPES = [(), (0,), (1,), (17,), (4, 33), (3, 5, 7), (50001,)]
+REDUCTIONS = ["mean", "sum", "none"]
+WEIGHTS = ["none", "weight", "pos_weight", "both"]
+
+
+def _weights(kind, shape, dtype, device):
+    last = shape[-1:] if shape else ()
+    weight = make(last, dtype, device, low=0.1, high=2) if kind in ("weight", "both") else None
+    pos_weight = make(last, dtype, device, low=0.1, high=3) if kind in ("pos_weight", "both") else None
+    return weight, pos_weight
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_forward_backward_match_torch(backend, device, dtype, shape, reduction, weights):
+    x = make(shape, dtype, device, requires_grad=True, low=-8, high=8)
+    y = make(shape, dtype, device, requires_grad=True, low=0, high=1)
+    w, pw = _weights(weights, shape, dtype, device)
+    with on(backend):
+        loss = PF.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
+        ours, g = grads(loss, [x, y])
+    ref_loss = F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
+    ref, _ = grads(ref_loss, [x, y], g)
+    assert_close(loss, ref_loss)
+    for a, b in zip(ours, ref):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_half_precision_error_within_twice_torch(backend, device, dtype, reduction):
+    x = make((257, 3), dtype, device, requires_grad=True, low=-6, high=6)
+    y = make((257, 3), dtype, device, low=0, high=1)
+    with on(backend):
+        loss = PF.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+        (gx,), g = grads(loss, [x])
+    torch_loss = F.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+    (gx_torch,), _ = grads(torch_loss, [x], g)
+    x64 = x.detach().double().requires_grad_()
+    loss64 = F.binary_cross_entropy_with_logits(x64, y.double(), reduction=reduction)
+    (gx64,), _ = grads(loss64, [x64], g.double())
+    assert_half_close(loss, torch_loss, loss64)
+    assert_half_close(gx, gx_torch, gx64)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_gradcheck(backend, device, reduction, weights):
+    x = make((3, 4), torch.float64, device, requires_grad=True)
+    y = make((3, 4), torch.float64, device, requires_grad=True, low=0, high=1)
+    w, pw = _weights(weights, (3, 4), torch.float64, device)
+    with on(backend):
+        assert torch.autograd.gradcheck(
+            lambda a, b: PF.binary_cross_entropy_with_logits(a, b, w, reduction=reduction, pos_weight=pw), (x, y))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + HALF_DTYPES)
+def test_huge_logits_stay_finite_like_torch(backend, device, dtype):
+    """Fused sigmoid + BCE never takes log(0): saturated logits give finite losses and gradients."""
+    x = torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 1e4] * 3, dtype=dtype, device=device, requires_grad=True)
+    y = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0] * 3, dtype=dtype, device=device)
+    with on(backend):
+        loss = PF.binary_cross_entropy_with_logits(x, y, reduction="none")
+        (gx,), g = grads(loss, [x], torch.ones_like(loss))
+    ref = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    (gx_ref,), _ = grads(ref, [x], g)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
+    torch.testing.assert_close(loss.double(), ref.double(), rtol=2e-2 if dtype in HALF_DTYPES else 1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), gx_ref.double(), rtol=2e-2 if dtype in HALF_DTYPES else 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_module_matches_torch(backend, device):
+    x = make((16, 5), torch.float32, device, requires_grad=True)
+    y = (make((16, 5), torch.float32, device) > 0).float()
+    pw = make((5,), torch.float32, device, low=0.5, high=2)
+    with on(backend):
+        loss = pnn.BCEWithLogitsLoss(pos_weight=pw)(x, y)
+    assert_close(loss, torch.nn.BCEWithLogitsLoss(pos_weight=pw)(x, y))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bad_input_raises_like_torch(backend, device):
+    x = torch.rand(3, device=device)
+    with on(backend):
+        for y in (torch.rand(2, 3, device=device), torch.ones(3, dtype=torch.long, device=device)):
+            assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, y),
+                               lambda: PF.binary_cross_entropy_with_logits(x, y))
+        assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, x, reduction="x"),
+                           lambda: PF.binary_cross_entropy_with_logits(x, x, reduction="x"))
