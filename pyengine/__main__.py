@@ -56,6 +56,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="torch version, backends built, CUDA architectures, CPU threads and SIMD level")
     sub.add_parser("bench", help="benchmark every op against native torch (see --help)", add_help=False)
+    sub.add_parser("train", help="train the origin notes' models on pyengine (see --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
@@ -63,6 +64,10 @@ def main(argv=None):
         return info()
     if args.command == "bench":
         return _benchmarks().main(rest)
+    if args.command == "train":
+        from . import train
+
+        return train.main(rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""`python -m pyengine train`: the origin notes' models trained with mini-batch gradient descent on pyengine.
+
+  linear  the notes' LinearModel: x = [1, 2, 3], y = [2, 4, 6], Linear(1, 1), MSELoss(sum), SGD lr 0.01
+  mlp     an 8 -> 6 -> 4 -> 1 sigmoid network, binary cross-entropy, on scikit-learn's breast-cancer set
+  digits  a 64 -> hidden -> 10 ReLU network, softmax cross-entropy, on scikit-learn's 8x8 digits
+
+Every step is the loop of the notes: forward, loss, zero_grad, backward (the chain rule, run by pyengine's
+backward kernels), then w <- w - lr * grad. --compare-torch trains the same model in torch.nn from the same
+initial weights on the same mini-batches; --ddp N runs it in N processes under DistributedDataParallel.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import pyengine
+import pyengine.nn as pnn
+
+MODELS = {
+    # epochs, batch size, learning rate
+    "linear": (500, 3, 0.01),
+    "mlp": (100, 32, 0.5),
+    "digits": (40, 32, 0.1),
+}
+
+
+def load_data(name, seed=0):
+    """(x_train, y_train, x_test, y_test) as float32/int64 tensors; test is None for the notes' toy data."""
+    if name == "linear":
+        x = torch.tensor([[1.0], [2.0], [3.0]])
+        return x, 2 * x, None, None
+    try:
+        from sklearn.datasets import load_breast_cancer, load_digits
+    except ImportError:
+        raise SystemExit("pyengine train: the mlp and digits models use scikit-learn's bundled data sets: "
+                         "pip install scikit-learn")
+    if name == "mlp":
+        data = load_breast_cancer()
+        x, y = torch.tensor(data.data[:, :8], dtype=torch.float32), torch.tensor(data.target, dtype=torch.float32)
+        y = y.unsqueeze(1)
+    else:
+        data = load_digits()
+        x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = len(x) // 5
+    test, train = perm[:n_test], perm[n_test:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)  # standardize with training statistics only
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]
+
+
+def build_model(name, lib, hidden=64):
+    """The same architecture from torch.nn or pyengine.nn (lib), with its loss."""
+    if name == "linear":
+        return torch.nn.Sequential(lib.Linear(1, 1)), lib.MSELoss(reduction="sum")
+    if name == "mlp":
+        # The notes' 8 -> 6 -> 4 -> 1 with sigmoids; the last sigmoid is fused into the loss (BCE with logits),
+        # which stays finite where sigmoid followed by log would reach log(0).
+        model = torch.nn.Sequential(lib.Linear(8, 6), lib.Sigmoid(), lib.Linear(6, 4), lib.Sigmoid(), lib.Linear(4, 1))
+        return model, lib.BCEWithLogitsLoss()
+    return torch.nn.Sequential(lib.Linear(64, hidden), lib.ReLU(), lib.Linear(hidden, 10)), lib.CrossEntropyLoss()
+
+
+def batches(n, batch_size, epoch, seed):
+    """The mini-batches of one epoch: a fresh shuffle per epoch, the same for every model and process."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order.split(batch_size)
+
+
+def accuracy(model, name, x, y):
+    if x is None:
+        return None
+    with torch.no_grad():
+        out = model(x)
+    pred = (out > 0).float() if name == "mlp" else out.argmax(1)
+    return (pred == y).float().mean().item()
+
+
+def progress(iterable, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False, unit="batch")
+    except ImportError:
+        return iterable
+
+
+def train(name, lib, init_state, args, rank=0, world=1, show=True):
+    """Trains one model; returns (loss per step, final state_dict, held-out accuracy). Under DDP (world > 1)
+    each process takes its share of every global mini-batch, and the loss is scaled so that DDP's gradient
+    average equals the gradient of the global batch's loss."""
+    x, y, x_test, y_test = load_data(name, args.seed)
+    model, criterion = build_model(name, lib, args.hidden)
+    model.load_state_dict(init_state)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    curve = []
+    for epoch in range(args.epochs):
+        epoch_loss, start = 0.0, time.perf_counter()
+        for idx in progress(batches(len(x), args.batch_size, epoch, args.seed), f"epoch {epoch + 1}/{args.epochs}",
+                            show and args.epochs <= 100):
+            local = idx.tensor_split(world)[rank] if world > 1 else idx
+            out = model(x[local])
+            loss = criterion(out, y[local])
+            logged = loss.detach()
+            if world > 1:  # mean over the local rows -> share of the global batch's mean, times world for DDP
+                share = len(local) / len(idx) if criterion.reduction == "mean" else 1.0
+                logged = logged * share
+                torch.distributed.all_reduce(logged)  # the global batch's loss, for the curve
+                loss = loss * share * world
+            opt.zero_grad()
+            loss.backward()
+            opt.step()  # w <- w - lr * grad
+            curve.append(logged.item())
+            epoch_loss += curve[-1]
+        if show and (epoch + 1) % max(1, args.epochs // 10) == 0:
+            print(f"epoch {epoch + 1:4d}  loss {epoch_loss / max(1, len(x) // args.batch_size):.6f}  "
+                  f"({time.perf_counter() - start:.3f} s)", flush=True)
+    plain = model.module if world > 1 else model
+    return curve, {k: v.detach().clone() for k, v in plain.state_dict().items()}, accuracy(plain, name, x_test, y_test)
+
+
+def _ddp_worker(rank, world, name, init_state, args, port, result_file):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with pyengine.use_backend(args.backend) if args.backend else _nullcontext():
+            curve, state, acc = train(name, pnn, init_state, args, rank, world, show=rank == 0)
+        if rank == 0:
+            torch.save({"curve": curve, "state": state, "accuracy": acc}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_ddp(name, init_state, args):
+    """Runs train() in args.ddp processes (gloo, this machine) and returns rank 0's result."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "rank0.pt")
+        mp.spawn(_ddp_worker, args=(args.ddp, name, init_state, args, port, result_file), nprocs=args.ddp, join=True)
+        r = torch.load(result_file)
+    return r["curve"], r["state"], r["accuracy"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="pyengine train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="linear")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hidden", type=int, default=64, help="hidden width of the digits model")
+    p.add_argument("--backend", choices=pyengine._backend.BACKENDS, help="default: chosen by device")
+    p.add_argument("--compare-torch", action="store_true", help="also train torch.nn's model and compare")
+    p.add_argument("--plot", help="PNG of the loss curves")
+    p.add_argument("--json", help="write the curves and final metrics here")
+    p.add_argument("--ddp", type=int, default=0, metavar="N", help="train in N processes with DDP (gloo)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    epochs, batch_size, lr = MODELS[args.model]
+    args.epochs = args.epochs or epochs
+    args.batch_size = args.batch_size or batch_size
+    args.lr = args.lr or lr
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    init_state = build_model(args.model, pnn, args.hidden)[0].state_dict()
+    print(f"pyengine train --model {args.model}: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+          f"backend {args.backend or 'by device'}{f', DDP x{args.ddp}' if args.ddp > 1 else ''}")
+    start = time.perf_counter()
+    if args.ddp > 1:
+        curve, state, acc = train_ddp(args.model, init_state, args)
+    else:
+        with pyengine.use_backend(args.backend) if args.backend else _nullcontext():
+            curve, state, acc = train(args.model, pnn, init_state, args)
+    result = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "backend": args.backend, "ddp": args.ddp, "seconds": time.perf_counter() - start,
+              "pyengine": {"loss": curve, "final_loss": curve[-1], "accuracy": acc}}
+    summary = f"final loss {curve[-1]:.6g}" + (f", held-out accuracy {acc:.2%}" if acc is not None else "")
+    if args.model == "linear":
+        summary += f", w = {state['0.weight'].item():.4f}, b = {state['0.bias'].item():.4f}"
+    print(f"pyengine: {summary} ({result['seconds']:.1f} s)")
+    if args.compare_torch:
+        t_curve, _, t_acc = train(args.model, torch.nn, init_state, args, show=False)
+        diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, t_curve))
+        result["torch"] = {"loss": t_curve, "final_loss": t_curve[-1], "accuracy": t_acc}
+        result["max_relative_loss_difference"] = diff
+        print(f"torch.nn: final loss {t_curve[-1]:.6g}" + (f", held-out accuracy {t_acc:.2%}" if t_acc else ""))
+        print(f"largest relative difference between the two loss curves: {diff:.3g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(result["pyengine"]["loss"], label="pyengine", linewidth=2)
+    if "torch" in result:
+        ax.plot(result["torch"]["loss"], label="torch.nn", linestyle="--")
+    ax.set(xlabel="mini-batch step", ylabel="loss", yscale="log", title=f"pyengine train --model {result['model']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
