@@ -73,8 +73,10 @@ def write_build_info(**info):
 def extension():
     march = os.environ.get("PYENGINE_CPU_ARCH", "native" if os.uname().machine == "x86_64" else "").strip()
     cap = cpu_capability(march)
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
-           f"-DPYENGINE_SIMD_LEVEL=\"{cap}\""]
+    # -Wall -Wextra for our code; the three -Wno- silence what torch's own headers trigger (unknown pragmas,
+    # unused parameters, and a gcc 12 false positive inside the AVX-512 intrinsics).
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
+           "-Wno-maybe-uninitialized"]
     if march:
         cxx.append(f"-march={march}")
     if cap != "DEFAULT":
@@ -87,11 +89,12 @@ def extension():
         return CppExtension("pyengine._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0 9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0 9.0+PTX"  # no GPU to ask: Ampere, Hopper, PTX for newer
     elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(f"{a}.{b}" for a, b in sorted(caps))
-    write_build_info(**info, cuda_version=torch.version.cuda, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
+    info.update(cuda_version=torch.version.cuda, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
+    write_build_info(**info)
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-Xptxas=-warn-spills", "-DPYENGINE_WITH_CUDA"]
     return CUDAExtension(

@@ -12,11 +12,11 @@ def _benchmarks():
     """The benchmark definitions: installed as pyengine.benchmarks, or benchmarks/ beside a source checkout."""
     try:
         return importlib.import_module("pyengine.benchmarks")
-    except ImportError:
+    except ImportError as missing:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if not os.path.isdir(os.path.join(root, "benchmarks")):
             raise SystemExit("pyengine bench: the benchmarks are not installed; run it from a pyengine checkout "
-                             "after `pip install --no-build-isolation -e .`")
+                             "after `pip install --no-build-isolation -e .`") from missing
         sys.path.insert(0, root)
         return importlib.import_module("benchmarks")
 

@@ -36,7 +36,7 @@ def load_data(name, seed=0):
         from sklearn.datasets import load_breast_cancer, load_digits
     except ImportError:
         raise SystemExit("pyengine train: the mlp and digits models use scikit-learn's bundled data sets: "
-                         "pip install scikit-learn")
+                         "pip install scikit-learn") from None
     if name == "mlp":
         data = load_breast_cancer()
         x, y = torch.tensor(data.data[:, :8], dtype=torch.float32), torch.tensor(data.target, dtype=torch.float32)

@@ -99,7 +99,7 @@ def test_bad_input_raises_like_torch(backend, device):
     x = torch.rand(3, device=device)
     with on(backend):
         for y in (torch.rand(2, 3, device=device), torch.ones(3, dtype=torch.long, device=device)):
-            assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, y),
-                               lambda: PF.binary_cross_entropy_with_logits(x, y))
+            assert_raises_like(lambda y=y: F.binary_cross_entropy_with_logits(x, y),
+                               lambda y=y: PF.binary_cross_entropy_with_logits(x, y))
         assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, x, reduction="x"),
                            lambda: PF.binary_cross_entropy_with_logits(x, x, reduction="x"))

@@ -37,7 +37,7 @@ def test_mini_batch_training_matches_torch(backend, device):
     y = (x[:, :1] + x[:, 1:2] > 0).to(torch.float64)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.5)
     opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.5)
-    for epoch in range(3):
+    for _epoch in range(3):
         for idx in torch.randperm(759, device=device).split(128):
             for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
                 opt.zero_grad()
@@ -45,7 +45,7 @@ def test_mini_batch_training_matches_torch(backend, device):
                     loss = ((model(x[idx]) - y[idx]) ** 2).mean()
                 loss.backward()
                 opt.step()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+    for p, q in zip(ours.parameters(), theirs.parameters()):
         assert_close(p, q)
 
 

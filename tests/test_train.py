@@ -12,13 +12,14 @@ pytest.importorskip("sklearn", reason="the mlp and digits models use scikit-lear
 
 def test_linear_model_learns_w_2_b_0(tmp_path):
     out = tmp_path / "linear.json"
-    assert train.main(["--model", "linear", "--compare-torch", "--json", str(out), "--plot", str(tmp_path / "l.png")]) == 0
+    plot = tmp_path / "l.png"
+    assert train.main(["--model", "linear", "--compare-torch", "--json", str(out), "--plot", str(plot)]) == 0
     result = json.loads(out.read_text())
     assert result["pyengine"]["final_loss"] < 1e-3
     assert result["max_relative_loss_difference"] < 1e-5
     assert len(result["pyengine"]["loss"]) == 500
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "l.png").stat().st_size > 1000
+    assert plot.stat().st_size > 1000
 
 
 def test_mlp_matches_torch_step_by_step(tmp_path):

@@ -9,8 +9,7 @@ from .relu import ReLUFunction, relu
 from .sigmoid import SigmoidFunction, sigmoid
 from .tanh import TanhFunction, tanh
 
-FUNCTIONS = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
-             "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction"]
-FUNCTIONAL = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
-              "sigmoid", "tanh"]
-__all__ = FUNCTIONS + FUNCTIONAL
+__all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
+           "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction",
+           "add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
+           "sigmoid", "tanh"]

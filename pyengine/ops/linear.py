@@ -79,7 +79,8 @@ def linear(input, weight, bias=None):
         return linear(input, weight.unsqueeze(0)).squeeze(-1)
     if not input.is_floating_point():
         if input.dtype != weight.dtype:
-            raise RuntimeError(f"linear: input and weight must have the same dtype, got {input.dtype} and {weight.dtype}")
+            raise RuntimeError(f"linear: input and weight must have the same dtype, got {input.dtype} and "
+                               f"{weight.dtype}")
         return linear_forward(input, weight, bias)  # integer matmul: torch supports it, nothing to differentiate
     if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
         bias = bias.reshape(1).expand(weight.shape[0])
