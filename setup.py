@@ -11,10 +11,28 @@ import glob
 import os
 import subprocess
 
+import shutil
+
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _locate_cuda_home():
+    """torch takes CUDA_HOME from `which nvcc` without resolving links, so an nvcc linked into /usr/local/bin
+    makes it /usr/local, which holds no libcudart. Resolve the link first (or fall back to /usr/local/cuda)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart.so")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: torch.utils.cpp_extension reads it at import)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,19 +65,21 @@ def cpu_capability(march):
     return "DEFAULT"
 
 
-def cuda_include_dirs():
-    """torch's CUDA headers include cuBLAS/cuSPARSE; pip-installed torch carries them in nvidia/cu*/include."""
+def cuda_header_flags():
+    """torch's CUDA headers include cuBLAS/cuSPARSE, which a bare toolkit may lack; pip-installed torch carries
+    them in nvidia/cu<N>/include. Searched as system dirs, after the toolkit's own headers (-I), so the
+    toolkit's runtime headers win wherever both have a file."""
     dirs = []
     try:
         import nvidia
 
         for base in nvidia.__path__:
-            dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+            dirs += sorted(glob.glob(os.path.join(base, "cu[0-9]*", "include")))
             dirs += sorted(glob.glob(os.path.join(base, "cublas", "include")))
             dirs += sorted(glob.glob(os.path.join(base, "cusparse", "include")))
     except ImportError:
         pass
-    return dirs
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 def write_build_info(**info):
@@ -100,8 +120,9 @@ def extension():
     return CUDAExtension(
         "pyengine._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs + cuda_include_dirs(),
-        extra_compile_args={"cxx": cxx + ["-DPYENGINE_WITH_CUDA"], "nvcc": nvcc},
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx + cuda_header_flags() + ["-DPYENGINE_WITH_CUDA"],
+                            "nvcc": nvcc + cuda_header_flags()},
         extra_link_args=["-fopenmp"],
     )
 
