@@ -17,7 +17,7 @@ from .. import _backend
 @_backend.reference
 def add_forward(input, other, alpha=1):
     if input.dtype == torch.bool:  # bool + bool is logical or; a true alpha keeps other, a false one drops it
-        return torch.logical_or(input, torch.logical_and(other, bool(alpha)))
+        return torch.logical_or(input, other & bool(alpha))
     if input.is_floating_point():  # float16/bfloat16 computed in float and rounded once, as the kernels do
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         return (input.to(acc) + alpha * other.to(acc)).to(input.dtype)
