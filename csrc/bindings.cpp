@@ -47,11 +47,20 @@ at::Tensor sigmoid_backward(const at::Tensor& grad_y, const at::Tensor& y) {
   PE_ROUTE(y, sigmoid_backward, grad_y, y);
 }
 
-at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const at::Scalar& alpha) {
-  PE_ROUTE(input, add_forward, input, other, alpha);
+// torch's pybind11 caster cannot load a c10::Scalar from Python (it asserts), so numbers are converted here.
+at::Scalar to_scalar(const pybind11::object& obj, const char* name) {
+  if (PyBool_Check(obj.ptr())) return at::Scalar(obj.cast<bool>());
+  if (PyLong_Check(obj.ptr()) || PyIndex_Check(obj.ptr())) return at::Scalar(pybind11::int_(obj).cast<int64_t>());
+  if (PyFloat_Check(obj.ptr()) || PyNumber_Check(obj.ptr())) return at::Scalar(pybind11::float_(obj).cast<double>());
+  throw pybind11::type_error(std::string(name) + " must be a real number, got " +
+                             std::string(pybind11::str(pybind11::type::handle_of(obj).attr("__name__"))));
 }
-at::Tensor add_backward(const at::Tensor& grad, std::vector<int64_t> shape, const at::Scalar& scale) {
-  PE_ROUTE(grad, add_backward, grad, shape, scale);
+
+at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const pybind11::object& alpha) {
+  PE_ROUTE(input, add_forward, input, other, to_scalar(alpha, "alpha"));
+}
+at::Tensor add_backward(const at::Tensor& grad, std::vector<int64_t> shape, const pybind11::object& scale) {
+  PE_ROUTE(grad, add_backward, grad, shape, to_scalar(scale, "scale"));
 }
 
 std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,

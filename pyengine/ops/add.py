@@ -17,7 +17,7 @@ from .. import _backend
 @_backend.reference
 def add_forward(input, other, alpha=1):
     if input.dtype == torch.bool:  # bool + bool is logical or; a true alpha keeps other, a false one drops it
-        return torch.logical_or(input, torch.logical_and(other, bool(alpha)))
+        return torch.logical_or(input, other & bool(alpha))
     if input.is_floating_point():  # float16/bfloat16 computed in float and rounded once, as the kernels do
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         return (input.to(acc) + alpha * other.to(acc)).to(input.dtype)
@@ -38,7 +38,9 @@ def add_backward(grad, shape, scale=1):
         g = g.sum(dim=stretched, keepdim=True)  # size-1 dims repeated to match the other operand
     if scale != 1:
         g = g * scale
-    return g.to(grad.dtype).reshape(shape)
+    g = g.to(grad.dtype).reshape(shape)
+    # never grad itself: autograd would store the caller's tensor as .grad (and both operands' grads in one)
+    return g.clone() if g.data_ptr() == grad.data_ptr() else g
 
 
 def _check_alpha(dtype, alpha):
@@ -47,6 +49,10 @@ def _check_alpha(dtype, alpha):
         raise RuntimeError("Boolean alpha only supported for Boolean results.")
     if not (dtype.is_floating_point or dtype.is_complex) and not isinstance(alpha, numbers.Integral):
         raise RuntimeError("For integral input tensors, argument alpha must not be a floating point number.")
+    if dtype != torch.bool and not (dtype.is_floating_point or dtype.is_complex):
+        info = torch.iinfo(dtype)  # as c10's checked conversion: an unsigned type takes -max..max (wrapping)
+        if not (info.min if info.min < 0 else -info.max) <= alpha <= info.max:
+            raise RuntimeError(f"value cannot be converted to type {dtype} without overflow")
 
 
 class BroadcastAddFunction(torch.autograd.Function):
