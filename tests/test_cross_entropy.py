@@ -241,6 +241,15 @@ def test_large_vocabulary_rows(backend, device, kw):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_zero_classes(backend, device, kind):
+    x = make((3, 0), torch.float64, device, requires_grad=True)
+    t = torch.rand(3, 0, dtype=torch.float64, device=device) if kind == "prob" else torch.full((3,), IGNORE, device=device)
+    for reduction in REDUCTIONS:
+        check_against_torch(backend, x, t, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_bad_input_raises_like_torch(backend, device):
     x = make((4, 3), torch.float32, device, requires_grad=True)
     t = torch.tensor([0, 1, 2, 1], device=device)

@@ -550,7 +550,8 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
           }
         });
       }
-      const double den = prob ? static_cast<double>(rows) : ordered_sum(row_w);
+      // Probability targets: torch's mean is NaN for an empty input, even when only C is 0.
+      const double den = prob ? static_cast<double>(a.C == 0 ? 0 : rows) : ordered_sum(row_w);
       denom.data_ptr<acc>()[0] = static_cast<acc>(den);
       scalar_t* out = loss.data_ptr<scalar_t>();
       if (a.reduction == Reduction::None) {

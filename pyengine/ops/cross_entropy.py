@@ -40,14 +40,14 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduct
             y = (1 - eps) * y + eps / c
         wy = y if w is None else y * w
         loss = (wy * (lse.unsqueeze(1) - x)).sum(dim=1)
-        denom = torch.tensor(float(n * d), dtype=x.dtype, device=x.device)
+        denom = torch.tensor(float(n * d if c else 0), dtype=x.dtype, device=x.device)  # torch: NaN mean if empty
     else:
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= c))
         if bad.any():
             raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
         t = torch.where(keep, target, torch.zeros_like(target))
-        x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
+        x_t = x.gather(1, t.unsqueeze(1)).squeeze(1) if c else torch.zeros_like(lse)  # C = 0: every row ignored
         w_t = torch.ones_like(x_t) if w is None else w.view(c)[t]
         w_t = torch.where(keep, w_t, torch.zeros_like(w_t))
         loss = (1 - eps) * w_t * (lse - x_t)
@@ -88,7 +88,7 @@ def cross_entropy_backward(grad_loss, logits, target, weight, lse, denom, ignore
         w_t = torch.ones_like(lse) if w is None else w.view(c)[t]
         coef_t = (1 - eps) * w_t
         w_sum = float(c) if w is None else w.sum()
-        coef_row = coef_t + eps / c * w_sum
+        coef_row = coef_t + (eps / c if c else 0.0) * w_sum
         grad = p * coef_row.unsqueeze(1) - onehot * coef_t.unsqueeze(1)
         if eps > 0:
             grad = grad - eps / c * (torch.ones_like(x) if w is None else w)
