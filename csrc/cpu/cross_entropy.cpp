@@ -14,7 +14,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -37,6 +42,31 @@ template <typename T> constexpr T kInf = std::numeric_limits<T>::infinity();
 
 template <typename scalar_t>
 constexpr bool is_reduced_float_v = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+
+// Stores a vector to vector-aligned p bypassing the caches: a large dx is written once and read much later,
+// and a plain store would first read every line of it from memory.
+template <typename V> void stream_store(void* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(sizeof(V) == 64, "an AVX512 vector");
+  __m512i bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(sizeof(V) == 32, "an AVX2 vector");
+  __m256i bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders the streaming stores before whatever follows (the target's fix-up, the caller reading dx).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // One Vectorized<scalar_t> of elements as kVecs vectors of the accumulation type (float16/bfloat16 widen to
 // two float vectors). With n < kSize only the first n elements are read (the rest are 0) or written.
@@ -61,6 +91,10 @@ template <typename scalar_t> struct Pack {
     Pack r;
     for (int j = 0; j < kVecs; ++j) r.v[j] = AVec(value);
     return r;
+  }
+  void store_stream(scalar_t* p) const {
+    if constexpr (is_reduced_float_v<scalar_t>) stream_store(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
+    else stream_store(p, v[0]);
   }
   void store(scalar_t* p, int64_t n = kSize) const {
     if constexpr (is_reduced_float_v<scalar_t>) {
@@ -233,7 +267,8 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
     return v;
   }
 
-  template <int K> void row_add(LaneSoftmax<acc>& st, const scalar_t* xr, const scalar_t* yr, int64_t c, int64_t n) const {
+  template <int K>
+  void row_add(LaneSoftmax<acc>& st, const scalar_t* xr, const scalar_t* yr, int64_t c, int64_t n) const {
     constexpr int V = K * P::kVecs;
     AVec xv[V], vv[V], pad[V];
     for (int k = 0; k < K; ++k) {
@@ -269,7 +304,8 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
     loss = row_loss(rs, n, xr, 1, w_t);
   }
 
-  template <int K> void tile_add(LaneSoftmax<acc>* st, const scalar_t* xb, const scalar_t* yb, int64_t c, int64_t nd) const {
+  template <int K>
+  void tile_add(LaneSoftmax<acc>* st, const scalar_t* xb, const scalar_t* yb, int64_t c, int64_t nd) const {
     for (int u = 0; u * P::kSize < nd; ++u) {
       const int64_t off = u * P::kSize, n = std::min(P::kSize, nd - off);
       P xp[K], vp[K];
@@ -321,8 +357,8 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
     return {k.target * g, k.row * g, k.smooth * g};
   }
 
-  // D == 1, row n: dx (C) from lse and g.
-  void backward_row(int64_t n, acc g, acc lse, scalar_t* dx) const {
+  // D == 1, row n: dx (C) from lse and g; with stream, dx bypasses the caches (see stream_store).
+  void backward_row(int64_t n, acc g, acc lse, scalar_t* dx, bool stream) const {
     const scalar_t* xr = x + n * C;
     const scalar_t* yr = y ? y + n * C : nullptr;
     int64_t tt = -1;
@@ -339,8 +375,12 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
       k = row_coefs(n, g, tt);
     }
     const CrossEntropyIndexCoefs<AVec> kv{AVec(k.target), AVec(k.row), AVec(k.smooth)};
-    for (int64_t c = 0; c < C; c += P::kSize) {
-      const int64_t nc = std::min(P::kSize, C - c);
+    // Streaming needs aligned full vectors: a first partial vector reaches the alignment.
+    constexpr uintptr_t kAlign = sizeof(Vectorized<scalar_t>);
+    const int64_t head = stream ? static_cast<int64_t>((kAlign - reinterpret_cast<uintptr_t>(dx) % kAlign) % kAlign /
+                                                       sizeof(scalar_t)) : 0;
+    for (int64_t c = 0, nc = 0; c < C; c += nc) {
+      nc = std::min(c == 0 && head > 0 ? head : P::kSize, C - c);
       const P xp = P::load(xr + c, nc);
       P out;
       if constexpr (kTarget == Target::Index) {
@@ -357,8 +397,9 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
           out.v[j] = cross_entropy_prob_grad(softmax_exp(xp.v[j] - AVec(lse)), AVec(wy_sum), wp.v[j], ys) * AVec(g);
         }
       }
-      out.store(dx + c, nc);
+      if (stream && nc == P::kSize) out.store_stream(dx + c); else out.store(dx + c, nc);
     }
+    if (stream) stream_fence();
     if (tt >= 0) {
       const acc p_t = pe_exp(static_cast<acc>(xr[tt]) - lse);
       dx[tt] = static_cast<scalar_t>(cross_entropy_index_grad(k, p_t, true, weight(tt)));
@@ -366,7 +407,8 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
   }
 
   // D > 1: dx at positions [d0, d0 + nd) of batch n; g(r) gives row r's incoming gradient.
-  template <typename G> void backward_tile(int64_t n, int64_t d0, int64_t nd, const G& g, const acc* lse_all, scalar_t* dx) const {
+  template <typename G>
+  void backward_tile(int64_t n, int64_t d0, int64_t nd, const G& g, const acc* lse_all, scalar_t* dx) const {
     const scalar_t* xb = x + n * C * D + d0;
     const scalar_t* yb = y ? y + n * C * D + d0 : nullptr;
     scalar_t* dxb = dx + n * C * D + d0;
@@ -485,8 +527,9 @@ template <typename scalar_t, typename F> void with_target(bool prob, double eps,
   else f(std::integral_constant<Target, Target::Index>{});
 }
 
-Args check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                              int64_t ignore_index, int64_t reduction, double label_smoothing, const char* op) {
+Args check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                              const c10::optional<at::Tensor>& weight, int64_t ignore_index, int64_t reduction,
+                              double label_smoothing, const char* op) {
   const Reduction red = check_reduction(reduction, op);
   check(logits, "logits", op).cpu().floating().dim(3).contiguous();
   const int64_t N = logits.size(0), C = logits.size(1), D = logits.size(2);
@@ -528,7 +571,8 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
   const auto acc_opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor lse = at::empty({a.N, a.D}, acc_opts);
   at::Tensor denom = at::empty({}, acc_opts);
-  at::Tensor loss = a.reduction == Reduction::None ? at::empty({a.N, a.D}, logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss = a.reduction == Reduction::None ? at::empty({a.N, a.D}, logits.options())
+                                                   : at::empty({}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     with_target<scalar_t>(prob, a.eps, [&](auto kind) {
@@ -581,6 +625,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
   at::Tensor dx = at::empty(logits.sizes(), logits.options());
   advise_huge_pages(dx);
+  const bool stream = dx.nbytes() >= (size_t{8} << 20);  // past the caches anyway
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     with_target<scalar_t>(prob, a.eps, [&](auto kind) {
@@ -597,7 +642,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       scalar_t* dx_p = dx.data_ptr<scalar_t>();
       if (a.D == 1) {
         at::parallel_for(0, a.N, grain_for(a.C), [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) op.backward_row(n, g(n), lse_p[n], dx_p + n * a.C);
+          for (int64_t n = n0; n < n1; ++n) op.backward_row(n, g(n), lse_p[n], dx_p + n * a.C, stream);
         });
       } else {
         const int64_t tiles = (a.D + Op::kTile - 1) / Op::kTile;
