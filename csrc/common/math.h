@@ -105,8 +105,12 @@ template <typename T> PE_HD SoftmaxState<T> online_softmax_merge(SoftmaxState<T>
   return a;
 }
 
-// logsumexp of the row: m + log(s); -inf for an all -inf row, as torch.logsumexp gives.
-template <typename T> PE_HD T online_softmax_lse(SoftmaxState<T> st) { return st.max + pe_log(st.sum); }
+// logsumexp of the row: m + log(s); -inf for an all -inf row. A +inf logit gives NaN, as in torch's
+// log_softmax (its x - max is inf - inf), so such a row's loss and gradient are NaN like torch's.
+template <typename T> PE_HD T online_softmax_lse(SoftmaxState<T> st) {
+  return st.max == std::numeric_limits<T>::infinity() ? std::numeric_limits<T>::quiet_NaN()
+                                                      : st.max + pe_log(st.sum);
+}
 
 // Cross-entropy with class-index target t, class weights w (all 1 without weight), smoothing eps, C classes:
 //   loss = (1 - eps) * w_t * (lse - x_t) + eps / C * sum_c w_c * (lse - x_c)
@@ -142,6 +146,8 @@ template <typename T> PE_HD T cross_entropy_index_grad(CrossEntropyIndexCoefs<T>
 template <typename T> PE_HD T smoothed_probability(T y, T eps, T num_classes) {
   return (T(1) - eps) * y + eps / num_classes;
 }
+// loss = lse * sum_c w_c y'_c - sum_c w_c y'_c x_c (lse and x may both be taken relative to the row max).
+template <typename T> PE_HD T cross_entropy_prob_loss(T wy_sum, T lse, T wyx_sum) { return wy_sum * lse - wyx_sum; }
 template <typename T> PE_HD T cross_entropy_prob_grad(T p, T wy_sum, T w_j, T y_j) { return p * wy_sum - w_j * y_j; }
 
 }  // namespace pyengine

@@ -28,8 +28,10 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduct
     n, c, d = logits.shape
     x = logits.to(_acc(logits.dtype))
     m = x.amax(dim=1) if c else x.new_full((n, d), float("-inf"))
+    row_max = m
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: lse = -inf, not NaN
     lse = m + torch.log(torch.exp(x - m.unsqueeze(1)).sum(dim=1))
+    lse = lse.masked_fill(row_max == float("inf"), float("nan"))  # a +inf logit: NaN, as torch's log_softmax
     w = None if weight is None else weight.to(x.dtype).view(1, c, 1)
     eps = max(label_smoothing, 0.0)
     if target.is_floating_point():
@@ -38,14 +40,14 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduct
             y = (1 - eps) * y + eps / c
         wy = y if w is None else y * w
         loss = (wy * (lse.unsqueeze(1) - x)).sum(dim=1)
-        denom = torch.tensor(float(n * d), dtype=x.dtype, device=x.device)
+        denom = torch.tensor(float(n * d if c else 0), dtype=x.dtype, device=x.device)  # torch: NaN mean if empty
     else:
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= c))
         if bad.any():
             raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
         t = torch.where(keep, target, torch.zeros_like(target))
-        x_t = x.gather(1, t.unsqueeze(1)).squeeze(1)
+        x_t = x.gather(1, t.unsqueeze(1)).squeeze(1) if c else torch.zeros_like(lse)  # C = 0: every row ignored
         w_t = torch.ones_like(x_t) if w is None else w.view(c)[t]
         w_t = torch.where(keep, w_t, torch.zeros_like(w_t))
         loss = (1 - eps) * w_t * (lse - x_t)
@@ -86,16 +88,18 @@ def cross_entropy_backward(grad_loss, logits, target, weight, lse, denom, ignore
         w_t = torch.ones_like(lse) if w is None else w.view(c)[t]
         coef_t = (1 - eps) * w_t
         w_sum = float(c) if w is None else w.sum()
-        coef_row = coef_t + eps / c * w_sum
+        coef_row = coef_t + (eps / c if c else 0.0) * w_sum
         grad = p * coef_row.unsqueeze(1) - onehot * coef_t.unsqueeze(1)
         if eps > 0:
             grad = grad - eps / c * (torch.ones_like(x) if w is None else w)
-        grad = torch.where(keep.unsqueeze(1), grad, torch.zeros_like(grad))
     g = grad_loss.to(x.dtype)
     g = g.unsqueeze(1) if reduction == 0 else g
     if reduction == 1:
         g = g / denom
-    return (grad * g).to(logits.dtype)
+    grad = grad * g
+    if not target.is_floating_point():  # ignored rows: 0 (even when all are: g = 0/0), NaN where p is, as torch
+        grad = torch.where(keep.unsqueeze(1), grad, p * 0)
+    return grad.to(logits.dtype)
 
 
 def _flatten(input, target, weight, label_smoothing):
@@ -111,7 +115,10 @@ def _flatten(input, target, weight, label_smoothing):
         if weight.dim() != 1 or weight.numel() != c:
             raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes but got "
                                f"weight tensor of shape: {list(weight.shape)}")
-    logits = input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, -1)
+    d = 1
+    for size in input.shape[2:]:
+        d *= size
+    logits = input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, d)  # not -1: N may be 0
     if target.is_floating_point():
         if target.shape != input.shape:
             raise RuntimeError(f"cross_entropy: class-probability target must have the input's shape "
