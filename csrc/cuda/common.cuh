@@ -35,5 +35,34 @@ template <typename T> constexpr int pack_size() { return 16 / sizeof(T) > 0 ? 16
 
 inline bool is_aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// The sizes of up to kMaxDims dims and, for each of N operands, its strides over them (in elements; 0 where the
+// operand repeats), passed to a kernel by value. Dim 0 is the innermost (fastest-varying) one. index_t is
+// uint32_t when every index and offset fits, which makes the divisions cheap, else int64_t.
+constexpr int kMaxDims = 16;
+template <int N, typename index_t = int64_t> struct StridedDims {
+  int ndim = 0;
+  index_t sizes[kMaxDims] = {};
+  index_t strides[N][kMaxDims] = {};
+
+  // The offset into every operand of the element with row-major linear index i < numel.
+  __device__ __forceinline__ void offsets(index_t i, index_t (&off)[N]) const {
+#pragma unroll
+    for (int k = 0; k < N; ++k) off[k] = 0;
+#pragma unroll
+    for (int d = 0; d < kMaxDims; ++d) {  // unrolled up to kMaxDims so the arrays stay in parameter space
+      if (d == ndim) break;
+      if (d == ndim - 1) {  // the outermost dim needs no division: i < sizes[d] already
+#pragma unroll
+        for (int k = 0; k < N; ++k) off[k] += i * strides[k][d];
+        break;
+      }
+      const index_t q = i / sizes[d], r = i - q * sizes[d];
+#pragma unroll
+      for (int k = 0; k < N; ++k) off[k] += r * strides[k][d];
+      i = q;
+    }
+  }
+};
+
 }  // namespace cuda
 }  // namespace pyengine
