@@ -142,6 +142,8 @@ template <typename T> PE_HD T cross_entropy_index_grad(CrossEntropyIndexCoefs<T>
 template <typename T> PE_HD T smoothed_probability(T y, T eps, T num_classes) {
   return (T(1) - eps) * y + eps / num_classes;
 }
+// loss = lse * sum_c w_c y'_c - sum_c w_c y'_c x_c (lse and x may both be taken relative to the row max).
+template <typename T> PE_HD T cross_entropy_prob_loss(T wy_sum, T lse, T wyx_sum) { return wy_sum * lse - wyx_sum; }
 template <typename T> PE_HD T cross_entropy_prob_grad(T p, T wy_sum, T w_j, T y_j) { return p * wy_sum - w_j * y_j; }
 
 }  // namespace pyengine
