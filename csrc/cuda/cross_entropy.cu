@@ -139,7 +139,10 @@ template <typename scalar_t> __device__ __forceinline__ int64_t row_target(const
 template <Target K, typename scalar_t, typename acc = acc_t<scalar_t>>
 __device__ void finish_row(const Args<scalar_t>& a, int64_t r, const scalar_t* xr, int64_t stride,
                            const RowState<acc>& st) {
-  const acc shift = row_shift(st.sm.max), log_sum = pe_log(st.sm.sum);
+  // A +inf logit makes torch's log_softmax NaN for the whole row (its x - max is inf - inf): so here too.
+  const acc shift = row_shift(st.sm.max);
+  const acc log_sum = st.sm.max == std::numeric_limits<acc>::infinity() ? std::numeric_limits<acc>::quiet_NaN()
+                                                                        : pe_log(st.sm.sum);
   a.lse[r] = online_softmax_lse(st.sm);
   acc loss = acc(0), w_t = acc(1);
   if constexpr (K == Target::Prob) {
