@@ -198,5 +198,25 @@ void sum_broadcast_dims(scalar_t* out, const scalar_t* g, const StridedDims<1>& 
   }
 }
 
+// Merges of a multi-field state S (e.g. an online softmax with extra sums): shfl(s, offset) shuffles every
+// field by __shfl_xor_sync, merge(a, b) combines two states, S{} is the empty state. Every lane (thread)
+// gets the result. The block version needs `scratch` for 32 states.
+template <typename S, typename Shfl, typename Merge>
+__device__ __forceinline__ S warp_merge_with(S s, Shfl shfl, Merge merge) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s = merge(s, shfl(s, offset));
+  return s;
+}
+
+template <typename S, typename Shfl, typename Merge>
+__device__ __forceinline__ S block_merge_with(S s, S* scratch, Shfl shfl, Merge merge) {
+  const int lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  s = warp_merge_with(s, shfl, merge);
+  __syncthreads();
+  if (lane == 0) scratch[threadIdx.x >> 5] = s;
+  __syncthreads();
+  return warp_merge_with(lane < warps ? scratch[lane] : S{}, shfl, merge);
+}
+
 }  // namespace cuda
 }  // namespace pyengine
