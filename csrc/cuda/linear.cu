@@ -41,6 +41,12 @@ Operand make_operand(const at::Tensor& t_in, bool transposed) {
   return {t, t.const_data_ptr(), row_major != transposed, ld};
 }
 
+// The same matrix read as (k, mn): only the layout flips.
+Operand transpose(Operand o) {
+  o.k_contig = !o.k_contig;
+  return o;
+}
+
 constexpr int kColumnSumThreadsX = 32, kColumnSumThreadsY = 8;
 
 // out[z * C + c] = sum of in[r * rs + c * cs] over the rows r of split z: [z * rows_per_split, +rows_per_split).
@@ -184,13 +190,14 @@ std::vector<at::Tensor> linear_backward_cuda(const at::Tensor& grad_y, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cuda", [&] {
+    const Operand dy = need_x || need_weight ? make_operand(grad_y, false) : Operand{};
     if (need_x) {  // (M, K) = dy (M, N) @ (W^T (K, N))^T
       grad_x = at::empty({M, K}, x.options());
-      run_gemm<scalar_t>(grad_x, make_operand(grad_y, false), make_operand(weight, true), nullptr, M, K, N);
+      run_gemm<scalar_t>(grad_x, dy, make_operand(weight, true), nullptr, M, K, N);
     }
     if (need_weight) {  // (N, K) = dy^T (N, M) @ (x^T (K, M))^T
       grad_weight = at::empty({N, K}, x.options());
-      run_gemm<scalar_t>(grad_weight, make_operand(grad_y, true), make_operand(x, true), nullptr, N, K, M);
+      run_gemm<scalar_t>(grad_weight, transpose(dy), make_operand(x, true), nullptr, N, K, M);
     }
     if (need_bias) {
       grad_bias = at::empty({N}, x.options());
