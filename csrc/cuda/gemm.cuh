@@ -122,13 +122,13 @@ template <bool K_CONTIG, int MN, int BK, int PAD> struct Tile {
   }
 };
 
-// Stages tile rows [mn0, mn0 + MN) x [k0, k0 + BK) of an operand with MN rows and k < k_end; elements
-// outside are zero (so they add nothing to the products). Every thread of the block takes part.
+// Stages the tile at (mn0, k0) of an operand with `rows` rows (mn) and columns k < k_end; elements outside
+// are zero, so they add nothing to the products. Every thread of the block takes part.
 template <typename Tl, int THREADS, typename T>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ld, int64_t mn0, int64_t MN, int64_t k0,
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ld, int64_t mn0, int64_t rows, int64_t k0,
                                           int64_t k_end, bool vec) {
-  const int64_t outer_left = Tl::kKContig ? MN - mn0 : k_end - k0;
-  const int64_t inner_left = Tl::kKContig ? k_end - k0 : MN - mn0;
+  const int64_t outer_left = Tl::kKContig ? rows - mn0 : k_end - k0;
+  const int64_t inner_left = Tl::kKContig ? k_end - k0 : rows - mn0;
   const T* origin = Tl::kKContig ? g + mn0 * ld + k0 : g + k0 * ld + mn0;
   if (vec) {
     constexpr int V = 16 / sizeof(T), kVecs = Tl::kOuter * Tl::kInner / V;

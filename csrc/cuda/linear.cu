@@ -108,7 +108,7 @@ void launch_gemm(const cuda::gemm::GemmParams<T, OutT>& p, bool a_kc, bool b_kc,
 
 // c (M, N, row-major, contiguous) = a @ b^T (+ bias) for operands a (M, K), b (N, K); M, N > 0.
 // When the output has too few tiles to fill the GPU and K is long (dW of a large batch), K is split over
-// blockIdx.z into float partials that column_sum adds in order.
+// blockIdx.z into partials of the accumulation type (float, or double) that column_sum adds in order.
 template <typename T, typename Math>
 void gemm_with(at::Tensor& c, const Operand& a, const Operand& b, const T* bias, int64_t M, int64_t N, int64_t K) {
   using acc = acc_t<T>;
