@@ -1,0 +1,98 @@
+"""linear through every GEMM path of the compiled kernels: operand layouts read in place (row-major,
+transposed, unaligned), tile edges, split-K (long K with small outputs), TF32, deterministic gradients.
+Errors are measured against a float64 reference and may be at most twice torch's own, plus a floor of a few
+roundings of each element's sum of |terms|."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine.functional as PF
+from utils import COMPILED_DEVICES, grads, make, on
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Floor of the error bound, relative to the sum of |terms| of each output element (its condition): a few
+# roundings, far below what a wrong index or fragment gives (errors of the order of the condition itself).
+FLOOR = {torch.float64: 1e-13, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (M, K, N): single elements, tile edges, K not a multiple of the vector width, long K (split-K for dW and
+# for the bias-free forward), N = 1
+SHAPES = [(1, 1, 1), (3, 5, 1), (129, 33, 130), (257, 40, 7), (2, 1030, 3), (1100, 24, 5)]
+
+
+def layout(t, kind):
+    """The same values as t in another memory layout: contiguous, transposed storage, or 2 bytes off 16B."""
+    if kind == "transposed":
+        return t.t().contiguous().t()
+    if kind == "unaligned":
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        return buf[1:].view(t.shape).copy_(t)
+    return t
+
+
+def assert_error_like_torch(ours, theirs, ref64, cond64):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    if ref64.numel() == 0:
+        return
+    err = (ours.double() - ref64).abs()
+    torch_err = (theirs.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + FLOOR[ours.dtype] * cond64
+    assert (err <= bound).all(), (err.max().item(), torch_err, (err - bound).max().item())
+
+
+def check_linear(backend, device, dtype, m, k, n, x_kind, w_kind, bias):
+    x0 = make((m, k), dtype, device, low=-1, high=1)
+    w0 = make((n, k), dtype, device, low=-1, high=1)
+    x = layout(x0, x_kind).requires_grad_()
+    w = layout(w0, w_kind).requires_grad_()
+    b = make((n,), dtype, device, requires_grad=True, low=-1, high=1) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    with on(backend):
+        y = PF.linear(x, w, b)
+        ours, gy = grads(y, inputs)
+    y_torch = F.linear(x, w, b)
+    theirs, _ = grads(y_torch, inputs, gy)
+    ref, cond = [], []
+    for absolute in (False, True):  # the float64 result, and the same sums over |terms| (condition numbers)
+        f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
+        x64, w64 = f(x).requires_grad_(), f(w).requires_grad_()
+        b64 = f(b).requires_grad_() if bias else None
+        y64 = F.linear(x64, w64, b64)
+        g64, _ = grads(y64, [x64, w64] + ([b64] if bias else []), f(gy))
+        (cond if absolute else ref).extend([y64.detach(), *g64])
+    for t, t_torch, r, c in zip([y, *ours], [y_torch, *theirs], ref, cond):
+        assert_error_like_torch(t, t_torch, r, c)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=str)
+@pytest.mark.parametrize("x_kind,w_kind", [("contiguous", "contiguous"), ("transposed", "transposed"),
+                                           ("unaligned", "transposed"), ("transposed", "unaligned")])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])  # no bias: the forward may split K too
+def test_layouts_and_sizes(backend, device, dtype, m, k, n, x_kind, w_kind, bias):
+    check_linear(backend, device, dtype, m, k, n, x_kind, w_kind, bias)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("m,k,n", [(129, 33, 130), (1100, 24, 5), (2, 1030, 3)], ids=str)
+def test_tf32_when_allowed(backend, device, m, k, n):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_linear(backend, device, torch.float32, m, k, n, "contiguous", "contiguous", bias=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_are_deterministic(backend, device, dtype):
+    x = make((3000, 20), dtype, device, requires_grad=True)
+    w = make((6, 20), dtype, device, requires_grad=True)
+    b = make((6,), dtype, device, requires_grad=True)
+    gy = torch.randn(3000, 6, dtype=dtype, device=device)
+    with on(backend):
+        first = torch.autograd.grad(PF.linear(x, w, b), [x, w, b], gy)
+        second = torch.autograd.grad(PF.linear(x, w, b), [x, w, b], gy)
+    for g1, g2 in zip(first, second):
+        assert torch.equal(g1, g2)
