@@ -49,7 +49,10 @@ def parse(argv):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible to torch")
     runnable = [b for b in DEVICE_BACKENDS[args.device] if b in _backend.built_backends()]
-    args.backends = pick(args.backends, DEVICE_BACKENDS[args.device], f"backend for {args.device}")
+    # by default every backend built for the device; one that is not built is named in the report, not hidden
+    args.not_built = [b for b in DEVICE_BACKENDS[args.device] if b not in runnable]
+    args.backends = pick(args.backends, DEVICE_BACKENDS[args.device], f"backend for {args.device}") \
+        if args.backends else runnable
     missing = [b for b in args.backends if b not in runnable]
     if missing:
         p.error(f"backend {', '.join(missing)} is not built here (built: {', '.join(_backend.built_backends())}); "
@@ -218,7 +221,8 @@ def run(args):
     return {
         "schema": 1, "machine": machine_info(device),
         "config": {"device": device.type, "dtypes": args.dtypes, "sizes": args.sizes, "ops": args.ops,
-                   "backends": args.backends, "quick": args.quick, "budget_s": args.budget},
+                   "backends": args.backends, "not_built": args.not_built, "quick": args.quick,
+                   "budget_s": args.budget},
         "bandwidth": bw, "timings": timings, "numerics": numerics, "seconds": time.perf_counter() - start,
     }
 

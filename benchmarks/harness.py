@@ -88,7 +88,7 @@ def time_interleaved(fns, budget_s, min_rounds=3, max_rounds=40):
             t = _per_call(timers[key], n, ctx)
         number[key] = (n, t)
     block = budget_s / (10 * max(len(fns), 1))  # aim for ~10 rounds within the budget
-    for key, (n, t) in number.items():
+    for key, (_, t) in number.items():
         number[key] = max(1, min(int(block / max(t, 1e-9)), 10**6))
     times = {key: [] for key in fns}
     keys, start, rounds = list(fns), time.perf_counter(), 0

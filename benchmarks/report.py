@@ -4,6 +4,7 @@ import math
 import os
 
 SIZE_ORDER = ("tiny", "medium", "large")
+STYLES = {"forward": ":", "backward": "--", "forward+backward": "-", "step": "-"}  # plot: one colour per backend
 
 
 def fmt_time(s):
@@ -43,32 +44,36 @@ TIME_HEADER = ["op", "size", "mode", "dtype", "backend", "pyengine", "torch", "s
                "peak MiB pe/torch", "note"]
 
 
-def time_rows(results):
+def time_rows(results, note_width=None):
     out = []
     for r in results["timings"]:
         mem = ""
         if r.get("pyengine_peak_bytes") is not None or r.get("torch_peak_bytes") is not None:
             mem = f"{fmt_mem(r.get('pyengine_peak_bytes'))} / {fmt_mem(r.get('torch_peak_bytes'))}"
         share = r.get("pyengine_bw_share")
-        out.append([r["op"], f"{r['size']} {r['shape']}", r["mode"], r["dtype"], r["backend"], fmt_time(r["pyengine_s"]),
-                    fmt_time(r["torch_s"]), "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+        out.append([r["op"], f"{r['size']} {r['shape']}", r["mode"], r["dtype"], r["backend"],
+                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]),
+                    "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                     fmt_num(r["pyengine_gbps"]), "-" if share is None else f"{100 * share:.0f}%",
-                    fmt_num(r["pyengine_gflops"]), mem, r["error"] or r["torch_error"] or ""])
+                    fmt_num(r["pyengine_gflops"]), mem, _note(r["error"] or r["torch_error"] or "", note_width)])
     return out
 
 
 NUM_HEADER = ["op", "size", "dtype", "backend", "pyengine max", "pyengine mean", "torch max", "torch mean", "note"]
 
 
-def numeric_rows(results):
+def _note(text, width):
+    return text if width is None or len(text) <= width else text[:width - 3] + "..."
+
+
+def numeric_rows(results, note_width=None):
     return [[n["op"], n["size"], n["dtype"], n["backend"], fmt_err(n["pyengine_max_rel"]),
              fmt_err(n["pyengine_mean_rel"]), fmt_err(n["torch_max_rel"]), fmt_err(n["torch_mean_rel"]),
-             n["error"] or ""] for n in results["numerics"]]
+             _note(n["error"] or "", note_width)] for n in results["numerics"]]
 
 
 def text(results):
-    bw = results["bandwidth"]
-    m = results["machine"]
+    bw, m, c = results["bandwidth"], results["machine"], results["config"]
     head = (f"pyengine bench on {results['config']['device']} ({m['cpu']}, {m['torch_threads']} threads"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}), torch {m['torch']}, dtype "
             f"{', '.join(results['config']['dtypes'])}; machine copy bandwidth {bw['gbps']:.1f} GB/s")
@@ -76,9 +81,10 @@ def text(results):
         head,
         "times are medians; speedup = torch time / pyengine time (above 1: pyengine faster); GB/s and %BW are "
         "pyengine's, counting the bytes that must move (NOTES.md); peak memory of forward+backward above the inputs",
-        "", _table(TIME_HEADER, time_rows(results)), "",
+        *([f"not benchmarked: backend {', '.join(c['not_built'])} is not built here"] if c.get("not_built") else []),
+        "", _table(TIME_HEADER, time_rows(results, 60)), "",
         "numerics: relative error against float64 (output and gradients), max and mean",
-        _table(NUM_HEADER, numeric_rows(results)),
+        _table(NUM_HEADER, numeric_rows(results, 60)),
     ])
 
 
@@ -94,7 +100,8 @@ def markdown(results):
             f"- pyengine {m['pyengine']['version']}: backends {', '.join(m['pyengine']['built_backends'])}, "
             f"build {m['pyengine']['build']}",
             f"- device {c['device']}, dtypes {', '.join(c['dtypes'])}, sizes {', '.join(c['sizes'])}, "
-            f"backends {', '.join(c['backends'])}",
+            f"backends {', '.join(c['backends'])}"
+            + (f" (not built here: {', '.join(c['not_built'])})" if c.get("not_built") else ""),
             f"- machine copy bandwidth: {bw['gbps']:.1f} GB/s ({bw['bytes'] / 2**20:.0f} MiB moved per copy)",
             f"- took {results['seconds']:.0f} s"]
     return "\n\n".join([
@@ -137,6 +144,7 @@ def plot(results, path):
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    backends = list(results["config"].get("backends", []))
     for ax, name in zip(axes.flat, names):
         mine = [r for r in results["timings"] if r["op"] == name]
         many_dtypes = len({r["dtype"] for r in mine}) > 1
@@ -146,7 +154,8 @@ def plot(results, path):
                          if (r["backend"], r["mode"], r["dtype"]) == key and r["speedup"])
             if pts:
                 label = " ".join(key if many_dtypes else key[:2])
-                ax.plot(*zip(*pts), marker="o", label=label)
+                color = backends.index(key[0]) if key[0] in backends else len(backends)
+                ax.plot(*zip(*pts), marker="o", label=label, color=f"C{color}", ls=STYLES.get(key[1], "-"))
                 lines += 1
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_yscale("log")

@@ -110,7 +110,7 @@ def test_cli_exit_codes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "relu" in done.stdout and os.path.exists(tmp_path / "results.json")
     bad = subprocess.run(cmd + ["--ops", "nope"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unknown op nope" in bad.stderr
+    assert bad.returncode == 2 and "unknown op 'nope'" in bad.stderr
 
 
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
