@@ -35,7 +35,7 @@ def fmt_err(x):
 
 def _table(header, rows):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w)  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) if i < 5 or i == len(widths) - 1 else str(c).rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
