@@ -1,0 +1,259 @@
+"""`python -m pyengine bench`: every op, forward, backward and forward+backward, on every built backend of the
+chosen device, timed beside native torch in the same process, with bandwidth, memory and numerics."""
+import argparse
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import pyengine
+from pyengine import _backend
+
+from . import harness, memory, report
+from .ops import MODELS, MODES, OPS, SIZES
+
+DEVICE_BACKENDS = {"cpu": ("cpp", "python"), "cuda": ("cuda", "python")}
+BUDGET = {"quick": 0.25, "full": 0.8}  # seconds of interleaved timing per (op, size, mode)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="pyengine bench", description=__doc__)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--ops", help="comma-separated ops and end-to-end models (default: all): "
+                                 + ", ".join(list(OPS) + list(MODELS)))
+    p.add_argument("--backends", help="comma-separated pyengine backends (default: every built one that runs on "
+                                      "the device: cpp and python on cpu, cuda and python on cuda)")
+    p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
+    p.add_argument("--quick", action="store_true", help="tiny and medium sizes, shorter timing (about a minute)")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, speedup.png")
+    p.add_argument("--sizes", help=argparse.SUPPRESS)  # e.g. "tiny": the tests' seconds-long configuration
+    p.add_argument("--budget", type=float, help=argparse.SUPPRESS)  # seconds of timing per (op, size, mode)
+    args = p.parse_args(argv)
+
+    def pick(value, choices, what):
+        if not value:
+            return list(choices)
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            p.error(f"unknown {what} {', '.join(bad) or value!r}: choose from {', '.join(choices)}")
+        return names
+
+    args.ops = pick(args.ops, list(OPS) + list(MODELS), "op")
+    args.sizes = pick(args.sizes, SIZES, "size") if args.sizes else (["tiny", "medium"] if args.quick else list(SIZES))
+    args.dtypes = pick(args.dtype, ("float32", "float64", "float16", "bfloat16"), "dtype")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible to torch")
+    runnable = [b for b in DEVICE_BACKENDS[args.device] if b in _backend.built_backends()]
+    # by default every backend built for the device; one that is not built is named in the report, not hidden
+    args.not_built = [b for b in DEVICE_BACKENDS[args.device] if b not in runnable]
+    args.backends = pick(args.backends, DEVICE_BACKENDS[args.device], f"backend for {args.device}") \
+        if args.backends else runnable
+    missing = [b for b in args.backends if b not in runnable]
+    if missing:
+        p.error(f"backend {', '.join(missing)} is not built here (built: {', '.join(_backend.built_backends())}); "
+                f"{_backend.BUILD_HINT}")
+    args.budget = args.budget or BUDGET["quick" if args.quick else "full"]
+    return args
+
+
+class Progress:
+    """tqdm when it is installed, else a one-line bar on stderr."""
+
+    def __init__(self, total):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+        except ImportError:
+            self.bar = None
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def step(self, what):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description_str(what[:48])
+            self.bar.update(1)
+            return
+        filled = int(30 * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                         f"{time.perf_counter() - self.start:5.0f}s {what[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+def machine_info(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from pyengine import _build_info
+
+        build = {k.lower(): v for k, v in vars(_build_info).items() if k.isupper()}
+    except ImportError:
+        build = {}
+    c = _backend._C
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pyengine": {"version": pyengine.__version__, "built_backends": _backend.built_backends(),
+                     "simd_level": c.simd_level() if c is not None else None, "build": build},
+    }
+
+
+def _entries(args):
+    """(kind, name, sizes to run) for every selected op and model."""
+    out = []
+    for name in args.ops:
+        kind, entry = ("op", OPS[name]) if name in OPS else ("model", MODELS[name])
+        sizes = [s for s in args.sizes if s in entry.sizes]
+        if sizes:
+            out.append((kind, name, sizes))
+    return out
+
+
+def _numerics_size(sizes):
+    return "medium" if "medium" in sizes else sizes[0]
+
+
+def _rate(amount, seconds, scale=1e9):
+    return None if amount is None or not seconds else amount / seconds / scale
+
+
+def time_case(kind, name, size, dtype, device, impls, budget, bw, progress):
+    """Timing rows for one op (or model) at one size: every mode, every backend beside torch."""
+    entry = harness.case(kind, name)
+    params = entry.sizes[size]
+    floor = entry.floor(params, torch.empty((), dtype=dtype).element_size())
+    modes = MODES if kind == "op" else ("step",)
+    base = {"kind": kind, "op": name, "size": size, "shape": entry.describe(params), "dtype": str(dtype)[6:],
+            "device": device.type}
+    rows, fns, errors = [], {}, {}
+    try:
+        inputs = harness.make_inputs(kind, name, size, dtype, device)
+    except Exception as exc:
+        inputs, errors = None, {impl: harness.describe_error(exc) for impl in ["torch"] + impls}
+    for impl in ["torch"] + impls:
+        if inputs is None:
+            break
+        try:
+            with harness.backend_ctx(impl):
+                fns[impl] = harness.calls(kind, name, size, impl, inputs)
+                for mode in modes:
+                    fns[impl][mode]()  # a failure in any mode is recorded now, not in the middle of the timing
+        except Exception as exc:
+            errors[impl] = harness.describe_error(exc)
+            fns.pop(impl, None)
+    for mode in modes:
+        timed = harness.time_interleaved(
+            {impl: (f[mode], lambda impl=impl: harness.backend_ctx(impl)) for impl, f in fns.items()}, budget)
+        progress.step(f"{name} {size} {mode}")
+        t = timed.get("torch", {}).get("median")
+        nbytes, flops = floor[mode]
+        for impl in impls:
+            pe = timed.get(impl, {}).get("median")
+            rows.append({
+                **base, "mode": mode, "backend": impl, "pyengine_s": pe, "torch_s": t,
+                "pyengine_iqr_s": timed.get(impl, {}).get("iqr"), "torch_iqr_s": timed.get("torch", {}).get("iqr"),
+                "rounds": timed.get(impl, {}).get("rounds"),
+                "speedup": t / pe if t and pe else None, "bytes": nbytes, "flops": flops,
+                "pyengine_gbps": _rate(nbytes, pe), "torch_gbps": _rate(nbytes, t),
+                "pyengine_bw_share": _rate(nbytes, pe, bw * 1e9), "torch_bw_share": _rate(nbytes, t, bw * 1e9),
+                "pyengine_gflops": _rate(flops, pe), "torch_gflops": _rate(flops, t),
+                "pyengine_peak_bytes": None, "torch_peak_bytes": None,
+                "error": errors.get(impl), "torch_error": errors.get("torch"),
+            })
+    del fns, inputs
+    if size == "large":
+        gc.collect()  # a collection costs ~0.1 s with torch loaded: only where it frees hundreds of MiB
+    return rows
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    entries = _entries(args)
+    n_cells = sum(len(sizes) * (len(MODES) if kind == "op" else 1) for kind, _, sizes in entries) * len(dtypes)
+    progress = Progress(n_cells + len(entries) * len(dtypes) + 2)
+    start = time.perf_counter()
+    bw = harness.machine_bandwidth(device, budget_s=0.3 if args.quick else 1.0)
+    progress.step("machine bandwidth")
+    timings, numerics = [], []
+    try:
+        for dtype in dtypes:
+            for kind, name, sizes in entries:
+                for size in sizes:
+                    timings += time_case(kind, name, size, dtype, device, args.backends, args.budget, bw["gbps"],
+                                         progress)
+                size = _numerics_size(sizes)
+                try:
+                    errs = harness.numerics(kind, name, size, dtype, device, ["torch"] + args.backends)
+                except Exception as exc:  # the reference itself failed: say so on every backend's row
+                    errs = {impl: {"error": harness.describe_error(exc)} for impl in ["torch"] + args.backends}
+                progress.step(f"{name} numerics")
+                for impl in args.backends:
+                    mine, theirs = errs[impl], errs["torch"]
+                    numerics.append({"kind": kind, "op": name, "size": size, "dtype": str(dtype)[6:],
+                                     "device": device.type, "backend": impl,
+                                     "pyengine_max_rel": mine.get("max_rel"), "pyengine_mean_rel": mine.get("mean_rel"),
+                                     "torch_max_rel": theirs.get("max_rel"), "torch_mean_rel": theirs.get("mean_rel"),
+                                     "error": mine.get("error") or theirs.get("error")})
+        _add_memory(timings, device, args.backends)
+        progress.step("peak memory")
+    finally:
+        progress.close()
+    return {
+        "schema": 1, "machine": machine_info(device),
+        "config": {"device": device.type, "dtypes": args.dtypes, "sizes": args.sizes, "ops": args.ops,
+                   "backends": args.backends, "not_built": args.not_built, "quick": args.quick,
+                   "budget_s": args.budget},
+        "bandwidth": bw, "timings": timings, "numerics": numerics, "seconds": time.perf_counter() - start,
+    }
+
+
+def _add_memory(timings, device, backends):
+    """Fills the peak memory of the forward+backward (and training step) rows, for pyengine and torch."""
+    rows = [r for r in timings if r["mode"] in ("forward+backward", "step")]
+    cases = list(dict.fromkeys((r["kind"], r["op"], r["size"], r["dtype"]) for r in rows))
+    tasks = [(*c, impl) for c in cases for impl in ["torch"] + backends]
+    if device.type == "cpu":
+        found = memory.peak_memory_cpu(tasks, torch.get_num_threads())
+    else:
+        found = []
+        for kind, name, size, dtype, impl in tasks:
+            try:
+                found.append(harness.peak_memory_cuda(kind, name, size, getattr(torch, dtype), device, impl))
+            except Exception as exc:
+                found.append({"error": harness.describe_error(exc)})
+    peak = {tuple(t): f for t, f in zip(tasks, found)}
+    for r in rows:
+        key = (r["kind"], r["op"], r["size"], r["dtype"])
+        r["pyengine_peak_bytes"] = peak.get((*key, r["backend"]))
+        r["torch_peak_bytes"] = peak.get((*key, "torch"))
+
+
+def main(argv=None):
+    args = parse(argv)
+    results = run(args)
+    skipped = report.write_all(results, args.out)
+    print(report.text(results))
+    print(f"\nresults: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}"
+          + (f"; plot skipped: {skipped}" if skipped else f", {os.path.join(args.out, 'speedup.png')}")
+          + f" ({results['seconds']:.0f} s)")
+    return 0

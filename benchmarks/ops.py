@@ -1,0 +1,180 @@
+"""What is benchmarked: one entry per op (named like the op) and the end-to-end training steps.
+
+Each op entry knows its sizes, how to make its inputs, the pyengine and torch calls, and its floor: the bytes
+that must cross memory and the flops that must be done, per mode (see NOTES.md for the reasoning per op).
+Sizes: tiny is the origin notes' 8 -> 6 -> 4 -> 1 MLP at a batch of 759 rows, large is 16M-element
+activations, a 4096x1024 -> 1024 linear and a 4096x32000 cross-entropy.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import pyengine.functional as PF
+import pyengine.nn as pnn
+
+SIZES = ("tiny", "medium", "large")
+MODES = ("forward", "backward", "forward+backward")
+TINY_ROWS = 759  # the notes' batch
+
+
+@dataclass
+class Op:
+    name: str
+    sizes: dict  # size name -> shape parameters
+    make: Callable  # (params, dtype, device) -> (inputs that take a gradient, other arguments)
+    pyengine: Callable
+    torch: Callable
+    floor: Callable  # (params, element bytes) -> {mode: (bytes, flops or None)}
+    describe: Callable = field(default=lambda p: "x".join(map(str, p)))
+
+
+def _randn(shape, dtype, device):
+    return torch.randn(shape, dtype=dtype, device=device).requires_grad_()
+
+
+def _unary(p, dtype, device):
+    return [_randn(p, dtype, device)], []
+
+
+def _unary_floor(p, s):
+    n = math.prod(p)
+    # forward reads x and writes y; backward reads dy and the saved x (or y) and writes dx
+    return {"forward": (2 * n * s, None), "backward": (3 * n * s, None), "forward+backward": (5 * n * s, None)}
+
+
+ELEMENTWISE = {"tiny": (TINY_ROWS, 6), "medium": (1024, 1024), "large": (4096, 4096)}
+
+
+def _add_make(p, dtype, device):
+    rows, cols = p
+    return [_randn((rows, cols), dtype, device), _randn((cols,), dtype, device)], []
+
+
+def _add_floor(p, s):
+    n, c = math.prod(p), p[1]
+    # forward: read x and the bias row, write out. backward: d x is dy itself (it may alias it: no bytes),
+    # d bias is dy summed over rows: read dy once, write one row.
+    fwd, bwd = (2 * n + c) * s, (n + c) * s
+    return {"forward": (fwd, None), "backward": (bwd, None), "forward+backward": (fwd + bwd, None)}
+
+
+def _linear_make(p, dtype, device):
+    m, k, n = p
+    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(k)
+    return [_randn((m, k), dtype, device), w.requires_grad_(), _randn((n,), dtype, device)], []
+
+
+def _linear_floor(p, s):
+    m, k, n = p
+    fwd_b = (m * k + n * k + n + m * n) * s  # read x, W, b; write y
+    bwd_b = (m * n + m * k + n * k + m * k + n * k + n) * s  # read dy, x, W; write dx, dW, db
+    fwd_f, bwd_f = 2 * m * n * k + m * n, 4 * m * n * k + m * n  # dx = dy W and dW = dy^T x; db sums dy
+    return {"forward": (fwd_b, fwd_f), "backward": (bwd_b, bwd_f), "forward+backward": (fwd_b + bwd_b, fwd_f + bwd_f)}
+
+
+def _loss_make(p, dtype, device, labels=False):
+    target = torch.rand(p, dtype=dtype, device=device)
+    if labels:
+        target = (target > 0.5).to(dtype)
+    return [_randn(p, dtype, device)], [target]
+
+
+def _pointwise_loss_floor(p, s):
+    n = math.prod(p)
+    # forward reads input and target to one scalar; backward reads them again and writes d input
+    return {"forward": (2 * n * s, None), "backward": (3 * n * s, None), "forward+backward": (5 * n * s, None)}
+
+
+def _ce_make(p, dtype, device):
+    n, c = p
+    return [_randn((n, c), dtype, device)], [torch.randint(0, c, (n,), device=device)]
+
+
+def _ce_floor(p, s):
+    n, c = p
+    # forward reads the logits and the int64 targets (and may keep one log-sum-exp per row); backward reads
+    # the logits and targets again and writes d logits: softmax is recomputed, never stored
+    fwd, bwd = n * c * s + 8 * n + 4 * n, 2 * n * c * s + 8 * n + 4 * n
+    return {"forward": (fwd, None), "backward": (bwd, None), "forward+backward": (fwd + bwd, None)}
+
+
+OPS = {
+    op.name: op
+    for op in [
+        Op("linear", {"tiny": (TINY_ROWS, 8, 6), "medium": (1024, 512, 512), "large": (4096, 1024, 1024)},
+           _linear_make, PF.linear, F.linear, _linear_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}"),
+        Op("relu", ELEMENTWISE, _unary, PF.relu, F.relu, _unary_floor),
+        Op("sigmoid", ELEMENTWISE, _unary, PF.sigmoid, torch.sigmoid, _unary_floor),
+        Op("tanh", ELEMENTWISE, _unary, PF.tanh, torch.tanh, _unary_floor),
+        Op("leaky_relu", ELEMENTWISE, _unary, PF.leaky_relu, F.leaky_relu, _unary_floor),
+        Op("add", ELEMENTWISE, _add_make, PF.add, torch.add, _add_floor, lambda p: f"{p[0]}x{p[1]}+{p[1]}"),
+        Op("mse_loss", ELEMENTWISE, _loss_make, PF.mse_loss, F.mse_loss, _pointwise_loss_floor),
+        Op("binary_cross_entropy_with_logits", ELEMENTWISE, lambda p, d, dev: _loss_make(p, d, dev, labels=True),
+           PF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, _pointwise_loss_floor),
+        Op("cross_entropy", {"tiny": (TINY_ROWS, 10), "medium": (1024, 1000), "large": (4096, 32000)},
+           _ce_make, PF.cross_entropy, F.cross_entropy, _ce_floor),
+    ]
+}
+
+
+@dataclass
+class Model:
+    """An end-to-end training step: forward, loss, backward, SGD update, for the same model in pyengine.nn
+    and torch.nn (same initial weights, same batch)."""
+    name: str
+    sizes: dict  # size name -> (batch, layer widths)
+    build: Callable  # (widths, lib) -> (torch.nn.Module, loss module)
+    data: Callable  # (batch, widths, dtype, device) -> (x, y)
+
+    def describe(self, p):
+        return f"{p[0]}x" + "->".join(map(str, p[1]))
+
+    def floor(self, p, s):
+        """Flops of one step: 2 per multiply-add forward, 4 backward, for each linear layer."""
+        batch, widths = p
+        flops = 6 * batch * sum(a * b for a, b in zip(widths, widths[1:]))
+        return {"step": (None, flops)}
+
+
+def _notes_mlp(widths, lib):
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(lib.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(lib.Sigmoid())
+    # the last sigmoid is fused into the loss (BCE with logits), as `pyengine train mlp` does
+    return torch.nn.Sequential(*layers), lib.BCEWithLogitsLoss()
+
+
+def _classifier(widths, lib):
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(lib.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(lib.ReLU())
+    return torch.nn.Sequential(*layers), lib.CrossEntropyLoss()
+
+
+def _binary_data(batch, widths, dtype, device):
+    x = torch.randn(batch, widths[0], dtype=dtype, device=device)
+    return x, (torch.rand(batch, 1, device=device) > 0.5).to(dtype)
+
+
+def _class_data(batch, widths, dtype, device):
+    return torch.randn(batch, widths[0], dtype=dtype, device=device), torch.randint(0, widths[-1], (batch,),
+                                                                                   device=device)
+
+
+MODELS = {
+    m.name: m
+    for m in [
+        Model("mlp_notes", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp, _binary_data),
+        Model("mlp_classifier", {"tiny": (64, (64, 32, 10)), "medium": (256, (784, 512, 10)),
+                                 "large": (4096, (1024, 1024, 1000))}, _classifier, _class_data),
+    ]
+}
+
+LIBS = {"pyengine": pnn, "torch": torch.nn}
