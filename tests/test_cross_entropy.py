@@ -136,7 +136,7 @@ def test_noncontiguous_operands(backend, device, kind):
     w = make((40, 2), torch.float32, device, low=0.1, high=2.0)[:, 1]
     xk = make((4, 9, 11), torch.float32, device, requires_grad=True)  # K-dim input seen through a transpose
     cases = [(x[:, ::2], 20, w[::2]), (x.t(), 6, None), (xk.transpose(1, 2), 11, None), (xk[:, :, ::3], 9, w[:9])]
-    for xv, c, wv in cases:
+    for xv, _c, wv in cases:
         shape = tuple(xv.shape)
         t = prob_target(shape, torch.float32, device) if kind == "prob" else class_target(shape, device, "some")
         t = torch.stack([t, t], -1)[..., 0]
@@ -270,7 +270,10 @@ def test_large_gradient_output(backend, device, dtype):
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_zero_classes(backend, device, kind):
     x = make((3, 0), torch.float64, device, requires_grad=True)
-    t = torch.rand(3, 0, dtype=torch.float64, device=device) if kind == "prob" else torch.full((3,), IGNORE, device=device)
+    if kind == "prob":
+        t = torch.rand(3, 0, dtype=torch.float64, device=device)
+    else:
+        t = torch.full((3,), IGNORE, device=device)
     for reduction in REDUCTIONS:
         check_against_torch(backend, x, t, reduction=reduction)
 
@@ -280,11 +283,15 @@ def test_bad_input_raises_like_torch(backend, device):
     x = make((4, 3), torch.float32, device, requires_grad=True)
     t = torch.tensor([0, 1, 2, 1], device=device)
     xk = make((2, 3, 5), torch.float32, device)
-    cases = [
-        (x, torch.tensor([0, 1, 7, 1], device=device), {}),  # target out of range: IndexError
+    # Out-of-range targets: IndexError on the CPU. On CUDA they trip a device-side assert (torch's and ours),
+    # which ends the process's CUDA context, so test_cuda_out_of_range_target_is_a_python_error runs them apart.
+    out_of_range = [] if device == "cuda" else [
+        (x, torch.tensor([0, 1, 7, 1], device=device), {}),
         (x, torch.tensor([0, -1, 2, 1], device=device), {}),
         (xk, torch.full((2, 5), 3, device=device), {}),
         (x, torch.tensor([0, 1, 7, IGNORE], device=device), dict(label_smoothing=0.1, reduction="none")),
+    ]
+    cases = out_of_range + [
         (x, t.int(), {}),  # int32 target
         (x, t, dict(reduction="avg")),
         (x, t, dict(label_smoothing=1.5)),
@@ -298,11 +305,14 @@ def test_bad_input_raises_like_torch(backend, device):
         (make((3,), torch.float32, device), torch.tensor([1], device=device), {}),
     ]
     for inp, target, kw in cases:
-        def ours():
+        def ours(inp=inp, target=target, kw=kw):
             with on(backend):
                 PF.cross_entropy(inp, target, **kw).sum().backward()
 
-        assert_raises_like(lambda: F.cross_entropy(inp, target, **kw).sum().backward(), ours)
+        def theirs(inp=inp, target=target, kw=kw):
+            F.cross_entropy(inp, target, **kw).sum().backward()
+
+        assert_raises_like(theirs, ours)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
@@ -313,12 +323,13 @@ def test_kernels_check_their_arguments(backend, device):
     t = torch.zeros(3, 2, dtype=torch.long, device=device)
     loss, lse, denom = C.cross_entropy_forward(x, t, None, IGNORE, 1, 0.0)
     g = torch.ones((), device=device)
-    bad_t = t.clone()
-    bad_t[2, 1] = 4
-    with pytest.raises(IndexError):
-        C.cross_entropy_backward(g, x, bad_t, None, lse, denom, IGNORE, 1, 0.0)
-    with pytest.raises(IndexError):
-        C.cross_entropy_forward(x, bad_t, None, IGNORE, 1, 0.0)
+    if device == "cpu":  # on CUDA a bad target is a device-side assert: see the subprocess test below
+        bad_t = t.clone()
+        bad_t[2, 1] = 4
+        with pytest.raises(IndexError):
+            C.cross_entropy_backward(g, x, bad_t, None, lse, denom, IGNORE, 1, 0.0)
+        with pytest.raises(IndexError):
+            C.cross_entropy_forward(x, bad_t, None, IGNORE, 1, 0.0)
     with pytest.raises(RuntimeError):
         C.cross_entropy_backward(g, x, t, None, lse[:2], denom, IGNORE, 1, 0.0)
     with pytest.raises(RuntimeError):
@@ -329,3 +340,25 @@ def test_kernels_check_their_arguments(backend, device):
         C.cross_entropy_forward(x.transpose(1, 2), t, None, IGNORE, 1, 0.0)
     with pytest.raises(ValueError):
         C.cross_entropy_forward(x, t, None, IGNORE, 3, 0.0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in COMPILED_DEVICES if p.values[1] == "cuda"])
+def test_cuda_out_of_range_target_is_a_python_error(backend, device):
+    """A target outside [0, C) reaches the user as a Python exception (at the next synchronization), never as a
+    silent result. Run in a fresh process, since a device-side assert ends that process's CUDA context."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, pyengine, pyengine.functional as PF
+        x = torch.randn(4, 3, device="cuda")
+        try:
+            with pyengine.use_backend("cuda"):
+                loss = PF.cross_entropy(x, torch.tensor([0, 1, 7, 1], device="cuda"))
+            print(loss.item())
+        except RuntimeError as e:
+            print("raised", type(e).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "raised RuntimeError" in out.stdout, (out.stdout, out.stderr[-2000:])
