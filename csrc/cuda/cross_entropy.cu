@@ -42,7 +42,7 @@ constexpr int kRowsPerBlock = 8;        // warps (rows) per block when a warp ta
 constexpr int kMaxRowThreads = 512;     // threads of a block that takes a row
 constexpr int kTileD = 32;              // D > 1: positions per block (one warp wide)
 constexpr int kMaxTileBY = 8;           // D > 1: thread rows splitting the classes
-constexpr int kSumThreads = 512;        // the 'mean'/'sum' reduction kernels
+constexpr int kLossSumThreads = 512;        // the 'mean'/'sum' reduction kernels
 constexpr int64_t kMaxSumBlocks = 1024;
 
 // The value the running sums are kept relative to: the running max, or 0 while the max is -inf (so that
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kTileD * kMaxTileBY) cross_entropy_backward_ti
 
 // w_sum = sum_c w_c, for label smoothing with class weights (kept on the device). One block.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSumThreads) cross_entropy_weight_sum_kernel(const scalar_t* w, int64_t C,
+__global__ void __launch_bounds__(kLossSumThreads) cross_entropy_weight_sum_kernel(const scalar_t* w, int64_t C,
                                                                                acc_t<scalar_t>* w_sum) {
   using acc = acc_t<scalar_t>;
   __shared__ acc scratch[32];
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kSumThreads) cross_entropy_weight_sum_kernel(c
 // 'mean'/'sum', stage 1: block b sums rows [b chunk, (b + 1) chunk) of the per-row losses and target weights
 // (w: nullptr for probability targets) in double, into part[b] and part[gridDim.x + b]. Fixed order.
 template <typename acc>
-__global__ void __launch_bounds__(kSumThreads) cross_entropy_partial_sum_kernel(const acc* loss, const acc* w,
+__global__ void __launch_bounds__(kLossSumThreads) cross_entropy_partial_sum_kernel(const acc* loss, const acc* w,
                                                                                 int64_t rows, int64_t chunk,
                                                                                 double* part) {
   __shared__ double scratch[32];
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kSumThreads) cross_entropy_partial_sum_kernel(
 // probability targets); out = total ('sum') or total / denom ('mean': NaN when nothing counts); out is
 // nullptr for 'none', which still gets denom.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSumThreads) cross_entropy_finish_sum_kernel(const double* part, int64_t blocks,
+__global__ void __launch_bounds__(kLossSumThreads) cross_entropy_finish_sum_kernel(const double* part, int64_t blocks,
                                                                                bool prob, double prob_denom,
                                                                                int64_t reduction, scalar_t* out,
                                                                                acc_t<scalar_t>* denom) {
@@ -503,7 +503,7 @@ template <typename scalar_t>
 at::Tensor weight_sum(const Config& cfg, const c10::optional<at::Tensor>& weight, const at::TensorOptions& acc_opts) {
   if (!cfg.weighted || cfg.prob || !(cfg.eps > 0)) return at::Tensor();
   at::Tensor w_sum = at::empty({}, acc_opts);
-  cross_entropy_weight_sum_kernel<scalar_t><<<1, kSumThreads, 0, current_stream()>>>(
+  cross_entropy_weight_sum_kernel<scalar_t><<<1, kLossSumThreads, 0, current_stream()>>>(
       weight->const_data_ptr<scalar_t>(), cfg.C, w_sum.data_ptr<acc_t<scalar_t>>());
   PE_CUDA_CHECK_LAUNCH();
   return w_sum;
@@ -547,7 +547,7 @@ std::vector<at::Tensor> cross_entropy_forward_cuda(const at::Tensor& logits, con
   at::Tensor loss = none ? at::empty({cfg.N, cfg.D}, logits.options()) : at::empty({}, logits.options());
   at::Tensor row_loss = at::empty({rows}, acc_opts);
   at::Tensor row_w = at::empty({cfg.prob ? 0 : rows}, acc_opts);
-  const int64_t chunk = std::max<int64_t>(8 * kSumThreads, (rows + kMaxSumBlocks - 1) / kMaxSumBlocks);
+  const int64_t chunk = std::max<int64_t>(8 * kLossSumThreads, (rows + kMaxSumBlocks - 1) / kMaxSumBlocks);
   const int64_t blocks = (rows + chunk - 1) / chunk;
   at::Tensor part = at::empty({2 * std::max<int64_t>(blocks, 1)}, logits.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
@@ -564,11 +564,11 @@ std::vector<at::Tensor> cross_entropy_forward_cuda(const at::Tensor& logits, con
     }
     const cudaStream_t stream = current_stream();
     if (blocks > 0) {
-      cross_entropy_partial_sum_kernel<acc><<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(
+      cross_entropy_partial_sum_kernel<acc><<<static_cast<unsigned>(blocks), kLossSumThreads, 0, stream>>>(
           a.row_loss, a.row_w, rows, chunk, part.data_ptr<double>());
       PE_CUDA_CHECK_LAUNCH();
     }
-    cross_entropy_finish_sum_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(
+    cross_entropy_finish_sum_kernel<scalar_t><<<1, kLossSumThreads, 0, stream>>>(
         part.data_ptr<double>(), blocks, cfg.prob, static_cast<double>(rows), static_cast<int64_t>(cfg.reduction),
         none ? nullptr : loss.data_ptr<scalar_t>(), denom.data_ptr<acc>());
     PE_CUDA_CHECK_LAUNCH();
