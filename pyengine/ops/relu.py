@@ -7,6 +7,7 @@ Kernels: csrc/cpu/relu.cpp, csrc/cuda/relu.cu; formula: relu_*_math in csrc/comm
 import torch
 
 from .. import _backend
+from ._activation import output_saving_function
 
 
 @_backend.reference
@@ -21,19 +22,7 @@ def relu_backward(grad_y, y):
     return torch.where(y <= 0, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
 
 
-class ReLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.kernels = _backend.kernels(x.device)
-        y = ctx.kernels.relu_forward(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return ctx.kernels.relu_backward(grad_y, y)
+ReLUFunction = output_saving_function("relu", "ReLUFunction")
 
 
 def relu(input):

@@ -7,6 +7,7 @@ Kernels: csrc/cpu/sigmoid.cpp, csrc/cuda/sigmoid.cu; formula: sigmoid_*_math in 
 import torch
 
 from .. import _backend
+from ._activation import output_saving_function, promote_to_float
 
 
 @_backend.reference
@@ -24,25 +25,10 @@ def sigmoid_backward(grad_y, y):
     return (grad_y.to(acc) * y_acc * (1.0 - y_acc)).to(y.dtype)
 
 
-class SigmoidFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.kernels = _backend.kernels(x.device)
-        y = ctx.kernels.sigmoid_forward(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return ctx.kernels.sigmoid_backward(grad_y, y)
+SigmoidFunction = output_saving_function("sigmoid", "SigmoidFunction")
 
 
 def sigmoid(input):
     """torch.sigmoid. Integer and bool inputs are promoted to the default float dtype, as torch does."""
-    if not input.is_floating_point():
-        if input.is_complex():
-            raise NotImplementedError("pyengine.sigmoid supports real tensors only")
-        input = input.to(torch.get_default_dtype())
+    input = promote_to_float(input, "sigmoid")
     return SigmoidFunction.apply(input)

@@ -7,6 +7,7 @@ Kernels: csrc/cpu/tanh.cpp, csrc/cuda/tanh.cu; formula: tanh_*_math in csrc/comm
 import torch
 
 from .. import _backend
+from ._activation import output_saving_function, promote_to_float
 
 
 def _acc(dtype):
@@ -28,25 +29,10 @@ def tanh_backward(grad_y, y):
     return (grad_y.to(ya.dtype) * (1.0 - ya * ya)).to(y.dtype)
 
 
-class TanhFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.kernels = _backend.kernels(x.device)
-        y = ctx.kernels.tanh_forward(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return ctx.kernels.tanh_backward(grad_y, y)
+TanhFunction = output_saving_function("tanh", "TanhFunction")
 
 
 def tanh(input):
     """torch.tanh. Integer and bool inputs are promoted to the default float dtype, as torch does."""
-    if not input.is_floating_point():
-        if input.is_complex():
-            raise NotImplementedError("pyengine.tanh supports real tensors only")
-        input = input.to(torch.get_default_dtype())
+    input = promote_to_float(input, "tanh")
     return TanhFunction.apply(input)
