@@ -1,6 +1,10 @@
 // The one binding file: every op's Python-visible signature, routed to the CPU or CUDA kernel by the
 // device of its first tensor. pyengine/_backend.py picks which backend runs; this file only routes.
 #include <torch/extension.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "ops.h"
@@ -121,8 +125,84 @@ std::string simd_level() {
 #endif
 }
 
+
+// The same kernels as torch.library custom ops, torch.ops.pyengine.<name>, so that torch.compile, torch.export
+// and opcheck see them as operators; pyengine/ops/_library.py adds their fake (shape) functions and autograd.
+// Multi-output kernels return a tuple there (an undefined entry reaches Python as None).
+template <size_t N, size_t... I>
+auto first_n(const std::vector<at::Tensor>& v, std::index_sequence<I...>) {
+  return std::make_tuple(v.at(I)...);
+}
+
+template <size_t N, auto Kernel>
+struct AsTuple;
+template <size_t N, typename... Args, std::vector<at::Tensor> (*Kernel)(Args...)>
+struct AsTuple<N, Kernel> {
+  static auto call(Args... args) { return first_n<N>(Kernel(args...), std::make_index_sequence<N>()); }
+};
+
+#define PE_LIBRARY_IMPL(dev)                                                                                 \
+  m.impl("linear_forward", &linear_forward_##dev);                                                          \
+  m.impl("linear_backward", &AsTuple<3, &linear_backward_##dev>::call);                                     \
+  m.impl("relu_forward", &relu_forward_##dev);                                                              \
+  m.impl("relu_backward", &relu_backward_##dev);                                                            \
+  m.impl("sigmoid_forward", &sigmoid_forward_##dev);                                                        \
+  m.impl("sigmoid_backward", &sigmoid_backward_##dev);                                                      \
+  m.impl("tanh_forward", &tanh_forward_##dev);                                                              \
+  m.impl("tanh_backward", &tanh_backward_##dev);                                                            \
+  m.impl("leaky_relu_forward", &leaky_relu_forward_##dev);                                                  \
+  m.impl("leaky_relu_backward", &leaky_relu_backward_##dev);                                                \
+  m.impl("add_forward", &add_forward_##dev);                                                                \
+  m.impl("add_backward", &add_backward_##dev);                                                              \
+  m.impl("cross_entropy_forward", &AsTuple<3, &cross_entropy_forward_##dev>::call);                         \
+  m.impl("cross_entropy_backward", &cross_entropy_backward_##dev);                                          \
+  m.impl("mse_loss_forward", &mse_loss_forward_##dev);                                                      \
+  m.impl("mse_loss_backward", &AsTuple<2, &mse_loss_backward_##dev>::call);                                 \
+  m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward_##dev);      \
+  m.impl("binary_cross_entropy_with_logits_backward", &AsTuple<2, &binary_cross_entropy_with_logits_backward_##dev>::call);
+
 }  // namespace
 }  // namespace pyengine
+
+TORCH_LIBRARY(pyengine, m) {
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool need_x=True, bool need_weight=True, "
+        "bool need_bias=True) -> (Tensor, Tensor, Tensor)");
+  m.def("relu_forward(Tensor x) -> Tensor");
+  m.def("relu_backward(Tensor grad_y, Tensor y) -> Tensor");
+  m.def("sigmoid_forward(Tensor x) -> Tensor");
+  m.def("sigmoid_backward(Tensor grad_y, Tensor y) -> Tensor");
+  m.def("tanh_forward(Tensor x) -> Tensor");
+  m.def("tanh_backward(Tensor grad_y, Tensor y) -> Tensor");
+  m.def("leaky_relu_forward(Tensor x, float negative_slope=0.01) -> Tensor");
+  m.def("leaky_relu_backward(Tensor grad_y, Tensor x, float negative_slope=0.01) -> Tensor");
+  m.def("add_forward(Tensor input, Tensor other, Scalar alpha=1) -> Tensor");
+  m.def("add_backward(Tensor grad, int[] shape, Scalar scale=1) -> Tensor");
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+        "int reduction=1, float label_smoothing=0.0) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+        "Tensor denom, int ignore_index=-100, int reduction=1, float label_smoothing=0.0) -> Tensor");
+  m.def("mse_loss_forward(Tensor input, Tensor target, int reduction=1) -> Tensor");
+  m.def("mse_loss_backward(Tensor grad_loss, Tensor input, Tensor target, int reduction=1, bool need_input=True, "
+        "bool need_target=True) -> (Tensor, Tensor)");
+  m.def("binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight=None, "
+        "Tensor? pos_weight=None, int reduction=1) -> Tensor");
+  m.def("binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
+        "Tensor? weight=None, Tensor? pos_weight=None, int reduction=1, bool need_input=True, "
+        "bool need_target=True) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  using namespace pyengine;
+  PE_LIBRARY_IMPL(cpu)
+}
+
+#ifdef PYENGINE_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
+  using namespace pyengine;
+  PE_LIBRARY_IMPL(cuda)
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pyengine;

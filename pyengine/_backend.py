@@ -120,5 +120,15 @@ def select(device):
 
 
 def kernels(device):
-    """The namespace of <op>_forward/<op>_backward kernels that runs on `device`: pyengine._C or REFERENCE."""
+    """The namespace of <op>_forward/<op>_backward kernels that runs on `device`: pyengine._C or REFERENCE.
+    While torch.compile traces, the compiled kernels as registered operators (torch.ops.pyengine, see
+    pyengine/ops/_library.py), which the graph can hold; a forced backend is not consulted there."""
+    if _C is not None and torch.compiler.is_compiling():
+        return torch.ops.pyengine
     return REFERENCE if select(device) == "python" else _C
+
+
+def backward_kernels(forward_kernels):
+    """The kernels a backward runs: the forward's, or the python reference while autograd records the backward
+    (create_graph=True), since its torch operations can be differentiated again (double backward)."""
+    return REFERENCE if torch.is_grad_enabled() else forward_kernels

@@ -1,4 +1,6 @@
-"""One module per op: its python-backend reference kernels, its autograd Function and its functional form."""
+"""One module per op: its python-backend reference kernels, its autograd Function and its functional form.
+_library registers the compiled kernels as torch.ops.pyengine operators."""
+from . import _library  # noqa: F401  (registers torch.ops.pyengine fake functions and autograd)
 from .add import BroadcastAddFunction, add
 from .binary_cross_entropy_with_logits import BinaryCrossEntropyWithLogitsFunction, binary_cross_entropy_with_logits
 from .cross_entropy import SoftmaxCrossEntropyFunction, cross_entropy

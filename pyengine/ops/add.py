@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from .. import _backend
+from ._function import result_type
 
 
 @_backend.reference
@@ -61,7 +62,7 @@ class BroadcastAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, other, alpha=1):
-        dtype = torch.result_type(input, other)
+        dtype = result_type(input, other)
         if dtype.is_complex:
             raise NotImplementedError("pyengine.add does not support complex tensors")
         _check_alpha(dtype, alpha)
@@ -77,14 +78,13 @@ class BroadcastAddFunction(torch.autograd.Function):
         return ctx.kernels.add_forward(a, b, alpha)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         grads = []
         for i, scale in enumerate((1, ctx.alpha)):
             if not ctx.needs_input_grad[i]:
                 grads.append(None)
                 continue
-            g = ctx.kernels.add_backward(grad, list(ctx.shapes[i]), scale)
+            g = _backend.backward_kernels(ctx.kernels).add_backward(grad, list(ctx.shapes[i]), scale)
             grads.append(g.to(dtype=ctx.dtypes[i], device=ctx.devices[i]))
         return grads[0], grads[1], None
 
@@ -93,7 +93,7 @@ def add(input, other, *, alpha=1):
     """torch.add(input, other, alpha=alpha): input + alpha * other, broadcasting both ways."""
     if not torch.is_tensor(input) and not torch.is_tensor(other):
         raise TypeError("pyengine.add needs at least one tensor operand")
-    dtype = torch.result_type(input, other)  # Python numbers promote as torch's wrapped numbers do
+    dtype = result_type(input, other)  # Python numbers promote as torch's wrapped numbers do
     device = input.device if torch.is_tensor(input) else other.device
     if not torch.is_tensor(input):
         input = torch.tensor(input, dtype=dtype, device=device)

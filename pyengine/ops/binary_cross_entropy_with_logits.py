@@ -13,6 +13,7 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
+from ._function import autocast, result_type
 from .mse_loss import REDUCTIONS, _acc, _check_reduction, _reduce
 
 
@@ -74,11 +75,11 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         return ctx.kernels.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, ctx.reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         input, target, weight, pos_weight = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
-        grad_input, grad_target = ctx.kernels.binary_cross_entropy_with_logits_backward(
+        kernels = _backend.backward_kernels(ctx.kernels)
+        grad_input, grad_target = kernels.binary_cross_entropy_with_logits_backward(
             grad_loss.contiguous(), input, target, weight, pos_weight, ctx.reduction, need_input, need_target)
         return grad_input, grad_target, None, None, None
 
@@ -88,12 +89,13 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     """torch.nn.functional.binary_cross_entropy_with_logits. weight broadcasts to the input's shape, pos_weight
     along its last (class) dim, as in torch."""
     reduction = _check_reduction(reduction, size_average, reduce)
+    input, target, weight, pos_weight = autocast("float32", input, target, weight, pos_weight)
     if target.shape != input.shape:
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     if not input.is_floating_point() or not target.is_floating_point():
         raise RuntimeError(f"binary_cross_entropy_with_logits: expected floating-point input and target, got "
                            f"{input.dtype} and {target.dtype}")
-    dtype = torch.result_type(input, target)
+    dtype = result_type(input, target)
     input, target = input.to(dtype), target.to(dtype)
     if weight is not None:
         weight = weight.to(dtype).broadcast_to(input.shape)

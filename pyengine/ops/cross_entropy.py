@@ -14,6 +14,7 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
+from ._function import autocast, first_order_only
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -164,7 +165,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("cross_entropy")
     def backward(ctx, grad_loss):
         logits, tgt, weight, lse, denom = ctx.saved_tensors
         grad = None
@@ -183,4 +184,5 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    input, target, weight = autocast("float32", input, target, weight)
     return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)

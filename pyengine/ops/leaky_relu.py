@@ -35,10 +35,9 @@ class LeakyReLUFunction(torch.autograd.Function):
         return ctx.kernels.leaky_relu_forward(x, ctx.negative_slope)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        return ctx.kernels.leaky_relu_backward(grad_y, x, ctx.negative_slope), None
+        return _backend.backward_kernels(ctx.kernels).leaky_relu_backward(grad_y, x, ctx.negative_slope), None
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):

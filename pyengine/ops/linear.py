@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _backend
+from ._function import autocast
 
 
 @_backend.reference
@@ -59,11 +60,10 @@ class LinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x2, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = ctx.kernels.linear_backward(
+        grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
             grad_y.reshape(-1, weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
@@ -72,7 +72,9 @@ class LinearFunction(torch.autograd.Function):
 
 def linear(input, weight, bias=None):
     """torch.nn.functional.linear. A 1-D weight (in,) gives one output feature with that dim squeezed, and a
-    bias that broadcasts to (out,) (a single element) is expanded, as torch allows."""
+    bias that broadcasts to (out,) (a single element) is expanded, as torch allows. Under torch.autocast the
+    inputs take the autocast dtype, as torch's linear does."""
+    input, weight, bias = autocast("lower", input, weight, bias)
     if weight.dim() == 1:
         if bias is not None:
             raise RuntimeError("linear: a 1-D weight takes no bias (torch: mat2 must be a matrix)")

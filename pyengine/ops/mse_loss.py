@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from .. import _backend
+from ._function import autocast, result_type
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -67,12 +68,12 @@ class MSELossFunction(torch.autograd.Function):
         return ctx.kernels.mse_loss_forward(input, target, ctx.reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         input, target = ctx.saved_tensors
         need_input, need_target, _ = ctx.needs_input_grad
-        grad_input, grad_target = ctx.kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,
-                                                                need_input, need_target)
+        kernels = _backend.backward_kernels(ctx.kernels)
+        grad_input, grad_target = kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,
+                                                            need_input, need_target)
         return grad_input, grad_target, None
 
 
@@ -81,12 +82,13 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     if weight is not None:
         raise NotImplementedError("pyengine.mse_loss has no weight argument; multiply the per-element loss instead")
     reduction = _check_reduction(reduction, size_average, reduce)
+    input, target = autocast("float32", input, target)
     if target.shape != input.shape:
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. "
                       "Please ensure they have the same size.", stacklevel=2)
         input, target = torch.broadcast_tensors(input, target)
-    dtype = torch.result_type(input, target)
+    dtype = result_type(input, target)
     if not dtype.is_floating_point:
         raise RuntimeError(f"mse_loss: expected floating-point input and target, got {input.dtype} and {target.dtype}")
     return MSELossFunction.apply(input.to(dtype), target.to(dtype), reduction)

@@ -7,7 +7,7 @@ Kernels: csrc/cpu/relu.cpp, csrc/cuda/relu.cu; formula: relu_*_math in csrc/comm
 import torch
 
 from .. import _backend
-from ._activation import output_saving_function
+from ._function import output_saving_function
 
 
 @_backend.reference

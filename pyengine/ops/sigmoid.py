@@ -7,7 +7,7 @@ Kernels: csrc/cpu/sigmoid.cpp, csrc/cuda/sigmoid.cu; formula: sigmoid_*_math in 
 import torch
 
 from .. import _backend
-from ._activation import output_saving_function, promote_to_float
+from ._function import output_saving_function, promote_to_float
 
 
 @_backend.reference

@@ -7,7 +7,7 @@ Kernels: csrc/cpu/tanh.cpp, csrc/cuda/tanh.cu; formula: tanh_*_math in csrc/comm
 import torch
 
 from .. import _backend
-from ._activation import output_saving_function, promote_to_float
+from ._function import output_saving_function, promote_to_float
 
 
 def _acc(dtype):

@@ -1,0 +1,113 @@
+"""What the autograd Functions share: the output-saving Function of relu, sigmoid and tanh, torch's int -> float
+promotion, and the error an op without a second derivative raises.
+
+Double backward (torch.autograd.grad(..., create_graph=True), then differentiating the gradient again): while
+autograd records the backward itself, grad mode is on inside it, and the backward kernels come from
+_backend.backward_kernels: the python reference, whose torch operations autograd can differentiate once more.
+Every op whose reference backward is a formula of its saved tensors supports it (linear, relu, sigmoid, tanh,
+leaky_relu, add, mse_loss, binary_cross_entropy_with_logits). cross_entropy does not: its backward reads the
+saved log-sum-exp as a constant, so a second derivative through it would be silently wrong; it raises instead.
+"""
+import functools
+
+import torch
+from torch._C import _functions
+
+from .. import _backend
+
+
+def output_saving_function(op, class_name):
+    """A torch.autograd.Function named class_name: y = <op>_forward(x), dx = <op>_backward(dy, y)."""
+    forward_name, backward_name = f"{op}_forward", f"{op}_backward"
+
+    def forward(ctx, x):
+        ctx.kernels = _backend.kernels(x.device)
+        y = getattr(ctx.kernels, forward_name)(x)
+        ctx.save_for_backward(y)
+        return y
+
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return getattr(_backend.backward_kernels(ctx.kernels), backward_name)(grad_y, y)
+
+    return type(class_name, (torch.autograd.Function,), {
+        "__doc__": f"y = {op}(x); the backward reads only the saved output y.", "__module__": f"pyengine.ops.{op}",
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def promote_to_float(input, op):
+    """Integer and bool inputs become the default float dtype, as torch.sigmoid and torch.tanh do."""
+    if input.is_floating_point():
+        return input
+    if input.is_complex():
+        raise NotImplementedError(f"pyengine.{op} supports real tensors only")
+    return input.to(torch.get_default_dtype())
+
+
+def first_order_only(op):
+    """Like torch.autograd.function.once_differentiable, with an error that names the op and the way out: the
+    backward runs without recording, and differentiating its result again raises."""
+    message = (f"pyengine.{op} has no double backward (its backward is not differentiable); use "
+               f"torch.nn.functional.{op} where a second derivative is needed").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # create_graph=False: nobody can differentiate the result
+                return outputs
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            marked = [None if o is None else o.detach().requires_grad_() for o in outputs]
+            return _functions.DelayedError(message, len(outputs))(*marked)
+
+        return wrapper
+
+    return decorate
+
+
+def autocast(policy, *tensors):
+    """The dtypes torch.autocast gives torch's own ops: policy 'lower' (linear) casts floating inputs to the
+    autocast dtype, 'float32' (the losses) to float32; float64 tensors, and everything outside an autocast
+    region, are left alone. Elementwise ops and add are not listed by autocast and keep their dtypes."""
+    first = next((t for t in tensors if torch.is_tensor(t)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type) if policy == "lower" else torch.float32
+    return tuple(t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def _category(dtype):
+    return 3 if dtype.is_complex else 2 if dtype.is_floating_point else 0 if dtype == torch.bool else 1
+
+
+def _combine(higher, lower):
+    """c10's combine_categories: a lower-priority operand matters only when its kind (bool < int < float <
+    complex) ranks above the higher-priority one's."""
+    if higher is None:
+        return lower
+    if lower is None or higher.is_complex:
+        return higher
+    if lower.is_complex:
+        return higher.to_complex() if higher.is_floating_point else lower
+    if higher.is_floating_point:
+        return higher
+    if higher == torch.bool or lower.is_floating_point:
+        return torch.promote_types(higher, lower)
+    return higher
+
+
+def result_type(*operands):
+    """torch.result_type for tensors and Python numbers, written out so torch.compile can trace it: tensors with
+    dims outrank 0-dim tensors, which outrank Python numbers (a float number counts as the default dtype)."""
+    found = [None, None, None]  # dimensioned tensors, 0-dim tensors, Python numbers
+    for x in operands:
+        if torch.is_tensor(x):
+            slot, dtype = (0 if x.dim() else 1), x.dtype
+        else:
+            slot = 2
+            dtype = (torch.bool if isinstance(x, bool) else torch.int64 if isinstance(x, int)
+                     else torch.get_default_dtype() if isinstance(x, float) else torch.complex64)
+        found[slot] = dtype if found[slot] is None else torch.promote_types(found[slot], dtype)
+    return _combine(found[0], _combine(found[1], found[2]))

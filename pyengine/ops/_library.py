@@ -1,0 +1,194 @@
+"""torch.ops.pyengine: the compiled kernels as torch.library custom operators.
+
+csrc/bindings.cpp defines each kernel's schema and registers its CPU and CUDA implementations, the same
+functions pybind11 exposes as pyengine._C.<name>. This module adds what the C++ side cannot say:
+  - a fake implementation per operator: the shape, dtype and strides of its outputs, computed without running
+    it, which torch.compile, torch.export and FakeTensor tracing need;
+  - autograd for every forward operator, so torch.ops.pyengine.<op>_forward is differentiable on its own (the
+    backward calls the matching torch.ops.pyengine.<op>_backward).
+The autograd Functions in pyengine/ops/*.py call these operators (instead of pyengine._C) while torch.compile
+traces them, so a compiled model keeps pyengine's kernels inside one graph.
+Check them with torch.library.opcheck (tests/test_library.py does, for every operator).
+"""
+import torch
+
+from .. import _backend
+from ._function import first_order_only
+
+NAMESPACE = "pyengine"
+REDUCTION_NONE = 0
+
+
+def _fake(name):
+    def register(fn):
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fn)
+        return fn
+
+    return register
+
+
+def _autograd(name, setup_context):
+    def register(backward):
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context)
+        return backward
+
+    return register
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _contiguous_like(t, shape=None):
+    return t.new_empty(t.shape if shape is None else shape)
+
+
+def _grads(kernel_name, *args):
+    """Runs the backward kernel; with create_graph=True the python reference, which autograd can differentiate."""
+    return getattr(_backend.backward_kernels(torch.ops.pyengine), kernel_name)(*args)
+
+
+def _register():
+    ops = torch.ops.pyengine
+
+    # linear: x (M, K), weight (N, K), bias (N) -> (M, N)
+    @_fake("linear_forward")
+    def _(x, weight, bias=None):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @_fake("linear_backward")
+    def _(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True):
+        return (x.new_empty(x.shape) if need_x else None, weight.new_empty(weight.shape) if need_weight else None,
+                weight.new_empty(weight.shape[:1]) if need_bias else None)
+
+    def linear_setup(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @_autograd("linear_forward", linear_setup)
+    def _(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w,
+                      need_b and ctx.has_bias)
+
+    # relu, sigmoid, tanh: any shape, contiguous output; the backward reads the saved output y
+    for op in ("relu", "sigmoid", "tanh"):
+        _fake(f"{op}_forward")(lambda x: _contiguous_like(x))
+        _fake(f"{op}_backward")(lambda grad_y, y: _contiguous_like(y))
+
+        def output_setup(ctx, inputs, output):
+            ctx.save_for_backward(output)
+
+        def output_backward(ctx, grad_y, op=op):
+            (y,) = ctx.saved_tensors
+            return _grads(f"{op}_backward", grad_y, y)
+
+        _autograd(f"{op}_forward", output_setup)(output_backward)
+
+    # leaky_relu: the backward reads the saved input
+    _fake("leaky_relu_forward")(lambda x, negative_slope=0.01: _contiguous_like(x))
+    _fake("leaky_relu_backward")(lambda grad_y, x, negative_slope=0.01: _contiguous_like(x))
+
+    def leaky_relu_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.negative_slope = inputs[1]
+
+    @_autograd("leaky_relu_forward", leaky_relu_setup)
+    def _(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return _grads("leaky_relu_backward", grad_y, x, ctx.negative_slope), None
+
+    # add: input + alpha * other, broadcast; the backward sums over the broadcast dims down to `shape`
+    @_fake("add_forward")
+    def _(input, other, alpha=1):
+        return input.new_empty(torch.broadcast_shapes(input.shape, other.shape))
+
+    _fake("add_backward")(lambda grad, shape, scale=1: grad.new_empty(shape))
+
+    def add_setup(ctx, inputs, output):
+        input, other, alpha = inputs
+        ctx.shapes, ctx.alpha = (list(input.shape), list(other.shape)), alpha
+
+    @_autograd("add_forward", add_setup)
+    def _(ctx, grad):
+        grads = [_grads("add_backward", grad, shape, scale) if need else None
+                 for shape, scale, need in zip(ctx.shapes, (1, ctx.alpha), ctx.needs_input_grad)]
+        return grads[0], grads[1], None
+
+    # cross_entropy: logits (N, C, D); -> loss, lse (N, D) in the accumulation type, denom (0-dim)
+    @_fake("cross_entropy_forward")
+    def _(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
+        n, d = logits.shape[0], logits.shape[2]
+        acc = _acc_dtype(logits.dtype)
+        loss = logits.new_empty((n, d) if reduction == REDUCTION_NONE else ())
+        return loss, logits.new_empty((n, d), dtype=acc), logits.new_empty((), dtype=acc)
+
+    @_fake("cross_entropy_backward")
+    def _(grad_loss, logits, target, weight, lse, denom, ignore_index=-100, reduction=1, label_smoothing=0.0):
+        return _contiguous_like(logits)
+
+    def cross_entropy_setup(ctx, inputs, output):
+        logits, target, weight, *ctx.args = inputs
+        ctx.save_for_backward(logits, target, weight, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @_autograd("cross_entropy_forward", cross_entropy_setup)
+    @first_order_only("cross_entropy")
+    def _(ctx, grad_loss, grad_lse, grad_denom):
+        logits, target, weight, lse, denom = ctx.saved_tensors
+        grad = ops.cross_entropy_backward(grad_loss.contiguous(), logits, target, weight, lse, denom, *ctx.args)
+        return grad, None, None, None, None, None
+
+    # mse_loss and binary_cross_entropy_with_logits: operands of one shape; a 0-dim loss unless reduction is none
+    def loss_fake(input, reduction):
+        return input.new_empty(input.shape if reduction == REDUCTION_NONE else ())
+
+    def loss_grads_fake(input, target, need_input, need_target):
+        return (input.new_empty(input.shape) if need_input else None,
+                target.new_empty(target.shape) if need_target else None)
+
+    @_fake("mse_loss_forward")
+    def _(input, target, reduction=1):
+        return loss_fake(input, reduction)
+
+    @_fake("mse_loss_backward")
+    def _(grad_loss, input, target, reduction=1, need_input=True, need_target=True):
+        return loss_grads_fake(input, target, need_input, need_target)
+
+    @_fake("binary_cross_entropy_with_logits_forward")
+    def _(input, target, weight=None, pos_weight=None, reduction=1):
+        return loss_fake(input, reduction)
+
+    @_fake("binary_cross_entropy_with_logits_backward")
+    def _(grad_loss, input, target, weight=None, pos_weight=None, reduction=1, need_input=True, need_target=True):
+        return loss_grads_fake(input, target, need_input, need_target)
+
+    def mse_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.reduction = inputs[2]
+
+    @_autograd("mse_loss_forward", mse_setup)
+    def _(ctx, grad_loss):
+        input, target = ctx.saved_tensors
+        need_input, need_target, _ = ctx.needs_input_grad
+        grads = _grads("mse_loss_backward", grad_loss.contiguous(), input, target, ctx.reduction, need_input,
+                       need_target)
+        return grads[0], grads[1], None
+
+    def bce_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.reduction = inputs[4]
+
+    @_autograd("binary_cross_entropy_with_logits_forward", bce_setup)
+    def _(ctx, grad_loss):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[:2]
+        grads = _grads("binary_cross_entropy_with_logits_backward", grad_loss.contiguous(), input, target,
+                       weight, pos_weight, ctx.reduction, need_input, need_target)
+        return grads[0], grads[1], None, None, None
+
+
+if _backend._C is not None:
+    _register()
