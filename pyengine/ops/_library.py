@@ -35,6 +35,12 @@ def _autograd(name, setup_context):
     return register
 
 
+def _with_defaults(inputs, defaults):
+    """The inputs setup_context receives, completed with the schema's defaults (a traced call may drop trailing
+    arguments left at their defaults); `defaults` has one entry per schema argument."""
+    return tuple(inputs) + tuple(defaults[len(inputs):])
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -62,16 +68,16 @@ def _register():
                 weight.new_empty(weight.shape[:1]) if need_bias else None)
 
     def linear_setup(ctx, inputs, output):
-        x, weight, bias = inputs
+        x, weight, bias = _with_defaults(inputs, (None, None, None))
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
     @_autograd("linear_forward", linear_setup)
     def _(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w,
-                      need_b and ctx.has_bias)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b)
 
     # relu, sigmoid, tanh: any shape, contiguous output; the backward reads the saved output y
     for op in ("relu", "sigmoid", "tanh"):
@@ -92,8 +98,8 @@ def _register():
     _fake("leaky_relu_backward")(lambda grad_y, x, negative_slope=0.01: _contiguous_like(x))
 
     def leaky_relu_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.negative_slope = inputs[1]
+        x, ctx.negative_slope = _with_defaults(inputs, (None, 0.01))
+        ctx.save_for_backward(x)
 
     @_autograd("leaky_relu_forward", leaky_relu_setup)
     def _(ctx, grad_y):
@@ -108,7 +114,7 @@ def _register():
     _fake("add_backward")(lambda grad, shape, scale=1: grad.new_empty(shape))
 
     def add_setup(ctx, inputs, output):
-        input, other, alpha = inputs
+        input, other, alpha = _with_defaults(inputs, (None, None, 1))
         ctx.shapes, ctx.alpha = (list(input.shape), list(other.shape)), alpha
 
     @_autograd("add_forward", add_setup)
@@ -130,7 +136,7 @@ def _register():
         return _contiguous_like(logits)
 
     def cross_entropy_setup(ctx, inputs, output):
-        logits, target, weight, *ctx.args = inputs
+        logits, target, weight, *ctx.args = _with_defaults(inputs, (None, None, None, -100, 1, 0.0))
         ctx.save_for_backward(logits, target, weight, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
 
@@ -166,20 +172,20 @@ def _register():
         return loss_grads_fake(input, target, need_input, need_target)
 
     def mse_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.reduction = inputs[2]
+        input, target, ctx.reduction = _with_defaults(inputs, (None, None, 1))
+        ctx.save_for_backward(input, target)
 
     @_autograd("mse_loss_forward", mse_setup)
     def _(ctx, grad_loss):
         input, target = ctx.saved_tensors
-        need_input, need_target, _ = ctx.needs_input_grad
+        need_input, need_target = ctx.needs_input_grad[:2]
         grads = _grads("mse_loss_backward", grad_loss.contiguous(), input, target, ctx.reduction, need_input,
                        need_target)
         return grads[0], grads[1], None
 
     def bce_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])
-        ctx.reduction = inputs[4]
+        *operands, ctx.reduction = _with_defaults(inputs, (None, None, None, None, 1))
+        ctx.save_for_backward(*operands)
 
     @_autograd("binary_cross_entropy_with_logits_forward", bce_setup)
     def _(ctx, grad_loss):

@@ -57,6 +57,10 @@ def binary_cross_entropy_with_logits_backward(grad_loss, input, target, weight=N
     return grad_input, grad_target
 
 
+def _contiguous(*tensors):
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """BCE with logits for input, target, weight and pos_weight all of one shape and dtype (weights may be None)."""
 
@@ -68,15 +72,13 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
                                    f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
         ctx.kernels = _backend.kernels(input.device)
         ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
-        input, target = input.contiguous(), target.contiguous()
-        weight = None if weight is None else weight.contiguous()
-        pos_weight = None if pos_weight is None else pos_weight.contiguous()
-        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.save_for_backward(input, target, weight, pos_weight)  # the inputs themselves, for double backward
+        input, target, weight, pos_weight = _contiguous(input, target, weight, pos_weight)
         return ctx.kernels.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, target, weight, pos_weight = ctx.saved_tensors
+        input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
         need_input, need_target = ctx.needs_input_grad[:2]
         kernels = _backend.backward_kernels(ctx.kernels)
         grad_input, grad_target = kernels.binary_cross_entropy_with_logits_backward(

@@ -158,7 +158,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         ctx.kernels = _backend.kernels(logits.device)
         ctx.args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
         loss, lse, denom = ctx.kernels.cross_entropy_forward(logits, tgt, weight, *ctx.args)
-        ctx.save_for_backward(logits, tgt, weight, lse, denom)
+        # input too (a view of the same memory unless it was copied): the double-backward error links to it
+        ctx.save_for_backward(logits, tgt, weight, lse, denom, input)
         ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         if reduction == "none":
             loss = loss.reshape(() if input.dim() == 1 else input.shape[:1] + input.shape[2:])
@@ -167,7 +168,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("cross_entropy")
     def backward(ctx, grad_loss):
-        logits, tgt, weight, lse, denom = ctx.saved_tensors
+        logits, tgt, weight, lse, denom, _ = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
             g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss

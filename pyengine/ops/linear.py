@@ -55,13 +55,14 @@ class LinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit: -1 is ambiguous when K = 0
         y = ctx.kernels.linear_forward(x2, weight, bias)
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x, weight)  # x itself, not the view x2: double backward must reach the input
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
             grad_y.reshape(-1, weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias)

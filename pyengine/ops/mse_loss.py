@@ -63,13 +63,12 @@ class MSELossFunction(torch.autograd.Function):
                                f"{list(input.shape)} {input.dtype} and {list(target.shape)} {target.dtype}")
         ctx.kernels = _backend.kernels(input.device)
         ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
-        input, target = input.contiguous(), target.contiguous()
-        ctx.save_for_backward(input, target)
-        return ctx.kernels.mse_loss_forward(input, target, ctx.reduction)
+        ctx.save_for_backward(input, target)  # the inputs themselves, which double backward differentiates
+        return ctx.kernels.mse_loss_forward(input.contiguous(), target.contiguous(), ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, target = ctx.saved_tensors
+        input, target = (t.contiguous() for t in ctx.saved_tensors)
         need_input, need_target, _ = ctx.needs_input_grad
         kernels = _backend.backward_kernels(ctx.kernels)
         grad_input, grad_target = kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,

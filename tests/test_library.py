@@ -1,0 +1,212 @@
+"""torch.ops.pyengine: every kernel as a torch.library operator. torch.library.opcheck on a range of samples for
+every registered operator (schema, autograd registration, fake functions, AOT dispatch), torch.compile of a
+pyengine.nn model with fullgraph=True against eager mode, and autocast dtypes against torch's."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine
+import pyengine.functional as PF
+import pyengine.nn as pnn
+from utils import COMPILED_DEVICES, TOL
+
+pytestmark = pytest.mark.skipif("cpp" not in pyengine.built_backends(), reason="pyengine._C is not built")
+
+
+def _registered():
+    return sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyengine::"))
+
+
+def _r(*shape, dtype, device, grad=False, low=-2.0, high=2.0):
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(low, high).requires_grad_(grad)
+
+
+def _samples(name, dtype, device):
+    """(args) tuples for one operator: odd and empty shapes, views with strides, every flag and reduction."""
+    r = lambda *s, **kw: _r(*s, dtype=dtype, device=device, **kw)  # noqa: E731
+    if name in ("relu_forward", "sigmoid_forward", "tanh_forward", "leaky_relu_forward"):
+        extra = (0.1,) if name.startswith("leaky") else ()
+        for x in (r(7, 5, grad=True), r(grad=True), r(0, 3, grad=True), r(5, 7).t().requires_grad_(), r(33)):
+            yield (x, *extra)
+        if extra:
+            yield r(4, 4, grad=True), -0.5
+    elif name in ("relu_backward", "sigmoid_backward", "tanh_backward", "leaky_relu_backward"):
+        extra = (0.1,) if name.startswith("leaky") else ()
+        yield (r(7, 5), r(7, 5), *extra)
+        yield (r(0, 2), r(0, 2), *extra)
+        yield (r(5, 7).t(), r(7, 5), *extra)
+    elif name == "linear_forward":
+        for m, k, n in ((5, 3, 4), (0, 3, 2), (1, 1, 1), (9, 17, 6)):
+            yield r(m, k, grad=True), r(n, k, grad=True), r(n, grad=True)
+            yield r(m, k), r(n, k, grad=True), None
+        yield r(3, 5).t(), r(2, 3, grad=True), None
+    elif name == "linear_backward":
+        for flags in ((True, True, True), (True, False, False), (False, True, True), (False, False, True)):
+            yield (r(5, 4), r(5, 3), r(4, 3), *flags)
+        yield r(0, 2), r(0, 3), r(2, 3), True, True, True
+    elif name == "add_forward":
+        for a, b in (((3, 4), (4,)), ((3, 1), (1, 4)), ((), (2, 3)), ((0, 2), (2,)), ((2, 3, 4), (3, 1))):
+            yield r(*a, grad=True), r(*b, grad=True), 1
+            yield r(*a, grad=True), r(*b, grad=True), 2.5
+    elif name == "add_backward":
+        for shape in ([4], [3, 1], [1, 4], [3, 4], []):
+            yield r(3, 4), shape, 1
+            yield r(3, 4), shape, -0.5
+    elif name in ("cross_entropy_forward", "cross_entropy_backward"):
+        for n, c, d in ((6, 5, 1), (3, 4, 3), (0, 3, 1)):
+            index = torch.randint(0, c, (n, d), device=device)
+            index.view(-1)[:1] = -100
+            probs = torch.softmax(r(n, c, d), dim=1)
+            weight = torch.rand(c, dtype=dtype, device=device) + 0.5
+            for target, w, reduction, smoothing in ((index, None, 1, 0.0), (index, weight, 0, 0.1),
+                                                    (index, weight, 1, 0.2), (probs, None, 2, 0.0),
+                                                    (probs, weight, 1, 0.1)):
+                if n == 0 and reduction == 1:
+                    continue  # the mean of nothing is NaN, which opcheck compares as unequal
+                args = (r(n, c, d, grad=True), target, w, -100, reduction, smoothing)
+                if name == "cross_entropy_forward":
+                    yield args
+                    continue
+                loss, lse, denom = torch.ops.pyengine.cross_entropy_forward(args[0].detach(), *args[1:])
+                yield (torch.randn_like(loss), args[0].detach(), target, w, lse, denom, *args[3:])
+    elif name in ("mse_loss_forward", "binary_cross_entropy_with_logits_forward"):
+        bce = name.startswith("binary")
+        for shape in ((5, 3), (0,), (), (17,)):
+            target = r(*shape, grad=not bce, low=0.0, high=1.0)
+            weights = (r(*shape, low=0.5), r(*shape, low=0.5)) if bce else ()
+            for reduction in (0, 1, 2) if math.prod(shape) else (0, 2):  # opcheck compares NaN (0/0) as unequal
+                yield (r(*shape, grad=True), target, *weights, reduction)
+    elif name in ("mse_loss_backward", "binary_cross_entropy_with_logits_backward"):
+        bce = name.startswith("binary")
+        for reduction, flags in ((0, (True, True)), (1, (True, False)), (2, (False, True))):
+            g = r(5, 3) if reduction == 0 else r()
+            weights = (r(5, 3, low=0.5), None) if bce else ()
+            yield (g, r(5, 3), r(5, 3, low=0.0, high=1.0), *weights, reduction, *flags)
+    else:
+        raise KeyError(f"no opcheck samples for torch.ops.pyengine.{name}: add them to tests/test_library.py")
+
+
+def test_every_kernel_is_registered_with_samples():
+    names = _registered()
+    assert {"linear_forward", "relu_backward", "cross_entropy_forward", "add_backward"} <= set(names)
+    for name in names:
+        next(iter(_samples(name, torch.float64, "cpu")))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", _registered())
+def test_opcheck(name, dtype, device, backend):
+    op = getattr(torch.ops.pyengine, name)
+    samples = list(_samples(name, dtype, device))
+    assert samples
+    for args in samples:
+        torch.library.opcheck(op, args, atol=TOL[dtype]["atol"], rtol=TOL[dtype]["rtol"])
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(pnn.Linear(8, 16), pnn.ReLU(), pnn.Linear(16, 16), pnn.Sigmoid(), pnn.Linear(16, 12),
+                               pnn.Tanh(), pnn.LeakyReLU(0.2), pnn.Linear(12, 5))
+
+
+def _step(model, x, target, shift):
+    out = PF.add(model(x), shift)
+    return (pnn.CrossEntropyLoss(label_smoothing=0.1)(out, target) + PF.mse_loss(out, torch.zeros_like(out))
+            + PF.binary_cross_entropy_with_logits(out, torch.sigmoid(out.detach())))
+
+
+def _record_graphs():
+    """An AOTAutograd backend that keeps the forward and backward graphs' code for inspection."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    codes = []
+
+    def record(gm, example_inputs):
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), codes
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_matches_eager_with_pyengine_kernels_in_both_graphs(dynamic):
+    backend, codes = _record_graphs()
+    model = _model(0)
+    x, target, shift = torch.randn(32, 8), torch.randint(0, 5, (32,)), torch.randn(5, requires_grad=True)
+    eager = _step(model, x, target, shift)
+    eager_grads = torch.autograd.grad(eager, [*model.parameters(), shift])
+    compiled = torch.compile(lambda *a: _step(model, *a), fullgraph=True, backend=backend, dynamic=dynamic)
+    for rows in (32, 19) if dynamic else (32,):  # a second batch size reuses the graph when dynamic
+        xs, ts = x[:rows], target[:rows]
+        out = compiled(xs, ts, shift)
+        grads = torch.autograd.grad(out, [*model.parameters(), shift])
+        ref = _step(model, xs, ts, shift)
+        ref_grads = torch.autograd.grad(ref, [*model.parameters(), shift])
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(out if not dynamic else compiled(x, target, shift), eager, **TOL[torch.float32])
+    assert len(eager_grads) == len(grads)
+    forward, backward = codes[0], codes[1]
+    for op in ("linear", "relu", "sigmoid", "tanh", "leaky_relu", "add", "cross_entropy", "mse_loss",
+               "binary_cross_entropy_with_logits"):
+        assert f"torch.ops.pyengine.{op}_forward" in forward, op
+        assert f"torch.ops.pyengine.{op}_backward" in backward, op
+
+
+def test_compile_with_inductor_trains_like_eager():
+    """The default backend (inductor, which generates C++ around our operators) over three SGD steps."""
+    eager_model, compiled_model = _model(1), _model(1)
+    x, target = torch.randn(64, 8), torch.randint(0, 5, (64,))
+    shift = torch.zeros(5)
+
+    def train(model, step):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = step(x, target, shift)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    eager = train(eager_model, lambda *a: _step(eager_model, *a))
+    compiled = train(compiled_model, torch.compile(lambda *a: _step(compiled_model, *a), fullgraph=True))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+AUTOCAST_CASES = {
+    "linear": lambda lib, x: lib.linear(x, x.new_ones(3, 4), x.new_ones(3)),
+    "relu": lambda lib, x: lib.relu(x),
+    "sigmoid": lambda lib, x: lib.sigmoid(x),
+    "add": lambda lib, x: lib.add(x, x.float()),
+    "cross_entropy": lambda lib, x: lib.cross_entropy(x, torch.tensor([0, 1, 3])),
+    "mse_loss": lambda lib, x: lib.mse_loss(x, x.float()),
+    "binary_cross_entropy_with_logits": lambda lib, x: lib.binary_cross_entropy_with_logits(x, x.sigmoid()),
+}
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("op", sorted(AUTOCAST_CASES))
+def test_autocast_gives_torchs_dtypes(op, input_dtype, autocast_dtype):
+    fn = AUTOCAST_CASES[op]
+    x = torch.randn(3, 4, dtype=input_dtype, requires_grad=True)
+    torch_lib = type("torch_lib", (), {"__getattr__": lambda self, name: getattr(
+        torch if name in ("relu", "sigmoid", "add") else F, name)})()
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        expected = fn(torch_lib, x)
+        actual = fn(PF, x)
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    (gx,) = torch.autograd.grad(actual.float().sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.float().sum(), x)
+    assert gx.dtype == gx_ref.dtype == x.dtype
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2)
