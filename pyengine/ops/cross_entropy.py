@@ -148,6 +148,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         logits, tgt = _flatten(input, target, weight, label_smoothing)
+        if tgt.is_floating_point() and ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        ctx.target_dtype = target.dtype
         if tgt.is_floating_point() and tgt.dtype != logits.dtype:  # torch promotes input and probabilities
             dtype = torch.promote_types(logits.dtype, tgt.dtype)
             logits, tgt = logits.to(dtype), tgt.to(dtype)
@@ -174,7 +177,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss
             grad = ctx.kernels.cross_entropy_backward(g.contiguous(), logits, tgt, weight, lse, denom, *ctx.args)
             grad = grad.reshape(ctx.input_shape).to(ctx.input_dtype)
-        return grad, None, None, None, None, None
+        grad_target = None
+        if ctx.needs_input_grad[1]:  # class probabilities are differentiable: d loss / d t_c = -(1 - eps) w_c log p_c
+            _, reduction, smoothing = ctx.args
+            log_p = logits.to(lse.dtype) - lse.unsqueeze(1)
+            g = grad_loss.reshape(lse.shape).unsqueeze(1) if reduction == 0 else grad_loss
+            if reduction == 1:
+                g = g / denom
+            w = 1.0 if weight is None else weight.to(lse.dtype).view(1, -1, 1)
+            grad_target = (-(1.0 - smoothing) * w * log_p * g).reshape(ctx.input_shape).to(ctx.target_dtype)
+        return grad, grad_target, None, None, None, None
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,

@@ -65,7 +65,7 @@ class LinearFunction(torch.autograd.Function):
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
-            grad_y.reshape(-1, weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias)
+            grad_y.reshape(x2.shape[0], weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b
