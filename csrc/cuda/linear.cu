@@ -133,7 +133,8 @@ void gemm_with(at::Tensor& c, const Operand& a, const Operand& b, const T* bias,
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t tiles = tiles_m * tiles_n;
   int64_t splits = 1;
-  if (bias == nullptr && act == Activation::kNone && tiles < sms) splits = std::min<int64_t>({(2 * sms + tiles - 1) / tiles, K / 256, 64});
+  if (bias == nullptr && act == Activation::kNone && tiles < sms)
+    splits = std::min<int64_t>({(2 * sms + tiles - 1) / tiles, K / 256, 64});
   const int64_t k_split = splits > 1 ? (K + splits - 1) / splits : std::max<int64_t>(K, 1);
   const int64_t k_split_aligned = (k_split + Math::BK - 1) / Math::BK * Math::BK;
   splits = splits > 1 ? (K + k_split_aligned - 1) / k_split_aligned : 1;
