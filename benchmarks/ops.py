@@ -75,6 +75,22 @@ def _linear_floor(p, s):
     return {"forward": (fwd_b, fwd_f), "backward": (bwd_b, bwd_f), "forward+backward": (fwd_b + bwd_b, fwd_f + bwd_f)}
 
 
+def _linear_act_floor(p, s):
+    # linear's, plus the backward's read of the saved output y (the activation's derivative comes from it)
+    m, _, n = p
+    floor = _linear_floor(p, s)
+    (bwd_b, bwd_f), (both_b, both_f) = floor["backward"], floor["forward+backward"]
+    return {**floor, "backward": (bwd_b + m * n * s, bwd_f), "forward+backward": (both_b + m * n * s, both_f)}
+
+
+def _linear_relu(x, w, b):
+    return PF.linear(x, w, b, activation="relu")
+
+
+def _torch_linear_relu(x, w, b):
+    return F.relu(F.linear(x, w, b))
+
+
 def _loss_make(p, dtype, device, labels=False):
     target = torch.rand(p, dtype=dtype, device=device)
     if labels:
@@ -106,6 +122,8 @@ OPS = {
     for op in [
         Op("linear", {"tiny": (TINY_ROWS, 8, 6), "medium": (1024, 512, 512), "large": (4096, 1024, 1024)},
            _linear_make, PF.linear, F.linear, _linear_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}"),
+        Op("linear_relu", {"tiny": (TINY_ROWS, 8, 6), "medium": (1024, 512, 512), "large": (4096, 1024, 1024)},
+           _linear_make, _linear_relu, _torch_linear_relu, _linear_act_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}"),
         Op("relu", ELEMENTWISE, _unary, PF.relu, F.relu, _unary_floor),
         Op("sigmoid", ELEMENTWISE, _unary, PF.sigmoid, torch.sigmoid, _unary_floor),
         Op("tanh", ELEMENTWISE, _unary, PF.tanh, torch.tanh, _unary_floor),

@@ -36,12 +36,14 @@ bool on_cuda(const at::Tensor& t, const char* op) {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
-  PE_ROUTE(x, linear_forward, x, weight, bias);
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                          int64_t activation) {
+  PE_ROUTE(x, linear_forward, x, weight, bias, activation);
 }
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                        bool need_x, bool need_weight, bool need_bias) {
-  PE_ROUTE(grad_y, linear_backward, grad_y, x, weight, need_x, need_weight, need_bias);
+                                        bool need_x, bool need_weight, bool need_bias, int64_t activation,
+                                        const OptTensor& y) {
+  PE_ROUTE(grad_y, linear_backward, grad_y, x, weight, need_x, need_weight, need_bias, activation, y);
 }
 
 at::Tensor relu_forward(const at::Tensor& x) { PE_ROUTE(x, relu_forward, x); }
@@ -165,9 +167,9 @@ struct AsTuple<N, Kernel> {
 }  // namespace pyengine
 
 TORCH_LIBRARY(pyengine, m) {
-  m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias=None, int activation=0) -> Tensor");
   m.def("linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool need_x=True, bool need_weight=True, "
-        "bool need_bias=True) -> (Tensor, Tensor, Tensor)");
+        "bool need_bias=True, int activation=0, Tensor? y=None) -> (Tensor, Tensor, Tensor)");
   m.def("relu_forward(Tensor x) -> Tensor");
   m.def("relu_backward(Tensor grad_y, Tensor y) -> Tensor");
   m.def("sigmoid_forward(Tensor x) -> Tensor");
@@ -209,9 +211,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "pyengine's compiled kernels (see pyengine/ops/*.py for the Python reference of each formula)";
 
-  m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::arg("activation") = 0);
   m.def("linear_backward", &linear_backward, py::arg("grad_y"), py::arg("x"), py::arg("weight"),
-        py::arg("need_x") = true, py::arg("need_weight") = true, py::arg("need_bias") = true);
+        py::arg("need_x") = true, py::arg("need_weight") = true, py::arg("need_bias") = true,
+        py::arg("activation") = 0, py::arg("y") = py::none());
   m.def("relu_forward", &relu_forward, py::arg("x"));
   m.def("relu_backward", &relu_backward, py::arg("grad_y"), py::arg("y"));
   m.def("sigmoid_forward", &sigmoid_forward, py::arg("x"));

@@ -11,14 +11,17 @@
 
 namespace pyengine {
 
-// linear: x (M, K), weight (N, K), bias (N) -> y (M, N) = x @ weight^T + bias
+// linear: x (M, K), weight (N, K), bias (N) -> y (M, N) = act(x @ weight^T + bias)
+// activation: 0 none, 1 relu, 2 sigmoid (common/math.h Activation); with one, the backward takes the saved
+// output y (M, N) and works from dz = dy * act'(y).
 // backward -> {dx (M, K), dweight (N, K), dbias (N)}; an entry is undefined when its flag is false.
 #define PYENGINE_LINEAR_OPS(dev)                                                                        \
   at::Tensor linear_forward_##dev(const at::Tensor& x, const at::Tensor& weight,                       \
-                                  const c10::optional<at::Tensor>& bias);                              \
+                                  const c10::optional<at::Tensor>& bias, int64_t activation = 0);      \
   std::vector<at::Tensor> linear_backward_##dev(const at::Tensor& grad_y, const at::Tensor& x,         \
                                                 const at::Tensor& weight, bool need_x, bool need_weight, \
-                                                bool need_bias);
+                                                bool need_bias, int64_t activation = 0,                  \
+                                                const c10::optional<at::Tensor>& y = c10::nullopt);
 
 // relu / sigmoid: any shape; the backward works from the saved output y.
 #define PYENGINE_UNARY_OPS(name, dev)                             \

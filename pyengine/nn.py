@@ -7,11 +7,25 @@ in place without touching its parameters (an optimizer built on them keeps worki
 import torch
 
 from . import functional as F
+from .ops.linear import activation_code
 
 
 class Linear(torch.nn.Linear):
+    """activation=None, 'relu' or 'sigmoid': applied in the same pass as the bias (F.linear's activation).
+    A plain setting, not a parameter or buffer: state_dict is torch.nn.Linear's."""
+
+    activation = None  # what a torch.nn.Linear swapped in by `convert` (no __init__ of ours) reads
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
+        activation_code(activation)  # a bad name fails here, not at the first forward
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation = activation
+
     def forward(self, input):
-        return F.linear(input, self.weight, self.bias)
+        return F.linear(input, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.activation is None else f", activation={self.activation!r}")
 
 
 class ReLU(torch.nn.ReLU):

@@ -41,11 +41,15 @@ def _samples(name, dtype, device):
         for m, k, n in ((5, 3, 4), (0, 3, 2), (1, 1, 1), (9, 17, 6)):
             yield r(m, k, grad=True), r(n, k, grad=True), r(n, grad=True)
             yield r(m, k), r(n, k, grad=True), None
+            yield r(m, k, grad=True), r(n, k, grad=True), r(n, grad=True), 1
+            yield r(m, k, grad=True), r(n, k, grad=True), None, 2
         yield r(3, 5).t(), r(2, 3, grad=True), None
     elif name == "linear_backward":
         for flags in ((True, True, True), (True, False, False), (False, True, True), (False, False, True)):
             yield (r(5, 4), r(5, 3), r(4, 3), *flags)
         yield r(0, 2), r(0, 3), r(2, 3), True, True, True
+        yield r(5, 4), r(5, 3), r(4, 3), True, True, True, 1, r(5, 4, low=0.0)
+        yield r(5, 4), r(5, 3), r(4, 3), True, False, True, 2, r(5, 4, low=0.0, high=1.0)
     elif name == "add_forward":
         for a, b in (((3, 4), (4,)), ((3, 1), (1, 4)), ((), (2, 3)), ((0, 2), (2,)), ((2, 3, 4), (3, 1))):
             yield r(*a, grad=True), r(*b, grad=True), 1

@@ -2,7 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyengine
 import pyengine.functional as PF
+import pyengine.nn as pnn
+from pyengine import _backend
 from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
                    grads, make, on)
 
@@ -141,3 +144,156 @@ def test_bad_input_raises_like_torch(backend, device, case):
     args, kwargs = BAD_INPUTS[case](device)
     with on(backend):
         assert_raises_like(lambda: F.linear(*args, **kwargs), lambda: PF.linear(*args, **kwargs))
+
+
+# linear with a fused activation, against torch's unfused composition
+ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}
+# leading dims, 1-D input, empty batch, K = 0 (z = b exactly: relu's kink at 0 when b is absent), vector tails,
+# and more than one 128-row block and 512-column block of the fused CPU backward pass
+ACT_SHAPES = [((5, 3), 4), ((7,), 3), ((2, 3, 17), 9), ((0, 6), 4), ((4, 0), 3), ((33, 65), 1), ((300, 20), 530)]
+
+
+def torch_linear_act(x, w, b, activation):
+    return ACTS[activation](F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("x_shape,n", ACT_SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_matches_torch_composition(backend, device, dtype, x_shape, n, bias, activation):
+    k = x_shape[-1]
+    x = make(x_shape, dtype, device, requires_grad=True)
+    w = make((n, k), dtype, device, requires_grad=True)
+    b = make((n,), dtype, device, requires_grad=True) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    with on(backend):
+        y = PF.linear(x, w, b, activation=activation)
+        ours, gy = grads(y, inputs)
+    y_ref = torch_linear_act(x, w, b, activation)
+    ref, _ = grads(y_ref, inputs, gy)
+    assert_close(y, y_ref)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_half_precision_error_within_twice_torch(backend, device, dtype, activation):
+    x = make((37, 48), dtype, device, low=-1, high=1)
+    w = make((19, 48), dtype, device, requires_grad=True, low=-1, high=1)
+    b = make((19,), dtype, device, requires_grad=True, low=-1, high=1)
+    # relu's derivative jumps at 0: where a rounding of z can flip its sign, the float64 reference says nothing
+    # about a half result's error. Rows of x are redrawn until every |z| is well above those roundings.
+    for _ in range(1000):
+        near_kink = (F.linear(x.double(), w.detach().double(), b.detach().double()).abs() < 0.1).any(1)
+        if not near_kink.any():
+            break
+        x[near_kink] = make((int(near_kink.sum()), 48), dtype, device, low=-1, high=1)
+    x.requires_grad_()
+    with on(backend):
+        y = PF.linear(x, w, b, activation=activation)
+        ours, gy = grads(y, [x, w, b])
+    y_torch = torch_linear_act(x, w, b, activation)
+    theirs, _ = grads(y_torch, [x, w, b], gy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = torch_linear_act(x64, w64, b64, activation)
+    ref, _ = grads(y64, [x64, w64, b64], gy.double())
+    assert_half_close(y, y_torch, y64)
+    for g, g_torch, g64 in zip(ours, theirs, ref):
+        assert_half_close(g, g_torch, g64)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_gradcheck(backend, device, bias, activation):
+    # away from relu's kink: |z| stays well above gradcheck's step
+    x = make((3, 2, 5), torch.float64, device, requires_grad=True)
+    w = make((4, 5), torch.float64, device, requires_grad=True)
+    b = make((4,), torch.float64, device, requires_grad=True) if bias else None
+    with on(backend):
+        assert torch.autograd.gradcheck(lambda *a: PF.linear(*a, activation=activation), (x, w, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_activation_noncontiguous_operands_and_grad(backend, device, activation):
+    x = make((9, 12), torch.float32, device, requires_grad=True)
+    w = make((7, 12), torch.float32, device, requires_grad=True)
+    b = make((14,), torch.float32, device, requires_grad=True)
+    xv, wv, bv = x.t().t()[:, ::2], w[:, ::2], b[::2]
+    with on(backend):
+        y = PF.linear(xv, wv, bv, activation=activation)
+        gy = torch.randn(7, 9, device=device).t()  # a transposed incoming gradient
+        ours = torch.autograd.grad(y, [x, w, b], gy)
+    ref = torch.autograd.grad(torch_linear_act(xv, wv, bv, activation), [x, w, b], gy)
+    assert_close(y, torch_linear_act(xv, wv, bv, activation))
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_relu_nan_and_only_needed_gradients(backend, device):
+    x = make((4, 3), torch.float32, device)
+    x[1, 2] = float("nan")  # a NaN output row: relu keeps NaN and passes its gradient on, as torch
+    w = make((5, 3), torch.float32, device, requires_grad=True)
+    with on(backend):
+        y = PF.linear(x, w, activation="relu")
+        (gw,), gy = grads(y, [w])
+    y_ref = F.relu(F.linear(x, w))
+    (gw_ref,), _ = grads(y_ref, [w], gy)
+    assert_close(y, y_ref)
+    assert_close(gw, gw_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_activation_none_is_plain_linear_and_1d_weight(backend, device):
+    x = make((3, 4), torch.float64, device)
+    w = make((5, 4), torch.float64, device)
+    w1 = make((4,), torch.float64, device)
+    with on(backend):
+        assert torch.equal(PF.linear(x, w, activation=None), PF.linear(x, w))
+        assert_close(PF.linear(x, w1, activation="sigmoid"), torch.sigmoid(F.linear(x, w1)))
+    xi, wi = torch.randint(-3, 4, (3, 4)), torch.randint(-3, 4, (5, 4))
+    torch.testing.assert_close(PF.linear(xi, wi, activation="relu"), F.relu(F.linear(xi, wi)))
+    torch.testing.assert_close(PF.linear(xi, wi, activation="sigmoid"), torch.sigmoid(F.linear(xi, wi)))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "ReLU", "", 1, ["relu"]], ids=repr)
+def test_bad_activation_raises_value_error_listing_choices(activation):
+    x, w = torch.rand(3, 4), torch.rand(5, 4)
+    with pytest.raises(ValueError, match="choose one of None, 'relu', 'sigmoid'"):
+        PF.linear(x, w, activation=activation)
+    with pytest.raises(ValueError, match="choose one of"):
+        pnn.Linear(4, 5, activation=activation)
+
+
+@pytest.mark.skipif("cpp" not in pyengine.available_backends(), reason="pyengine._C is not built")
+def test_kernel_contract_checks_activation_and_saved_output():
+    x, w, gy = torch.rand(3, 4), torch.rand(5, 4), torch.rand(3, 5)
+    with pytest.raises(ValueError, match="activation must be"):
+        _backend._C.linear_forward(x, w, None, 3)
+    with pytest.raises(RuntimeError, match="needs the saved y"):
+        _backend._C.linear_backward(gy, x, w, True, True, False, 1)
+    with pytest.raises(RuntimeError, match="shape"):
+        _backend._C.linear_backward(gy, x, w, True, True, False, 2, torch.rand(5, 3))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("activation", [None, *ACTS])
+def test_nn_linear_activation(backend, device, activation):
+    ours = pnn.Linear(6, 4, activation=activation, device=device, dtype=torch.float64)
+    theirs = torch.nn.Linear(6, 4, device=device, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.activation == activation
+    assert repr(ours).endswith("bias=True)" if activation is None else f"activation={activation!r})")
+    x = make((3, 6), torch.float64, device)
+    with on(backend):
+        y = ours(x)
+    assert_close(y, theirs(x) if activation is None else ACTS[activation](theirs(x)))
+    converted = pnn.convert(torch.nn.Linear(6, 4))  # swapped in without our __init__: no activation
+    assert converted.activation is None and repr(converted) == repr(torch.nn.Linear(6, 4))

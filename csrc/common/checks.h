@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "common/activation.h"
+
 namespace pyengine {
 
 class TensorCheck {
@@ -71,6 +73,11 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 inline Reduction check_reduction(int64_t r, const char* op) {
   TORCH_CHECK_VALUE(r >= 0 && r <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", r);
   return static_cast<Reduction>(r);
+}
+
+inline Activation check_activation(int64_t a, const char* op) {
+  TORCH_CHECK_VALUE(a >= 0 && a <= 2, op, ": activation must be 0 (none), 1 (relu) or 2 (sigmoid), got ", a);
+  return static_cast<Activation>(a);
 }
 
 }  // namespace pyengine

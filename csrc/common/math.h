@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/activation.h"
+
 #ifdef __CUDACC__
 #define PE_HD __host__ __device__ __forceinline__
 #else
@@ -50,6 +52,19 @@ template <typename T> PE_HD T sigmoid_backward_math(T dy, T y) { return dy * y *
 // tanh: dx = dy * (1 - y^2), from the output alone.
 template <typename T> PE_HD T tanh_forward_math(T x) { return pe_tanh(x); }
 template <typename T> PE_HD T tanh_backward_math(T dy, T y) { return dy * (T(1) - y * y); }
+
+// linear's fused activation, by the code of its `activation` argument (pyengine/ops/linear.py ACTIVATIONS):
+// y = act(z) after the product and bias, and dz = dy * act'(y) from the saved output alone.
+template <Activation A, typename T> PE_HD T activation_forward_math(T z) {
+  if constexpr (A == Activation::kRelu) return relu_forward_math(z);
+  else if constexpr (A == Activation::kSigmoid) return sigmoid_forward_math(z);
+  else return z;
+}
+template <Activation A, typename T> PE_HD T activation_backward_math(T dy, T y) {
+  if constexpr (A == Activation::kRelu) return relu_backward_math(dy, y);
+  else if constexpr (A == Activation::kSigmoid) return sigmoid_backward_math(dy, y);
+  else return dy;
+}
 
 // leaky_relu: y = x > 0 ? x : slope * x; dx = dy * (x > 0 ? 1 : slope), from the input (slope may be <= 0).
 template <typename T> PE_HD T leaky_relu_forward_math(T x, T slope) { return pe_select_positive(x, x, x * slope); }

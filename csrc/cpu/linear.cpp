@@ -1,8 +1,11 @@
-// linear on the CPU. x: (M, K), weight: (N, K), bias: (N)
-//   y  = x @ weight^T + bias      bias rows written by us, then one BLAS GEMM accumulates onto them (beta = 1)
-//   dx = dy @ weight               (M, N) @ (N, K)   BLAS
-//   dW = dy^T @ x                  (N, M) @ (M, K)   BLAS
-//   db = sum over rows of dy       (N)               our column reduction (cpu/reduce.h)
+// linear on the CPU. x: (M, K), weight: (N, K), bias: (N), act: none, relu or sigmoid (common/math.h)
+//   y  = act(z), z = x @ weight^T + bias   bias rows written by us, one BLAS GEMM accumulates onto them
+//                                          (beta = 1), then act in place over y
+//   dz = dy * act'(y)                      from the saved output y; one pass that also sums db
+//   dx = dz @ weight               (M, N) @ (N, K)   BLAS
+//   dW = dz^T @ x                  (N, M) @ (M, K)   BLAS
+//   db = sum over rows of dz       (N)               our column reduction (cpu/reduce.h, or the fused pass)
+// Without an activation dz is dy itself.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +14,7 @@
 #include <cstring>
 
 #include "common/checks.h"
+#include "cpu/elementwise.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 
@@ -24,41 +28,122 @@ void check_linear_operands(const at::Tensor& x, const at::Tensor& weight, const 
               x.size(1), " and ", weight.size(1), "x", weight.size(0), ")");
 }
 
+constexpr int64_t kColBlock = 512;       // columns per task of the fused backward pass: its sums stay in L1
+constexpr int64_t kRowsPerBlock = 128;   // rows summed apart before joining the total, as cpu::sum_columns
+constexpr int64_t kMaxRowChunks = 64;
+
+// dz = dy * act'(y) and db[j] = sum_i dz[i, j] (db may be null), dy, y, dz (M, N) contiguous, in one pass:
+// each element of dy and y is read once, dz written once, and dz is summed while still in registers.
+// Tasks are (row chunk, 512-column block); the chunks' column sums (acc_t) are added in chunk order, and the
+// split depends on the shape alone: the same db on every run and thread count.
+template <Activation A, typename scalar_t>
+void activation_grad_with_column_sum(scalar_t* dz, scalar_t* db, const scalar_t* dy, const scalar_t* y, int64_t M,
+                                     int64_t N) {
+  using acc = acc_t<scalar_t>;
+  using AccVec = at::vec::Vectorized<acc>;
+  constexpr int64_t V = AccVec::size();
+  if (N == 0) return;
+  const int64_t row_chunks = std::clamp<int64_t>(M / kRowsPerBlock, 1, kMaxRowChunks);
+  const int64_t chunk_rows = (M + row_chunks - 1) / row_chunks;
+  const int64_t col_blocks = (N + kColBlock - 1) / kColBlock;
+  std::vector<acc> partial(db ? static_cast<size_t>(row_chunks * N) : 0);
+  at::parallel_for(0, row_chunks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    acc total[kColBlock], block[kColBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / col_blocks, c0 = (task % col_blocks) * kColBlock;
+      const int64_t width = std::min(kColBlock, N - c0);
+      const int64_t r0 = chunk * chunk_rows, r1 = std::min(M, r0 + chunk_rows);
+      std::fill(total, total + width, acc(0));
+      for (int64_t rb = r0; rb < r1; rb += kRowsPerBlock) {
+        std::fill(block, block + width, acc(0));
+        for (int64_t i = rb; i < std::min(r1, rb + kRowsPerBlock); ++i) {
+          const int64_t off = i * N + c0;
+          int64_t j = 0;
+          for (; j + V <= width; j += V) {
+            const AccVec g = activation_backward_math<A>(cpu::load_acc(dy + off + j), cpu::load_acc(y + off + j));
+            cpu::store_acc(dz + off + j, g);
+            (AccVec::loadu(block + j) + g).store(block + j);
+          }
+          for (; j < width; ++j) {
+            const acc g = activation_backward_math<A>(static_cast<acc>(dy[off + j]), static_cast<acc>(y[off + j]));
+            dz[off + j] = static_cast<scalar_t>(g);
+            block[j] += g;
+          }
+        }
+        for (int64_t j = 0; j < width; ++j) total[j] += block[j];
+      }
+      if (db) std::copy(total, total + width, partial.data() + chunk * N + c0);
+    }
+  });
+  if (!db) return;
+  for (int64_t j = 0; j < N; ++j) {
+    acc s = 0;
+    for (int64_t chunk = 0; chunk < row_chunks; ++chunk) s += partial[chunk * N + j];
+    db[j] = static_cast<scalar_t>(s);
+  }
+}
+
 }  // namespace
 
-at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              int64_t activation) {
   check_linear_operands(x, weight, "linear_forward_cpu");
+  const Activation act = check_activation(activation, "linear_forward_cpu");
   const int64_t M = x.size(0), N = weight.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (!bias.has_value() || !bias->defined()) return at::mm_out(y, x, weight.t());
-
-  check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
-  const at::Tensor b = bias->contiguous();
+  if (!bias.has_value() || !bias->defined()) {
+    at::mm_out(y, x, weight.t());
+  } else {
+    check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
+    const at::Tensor b = bias->contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
+      const scalar_t* src = b.const_data_ptr<scalar_t>();
+      scalar_t* dst = y.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * N, src, sizeof(scalar_t) * N);
+      });
+    });
+    at::addmm_out(y, y, x, weight.t());
+  }
+  if (act == Activation::kNone) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
-    const scalar_t* src = b.const_data_ptr<scalar_t>();
-    scalar_t* dst = y.data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * N, src, sizeof(scalar_t) * N);
+    scalar_t* p = y.data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto a) {
+      cpu::map_contiguous(p, p, y.numel(), [](auto z) { return activation_forward_math<decltype(a)::value>(z); });
     });
   });
-  return at::addmm_out(y, y, x, weight.t());
+  return y;
 }
 
 std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight,
-                                            bool need_x, bool need_weight, bool need_bias) {
+                                            bool need_x, bool need_weight, bool need_bias, int64_t activation,
+                                            const c10::optional<at::Tensor>& y_saved) {
   check_linear_operands(x, weight, "linear_backward_cpu");
-  check(grad_y_in, "grad_y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({x.size(0), weight.size(0)});
-  const at::Tensor grad_y = grad_y_in.contiguous();
+  const int64_t M = x.size(0), N = weight.size(0);
+  check(grad_y_in, "grad_y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({M, N});
+  const Activation act = check_activation(activation, "linear_backward_cpu");
+  at::Tensor grad_z = grad_y_in.contiguous();
   at::Tensor grad_x, grad_weight, grad_bias;
-  if (need_x) grad_x = at::mm(grad_y, weight);
-  if (need_weight) grad_weight = at::mm(grad_y.t(), x);
-  if (need_bias) {
-    const int64_t M = grad_y.size(0), N = grad_y.size(1);
-    grad_bias = at::empty({N}, grad_y.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "linear_backward_cpu", [&] {
-      cpu::sum_rows(grad_bias.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), M, N, N, acc_t<scalar_t>(1));
+  if (need_bias) grad_bias = at::empty({N}, grad_z.options());
+  if (act != Activation::kNone) {
+    TORCH_CHECK(y_saved.has_value() && y_saved->defined(), "linear_backward_cpu: an activation needs the saved y");
+    check(*y_saved, "y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({M, N});
+    const at::Tensor y = y_saved->contiguous(), grad_y = grad_z;
+    grad_z = at::empty({M, N}, grad_y.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
+      dispatch_activation(act, [&](auto a) {
+        activation_grad_with_column_sum<decltype(a)::value>(
+            grad_z.data_ptr<scalar_t>(), need_bias ? grad_bias.data_ptr<scalar_t>() : nullptr,
+            grad_y.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), M, N);
+      });
+    });
+  } else if (need_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
+      cpu::sum_rows(grad_bias.data_ptr<scalar_t>(), grad_z.const_data_ptr<scalar_t>(), M, N, N, acc_t<scalar_t>(1));
     });
   }
+  if (need_x) grad_x = at::mm(grad_z, weight);
+  if (need_weight) grad_weight = at::mm(grad_z.t(), x);
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -1,4 +1,4 @@
-// Our tiled GEMM for the linear kernels:  C (M, N) = alpha * A @ Bt^T (+ bias[n]),  A (M, K), Bt (N, K).
+// Our tiled GEMM for the linear kernels:  C (M, N) = act(alpha * A @ Bt^T (+ bias[n])),  A (M, K), Bt (N, K).
 // Both inputs are "(MN, K) operands": element (i, k) of an operand is, with its layout a template parameter,
 //   k-contiguous:  p[i * ld + k]          (a row-major matrix, e.g. x or W)
 //   mn-contiguous: p[i + k * ld]          (a transposed one, e.g. dY^T or x^T)
@@ -39,6 +39,7 @@ template <typename T, typename OutT> struct GemmParams {
   int64_t k_split;   // K range of one blockIdx.z
   acc_t<T> alpha;
   bool vec_a, vec_b; // 16-byte aligned base and ld: whole-vector cp.async copies are legal
+  Activation activation = Activation::kNone;  // applied after the bias; never with split-K (partials)
 };
 
 // ---- PTX wrappers (sm_80+) ----
@@ -288,7 +289,9 @@ struct Tf32Math {
 
 // Block (x, y, z) computes C rows [x BM, +BM) x columns [y BN, +BN) over k in [z k_split, +k_split):
 // stage tile kt + 1 with cp.async while the Math policy consumes tile kt (two shared buffers), then the
-// epilogue c = alpha * acc (+ bias[n]) with edge predication. OutT is T, or acc_t<T> for split-K partials.
+// epilogue c = act(alpha * acc (+ bias[n])) with edge predication, act applied in the accumulation type
+// before the one rounding to T (a uniform branch: one kernel serves every activation). OutT is T, or acc_t<T>
+// for split-K partials.
 template <typename T, typename OutT, typename Math, bool A_KCONTIG, bool B_KCONTIG>
 __global__ void __launch_bounds__(Math::kThreads) gemm_kernel(const GemmParams<T, OutT> p) {
   using TA = Tile<A_KCONTIG, Math::BM, Math::BK, A_KCONTIG ? Math::kPadK : Math::kPadMN>;
@@ -324,6 +327,8 @@ __global__ void __launch_bounds__(Math::kThreads) gemm_kernel(const GemmParams<T
     if (m < p.M && n < p.N) {
       v *= p.alpha;
       if (p.bias) v += static_cast<acc_t<T>>(p.bias[n]);
+      if (p.activation == Activation::kRelu) v = activation_forward_math<Activation::kRelu>(v);
+      if (p.activation == Activation::kSigmoid) v = activation_forward_math<Activation::kSigmoid>(v);
       c[m * p.ldc + n] = static_cast<OutT>(v);
     }
   });

@@ -57,27 +57,27 @@ def _grads(kernel_name, *args):
 def _register():
     ops = torch.ops.pyengine
 
-    # linear: x (M, K), weight (N, K), bias (N) -> (M, N)
+    # linear: x (M, K), weight (N, K), bias (N) -> act(x W^T + b) (M, N); with an activation the backward reads y
     @_fake("linear_forward")
-    def _(x, weight, bias=None):
+    def _(x, weight, bias=None, activation=0):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @_fake("linear_backward")
-    def _(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True):
+    def _(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True, activation=0, y=None):
         return (x.new_empty(x.shape) if need_x else None, weight.new_empty(weight.shape) if need_weight else None,
                 weight.new_empty(weight.shape[:1]) if need_bias else None)
 
     def linear_setup(ctx, inputs, output):
-        x, weight, bias = _with_defaults(inputs, (None, None, None))
-        ctx.save_for_backward(x, weight)
+        x, weight, bias, ctx.activation = _with_defaults(inputs, (None, None, None, 0))
+        ctx.save_for_backward(x, weight, *([output] if ctx.activation else []))
         ctx.has_bias = bias is not None
 
     @_autograd("linear_forward", linear_setup)
     def _(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+        x, weight, *y = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b)
+        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b, ctx.activation, *y)
 
     # relu, sigmoid, tanh: any shape, contiguous output; the backward reads the saved output y
     for op in ("relu", "sigmoid", "tanh"):

@@ -5,6 +5,11 @@ The chain rule through y = x W^T + b, with dy the gradient arriving from the lay
   dW = dy^T @ x        summed over the batch: every row contributed to the same weights
   db = dy.sum(0)       the bias was broadcast over the batch, so its gradient sums over it
 Leading batch dims are flattened into one: (*, in) -> (M, in).
+
+With a fused activation, y = act(z), z = x @ W^T + b (activation 'relu' or 'sigmoid'; the kernels take its
+code from ACTIVATIONS). Both derivatives are functions of the output y alone, so y is saved, not z:
+  dz = dy * act'(y)    relu: dy where y > 0 (a NaN y passes dy, as torch); sigmoid: dy * y * (1 - y)
+and dz takes the place of dy in the three products above.
 Kernels: csrc/cpu/linear.cpp, csrc/cuda/linear.cu.
 """
 import math
@@ -15,20 +20,41 @@ from .. import _backend
 from ._function import autocast
 
 
+# The activation codes of the kernels' `activation` argument.
+ACTIVATIONS = {None: 0, "relu": 1, "sigmoid": 2}
+RELU, SIGMOID = ACTIVATIONS["relu"], ACTIVATIONS["sigmoid"]
+
+
 @_backend.reference
-def linear_forward(x, weight, bias=None):
+def linear_forward(x, weight, bias=None, activation=0):
     y = x @ weight.T
     if bias is not None:
         y = y + bias
+    if activation == RELU:
+        return torch.relu(y)
+    if activation == SIGMOID:
+        return torch.sigmoid(y)
     return y
 
 
 @_backend.reference
-def linear_backward(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True):
+def linear_backward(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True, activation=0, y=None):
+    if activation == RELU:  # y <= 0 selects the zeros, so a NaN output passes its gradient on
+        grad_y = torch.where(y <= 0, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
+    elif activation == SIGMOID:
+        grad_y = grad_y * y * (1 - y)
     grad_x = grad_y @ weight if need_x else None
     grad_weight = grad_y.T @ x if need_weight else None
     grad_bias = grad_y.sum(0) if need_bias else None
     return grad_x, grad_weight, grad_bias
+
+
+def activation_code(activation):
+    """The kernels' code of an activation name; ValueError listing the choices for any other value."""
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+        raise ValueError(f"linear: unknown activation {activation!r}; choose one of "
+                         f"{', '.join(map(repr, ACTIVATIONS))}")
+    return ACTIVATIONS[activation]
 
 
 def _check(x, weight, bias):
@@ -46,45 +72,53 @@ def _check(x, weight, bias):
 
 
 class LinearFunction(torch.autograd.Function):
-    """y = x @ weight^T + bias for x (*, in), weight (out, in), bias (out) or None."""
+    """y = act(x @ weight^T + bias) for x (*, in), weight (out, in), bias (out) or None, activation a code of
+    ACTIVATIONS (0: none)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias=None):
+    def forward(ctx, x, weight, bias=None, activation=0):
         _check(x, weight, bias)
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit: -1 is ambiguous when K = 0
-        y = ctx.kernels.linear_forward(x2, weight, bias)
-        ctx.save_for_backward(x, weight)  # x itself, not the view x2: double backward must reach the input
+        # explicit sizes: -1 is ambiguous when K = 0
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        y = ctx.kernels.linear_forward(x2, weight, bias, activation)
+        ctx.activation = activation
+        # x itself, not the view x2: double backward must reach the input; act'(z) comes from y
+        ctx.save_for_backward(x, weight, *([y] if activation else []))
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad
+        x, weight, *y = ctx.saved_tensors
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
-            grad_y.reshape(x2.shape[0], weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias)
-        if grad_x is not None:
+            grad_y.reshape(x2.shape[0], weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias,
+            ctx.activation, *y)
+        if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def linear(input, weight, bias=None):
+def linear(input, weight, bias=None, activation=None):
     """torch.nn.functional.linear. A 1-D weight (in,) gives one output feature with that dim squeezed, and a
-    bias that broadcasts to (out,) (a single element) is expanded, as torch allows. Under torch.autocast the
-    inputs take the autocast dtype, as torch's linear does."""
+    bias that broadcasts to (out,) (a single element) is expanded, as torch allows.
+    activation: None, 'relu' or 'sigmoid', applied to the result in the same pass as the bias (the same
+    values as torch.relu / torch.sigmoid of F.linear). Under torch.autocast the inputs take the autocast
+    dtype, as torch's linear does."""
+    act = activation_code(activation)
     input, weight, bias = autocast("lower", input, weight, bias)
     if weight.dim() == 1:
         if bias is not None:
             raise RuntimeError("linear: a 1-D weight takes no bias (torch: mat2 must be a matrix)")
-        return linear(input, weight.unsqueeze(0)).squeeze(-1)
+        return linear(input, weight.unsqueeze(0), activation=activation).squeeze(-1)
     if not input.is_floating_point():
         if input.dtype != weight.dtype:
             raise RuntimeError(f"linear: input and weight must have the same dtype, got {input.dtype} and "
                                f"{weight.dtype}")
-        return linear_forward(input, weight, bias)  # integer matmul: torch supports it, nothing to differentiate
+        return linear_forward(input, weight, bias, act)  # integer matmul: torch supports it, nothing to differentiate
     if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
         bias = bias.reshape(1).expand(weight.shape[0])
-    return LinearFunction.apply(input, weight, bias)
+    return LinearFunction.apply(input, weight, bias, act)
