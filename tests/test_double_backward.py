@@ -23,6 +23,10 @@ def _r(*shape, device, low=-2.0, high=2.0):
 CASES = {
     "linear": lambda d: (PF.linear, (_r(4, 3, device=d), _r(5, 3, device=d), _r(5, device=d))),
     "linear_leading_dims": lambda d: (PF.linear, (_r(2, 3, 4, device=d), _r(2, 4, device=d))),
+    "linear_sigmoid": lambda d: (lambda x, w, b: PF.linear(x, w, b, activation="sigmoid"),
+                                 (_r(4, 3, device=d), _r(5, 3, device=d), _r(5, device=d))),
+    "linear_relu": lambda d: (lambda x, w: PF.linear(x, w, activation="relu"),
+                              (_away_from_zero(4, 1, device=d), _away_from_zero(5, 1, device=d))),
     "relu": lambda d: (PF.relu, (_away_from_zero(3, 5, device=d),)),
     "sigmoid": lambda d: (PF.sigmoid, (_r(3, 5, device=d),)),
     "tanh": lambda d: (PF.tanh, (_r(3, 5, device=d),)),

@@ -77,7 +77,8 @@ def _register():
         x, weight, *y = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        return _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b, ctx.activation, *y)
+        grads = _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b, ctx.activation, *y)
+        return (*grads, None)
 
     # relu, sigmoid, tanh: any shape, contiguous output; the backward reads the saved output y
     for op in ("relu", "sigmoid", "tanh"):
