@@ -105,6 +105,19 @@ std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const at::Tens
            need_input, need_target);
 }
 
+using TensorList = std::vector<at::Tensor>;
+
+TensorList fused_mlp_forward(const at::Tensor& x, const TensorList& weights, const TensorList& biases,
+                             int64_t activation, int64_t output_activation) {
+  PE_ROUTE(x, fused_mlp_forward, x, weights, biases, activation, output_activation);
+}
+TensorList fused_mlp_backward(const at::Tensor& grad_y, const at::Tensor& x, const TensorList& weights,
+                              const TensorList& hidden, const at::Tensor& y, int64_t activation,
+                              int64_t output_activation, bool need_x, bool need_weights, bool need_biases) {
+  PE_ROUTE(x, fused_mlp_backward, grad_y, x, weights, hidden, y, activation, output_activation, need_x,
+           need_weights, need_biases);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -159,6 +172,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_loss"), py::arg("input"), py::arg("target"), py::arg("weight") = py::none(),
         py::arg("pos_weight") = py::none(), py::arg("reduction") = 1, py::arg("need_input") = true,
         py::arg("need_target") = true);
+  m.def("fused_mlp_forward", &fused_mlp_forward, py::arg("x"), py::arg("weights"), py::arg("biases"),
+        py::arg("activation") = 1, py::arg("output_activation") = 0);
+  m.def("fused_mlp_backward", &fused_mlp_backward, py::arg("grad_y"), py::arg("x"), py::arg("weights"),
+        py::arg("hidden"), py::arg("y"), py::arg("activation") = 1, py::arg("output_activation") = 0,
+        py::arg("need_x") = true, py::arg("need_weights") = true, py::arg("need_biases") = true);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");
