@@ -156,7 +156,7 @@ def test_bad_arguments_raise(backend, device):
             PF.fused_mlp(x, weights, biases, output_activation="softmax")
         with pytest.raises(ValueError, match="bias"):
             PF.fused_mlp(x, weights, biases[:1])
-        with pytest.raises(ValueError, match="at least one layer"):
+        with pytest.raises(ValueError, match="1 to 16 layers"):
             PF.fused_mlp(x, [], [])
         with pytest.raises(RuntimeError, match="layer 1"):
             PF.fused_mlp(x, [weights[0], weights[0]], biases)

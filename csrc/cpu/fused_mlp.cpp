@@ -26,8 +26,9 @@ using namespace fused_mlp;
 constexpr int64_t kBlockRows = 64;
 // At most this many chunks of rows carry weight-gradient partials (bounds their memory).
 constexpr int64_t kMaxChunks = 64;
-// Multiply-adds a parallel task should at least do, so small networks run on the calling thread alone.
-constexpr int64_t kMinTaskMacs = 1 << 16;
+// Multiply-adds a parallel task should at least do (waking a thread costs microseconds), so small networks such
+// as the notes' 8 -> 6 -> 4 -> 1 at 759 rows run on the calling thread alone.
+constexpr int64_t kMinTaskMacs = 1 << 18;
 
 // The weights and biases in acc_t, layer after layer: W_l (n_{l+1}, n_l) then b_l (n_{l+1}). The backward
 // passes no biases (it never reads them): their slots are zero and only give the gradients' layout.

@@ -37,6 +37,7 @@ def _activation_grad(da, a, code):
 
 @_backend.reference
 def fused_mlp_forward(x, weights, biases, activation=1, output_activation=0):
+    check_network(x, weights, biases, activation, output_activation)
     # Accumulated in float for float16/bfloat16 and rounded once per saved output, as the kernels do; the next
     # layer reads the unrounded value.
     acc = _acc(x.dtype)
@@ -83,18 +84,21 @@ def check_sizes(sizes):
     if len(sizes) < 2 or len(sizes) > MAX_LAYERS + 1:
         raise ValueError(f"fused_mlp: needs 2 to {MAX_LAYERS + 1} sizes (input, hidden..., output), got {sizes}")
     if not all(isinstance(n, int) and 1 <= n <= MAX_WIDTH for n in sizes):
-        raise ValueError(f"fused_mlp: every size must be an int from 1 to {MAX_WIDTH}, got {sizes}; "
+        raise ValueError(f"fused_mlp: every width must be an int from 1 to {MAX_WIDTH}, got {sizes}; "
                          "use pyengine.nn.Linear layers for wider networks")
     return sizes
 
 
-def _check(x, weights, biases):
+def check_network(x, weights, biases, activation, output_activation):
+    """The python backend's contract checks, with the errors of the kernels' (csrc/common/fused_mlp.h): the
+    compiled backends check in C++, so the hot path pays for no Python loop over the layers."""
+    if not 1 <= len(weights) <= MAX_LAYERS:
+        raise ValueError(f"fused_mlp: takes 1 to {MAX_LAYERS} layers, got {len(weights)}")
     if len(weights) != len(biases):
         raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
-    if not weights:
-        raise ValueError("fused_mlp: needs at least one layer")
-    if x.dim() < 1:
-        raise RuntimeError("fused_mlp: input must be at least 1-D")
+    if activation not in ACTIVATIONS.values() or output_activation not in ACTIVATIONS.values():
+        raise ValueError(f"fused_mlp: activation codes must be 0 (none), 1 (relu) or 2 (sigmoid), got "
+                         f"{activation} and {output_activation}")
     width = x.shape[-1]
     sizes = [width]
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -106,7 +110,9 @@ def _check(x, weights, biases):
                                f"{w.dtype} and {b.dtype} (layer {i})")
         width = w.shape[0]
         sizes.append(width)
-    check_sizes(sizes)
+    if not all(1 <= n <= MAX_WIDTH for n in sizes):
+        raise ValueError(f"fused_mlp: every width must be 1 to {MAX_WIDTH}, got widths {sizes}; use "
+                         "pyengine.nn.Linear layers for wider networks")
 
 
 class FusedMLPFunction(torch.autograd.Function):
@@ -120,10 +126,11 @@ class FusedMLPFunction(torch.autograd.Function):
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
         ctx.activations = activation, output_activation
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit: -1 is ambiguous with 0 rows
+        flat = x.dim() != 2
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x  # not -1: ambiguous with 0 rows
         y, *hidden = ctx.kernels.fused_mlp_forward(x2, weights, biases, activation, output_activation)
         ctx.save_for_backward(x2, y, *weights, *hidden)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -135,7 +142,7 @@ class FusedMLPFunction(torch.autograd.Function):
         need_b = any(ctx.needs_input_grad[3 + layers:])
         grad_x, *grads = ctx.kernels.fused_mlp_backward(grad_y.reshape(y.shape), x2, weights, hidden, y,
                                                         *ctx.activations, ctx.needs_input_grad[0], need_w, need_b)
-        if grad_x is not None:
+        if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, None, None, *grads
 
@@ -144,6 +151,7 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
     """nn.Sequential(Linear, act, ..., Linear[, output_activation]) with the given weights (out, in) and biases
     (out), as one op; activation and output_activation are 'relu', 'sigmoid' or None. Every width is at most
     128."""
-    _check(input, weights, biases)
+    if input.dim() < 1:
+        raise RuntimeError("fused_mlp: input must be at least 1-D")
     return FusedMLPFunction.apply(input, activation_code(activation),
                                   activation_code(output_activation, "output_activation"), *weights, *biases)
