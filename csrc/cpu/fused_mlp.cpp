@@ -23,6 +23,7 @@ namespace {
 
 using namespace fused_mlp;
 
+// A multiple of every at::vec width (16 floats on AVX-512), so block loops need no tails.
 constexpr int64_t kBlockRows = 64;
 // At most this many chunks of rows carry weight-gradient partials (bounds their memory).
 constexpr int64_t kMaxChunks = 64;
@@ -83,31 +84,25 @@ void store_block(const acc_t* buf, int64_t n, int64_t r0, int64_t rows, scalar_t
   }
 }
 
-// out[j] = b[j] + sum_k W[j, k] in[k] for a block: in (n_in, kBlockRows), out (n_out, kBlockRows).
+// out[i] = bias[i] + sum_m coef[i * stride_i + m * stride_m] in[m] for a block: in (n_in, kBlockRows), out
+// (n_out, kBlockRows); bias may be null (0). The block's kBlockRows sums of one output stay in registers
+// (4 AVX-512 vectors of float) while the inputs stream past them.
+//   layer forward:   out = z,  in = a,  coef = W (stride_i = n_in, stride_m = 1)
+//   layer backward:  out = da, in = dz, coef = W^T (stride_i = 1, stride_m = n_in of W)
 template <typename acc_t>
-void block_matmul_bias(const acc_t* W, const acc_t* b, int64_t n_in, int64_t n_out, const acc_t* in, acc_t* out) {
-  for (int64_t j = 0; j < n_out; ++j) {
-    acc_t* o = out + j * kBlockRows;
-    for (int64_t r = 0; r < kBlockRows; ++r) o[r] = b[j];
-    for (int64_t k = 0; k < n_in; ++k) {
-      const acc_t w = W[j * n_in + k];
-      const acc_t* a = in + k * kBlockRows;
-      for (int64_t r = 0; r < kBlockRows; ++r) o[r] += w * a[r];
+void block_combine(const acc_t* coef, int64_t stride_i, int64_t stride_m, const acc_t* bias, int64_t n_in,
+                   int64_t n_out, const acc_t* in, acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVecs = kBlockRows / Vec::size();
+  for (int64_t i = 0; i < n_out; ++i) {
+    Vec acc[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) acc[v] = Vec(bias == nullptr ? acc_t(0) : bias[i]);
+    for (int64_t m = 0; m < n_in; ++m) {
+      const Vec c(coef[i * stride_i + m * stride_m]);
+      const acc_t* row = in + m * kBlockRows;
+      for (int64_t v = 0; v < kVecs; ++v) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size()), acc[v]);
     }
-  }
-}
-
-// da[k] = sum_j W[j, k] dz[j] for a block: dz (n_out, kBlockRows), da (n_in, kBlockRows).
-template <typename acc_t>
-void block_matmul_transposed(const acc_t* W, int64_t n_in, int64_t n_out, const acc_t* dz, acc_t* da) {
-  for (int64_t k = 0; k < n_in; ++k) {
-    acc_t* o = da + k * kBlockRows;
-    for (int64_t r = 0; r < kBlockRows; ++r) o[r] = acc_t(0);
-    for (int64_t j = 0; j < n_out; ++j) {
-      const acc_t w = W[j * n_in + k];
-      const acc_t* g = dz + j * kBlockRows;
-      for (int64_t r = 0; r < kBlockRows; ++r) o[r] += w * g[r];
-    }
+    for (int64_t v = 0; v < kVecs; ++v) acc[v].store(out + i * kBlockRows + v * Vec::size());
   }
 }
 
@@ -157,7 +152,8 @@ void forward(const Network<scalar_t>& net, const scalar_t* x, int64_t M, int64_t
       const int64_t r0 = b * kBlockRows, rows = std::min(kBlockRows, M - r0);
       load_block(x, net.in(0), r0, rows, in_buf.data());
       for (int64_t l = 0; l < L; ++l) {
-        block_matmul_bias(net.weight(l), net.bias(l), net.in(l), net.out(l), in_buf.data(), out_buf.data());
+        block_combine(net.weight(l), net.in(l), int64_t(1), net.bias(l), net.in(l), net.out(l), in_buf.data(),
+                      out_buf.data());
         const bool last = l == L - 1;
         block_activate(out_buf.data(), net.out(l), last ? out_act : act);
         store_block(out_buf.data(), net.out(l), r0, rows, last ? y : hidden[l]);
@@ -203,7 +199,7 @@ void backward(const Network<scalar_t>& net, const scalar_t* grad_y, const scalar
             }
           }
           if (l == 0 && dx == nullptr) break;
-          block_matmul_transposed(net.weight(l), net.in(l), net.out(l), dz.data(), da.data());
+          block_combine<acc>(net.weight(l), 1, net.in(l), nullptr, net.out(l), net.in(l), dz.data(), da.data());
           if (l == 0) {
             store_block(da.data(), net.in(0), r0, rows, dx);
           } else {

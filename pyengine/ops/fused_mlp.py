@@ -140,9 +140,11 @@ class FusedMLPFunction(torch.autograd.Function):
         weights, hidden = rest[:layers], rest[layers:]
         need_w = any(ctx.needs_input_grad[3:3 + layers])
         need_b = any(ctx.needs_input_grad[3 + layers:])
-        grad_x, *grads = ctx.kernels.fused_mlp_backward(grad_y.reshape(y.shape), x2, weights, hidden, y,
-                                                        *ctx.activations, ctx.needs_input_grad[0], need_w, need_b)
-        if grad_x is not None and len(ctx.x_shape) != 2:
+        flat = len(ctx.x_shape) != 2
+        grad_x, *grads = ctx.kernels.fused_mlp_backward(grad_y.reshape(y.shape) if flat else grad_y, x2, weights,
+                                                        hidden, y, *ctx.activations, ctx.needs_input_grad[0], need_w,
+                                                        need_b)
+        if grad_x is not None and flat:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, None, None, *grads
 
