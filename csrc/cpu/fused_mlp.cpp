@@ -133,9 +133,14 @@ template <typename acc_t> acc_t dot(const acc_t* u, const acc_t* v, int64_t rows
   return s;
 }
 
+// sum_r u[r] over the first `rows` entries, in lanes like dot (a scalar loop would be one long chain of adds).
 template <typename acc_t> acc_t sum(const acc_t* u, int64_t rows) {
-  acc_t s = 0;
-  for (int64_t r = 0; r < rows; ++r) s += u[r];
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t r = 0;
+  for (; r + Vec::size() <= rows; r += Vec::size()) acc = acc + Vec::loadu(u + r);
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc);
+  for (; r < rows; ++r) s += u[r];
   return s;
 }
 
