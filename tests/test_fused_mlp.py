@@ -154,8 +154,10 @@ def test_bad_arguments_raise(backend, device):
             PF.fused_mlp(x, weights, biases, activation="tanh")
         with pytest.raises(ValueError, match="output_activation"):
             PF.fused_mlp(x, weights, biases, output_activation="softmax")
-        with pytest.raises(ValueError, match="bias"):
+        with pytest.raises(ValueError, match="one bias per weight, got 1 biases for 2 weights"):
             PF.fused_mlp(x, weights, biases[:1])
+        with pytest.raises(RuntimeError, match="at least 1-D"):
+            PF.fused_mlp(torch.tensor(1.0, device=device), weights, biases)
         with pytest.raises(ValueError, match="1 to 16 layers"):
             PF.fused_mlp(x, [], [])
         with pytest.raises(RuntimeError, match="layer 1"):

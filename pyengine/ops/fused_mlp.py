@@ -155,5 +155,7 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
     128."""
     if input.dim() < 1:
         raise RuntimeError("fused_mlp: input must be at least 1-D")
+    if len(weights) != len(biases):  # the Function tells weights from biases by position: check before it splits
+        raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
     return FusedMLPFunction.apply(input, activation_code(activation),
                                   activation_code(output_activation, "output_activation"), *weights, *biases)
