@@ -122,18 +122,45 @@ template <typename acc_t> void block_activation_grad(acc_t* da, const acc_t* a, 
   }
 }
 
-// sum_r u[r] v[r] over the first `rows` entries, in a fixed order (vector lanes, then the tail).
-template <typename acc_t> acc_t dot(const acc_t* u, const acc_t* v, int64_t rows) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec acc(acc_t(0));
-  int64_t r = 0;
-  for (; r + Vec::size() <= rows; r += Vec::size()) acc = at::vec::fmadd(Vec::loadu(u + r), Vec::loadu(v + r), acc);
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc);
-  for (; r < rows; ++r) s += u[r] * v[r];
-  return s;
+// The block's rows r0 .. r0 + rows of a row-major (M, n) tensor, row-major in acc_t (the weight gradient's layout).
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* buf) {
+  const scalar_t* from = src + r0 * n;
+  for (int64_t i = 0; i < rows * n; ++i) buf[i] = static_cast<acc_t>(from[i]);
 }
 
-// sum_r u[r] over the first `rows` entries, in lanes like dot (a scalar loop would be one long chain of adds).
+// dW[j][k] += sum_r dz[j][r] a[r][k] for a block, a row-major (rows, n_in). For each j, up to 64 columns of dW
+// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums.
+template <typename acc_t>
+void block_weight_grad(const acc_t* dz, const acc_t* a_rows, int64_t rows, int64_t n_in, int64_t n_out, acc_t* dW) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size();
+  for (int64_t j = 0; j < n_out; ++j) {
+    const acc_t* g = dz + j * kBlockRows;
+    for (int64_t k0 = 0; k0 < n_in; k0 += kCols) {
+      int64_t count[kVecs];  // columns of each vector inside the layer (0 past its end)
+      Vec acc[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v) {
+        count[v] = std::clamp<int64_t>(n_in - k0 - v * Vec::size(), 0, Vec::size());
+        acc[v] = Vec(acc_t(0));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const Vec c(g[r]);
+        const acc_t* row = a_rows + r * n_in + k0;
+        for (int64_t v = 0; v < kVecs; ++v) {
+          if (count[v] > 0) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[v]);
+        }
+      }
+      for (int64_t v = 0; v < kVecs; ++v) {
+        if (count[v] == 0) continue;
+        acc_t* out = dW + j * n_in + k0 + v * Vec::size();
+        (acc[v] + Vec::loadu(out, count[v])).store(out, count[v]);
+      }
+    }
+  }
+}
+
+// sum_r u[r] over the first `rows` entries, in vector lanes (a scalar loop would be one long chain of adds).
 template <typename acc_t> acc_t sum(const acc_t* u, int64_t rows) {
   using Vec = at::vec::Vectorized<acc_t>;
   Vec acc(acc_t(0));
@@ -182,7 +209,7 @@ void backward(const Network<scalar_t>& net, const scalar_t* grad_y, const scalar
   std::vector<acc> partials(need_params ? chunks * n_params : 0, acc(0));
   at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     const int64_t buf_size = net.max_width() * kBlockRows;
-    std::vector<acc> dz(buf_size), da(buf_size), a(buf_size), out(buf_size);
+    std::vector<acc> dz(buf_size), da(buf_size), a(buf_size), a_rows(buf_size), out(buf_size);
     for (int64_t c = c0; c < c1; ++c) {
       acc* part = need_params ? partials.data() + c * n_params : nullptr;
       for (int64_t b = c * blocks_per_chunk; b < std::min(blocks, (c + 1) * blocks_per_chunk); ++b) {
@@ -193,15 +220,14 @@ void backward(const Network<scalar_t>& net, const scalar_t* grad_y, const scalar
           block_activation_grad(dz.data(), out.data(), net.out(L - 1), out_act);
         }
         for (int64_t l = L - 1; l >= 0; --l) {
-          load_block(l == 0 ? x : hidden[l - 1], net.in(l), r0, rows, a.data());
+          const scalar_t* a_src = l == 0 ? x : hidden[l - 1];
+          load_block(a_src, net.in(l), r0, rows, a.data());
           if (need_params) {
             acc* dW = part + net.offsets[l];
             acc* db = dW + net.out(l) * net.in(l);
-            for (int64_t j = 0; j < net.out(l); ++j) {
-              const acc* g = dz.data() + j * kBlockRows;
-              for (int64_t k = 0; k < net.in(l); ++k) dW[j * net.in(l) + k] += dot(g, a.data() + k * kBlockRows, rows);
-              db[j] += sum(g, rows);
-            }
+            load_rows(a_src, net.in(l), r0, rows, a_rows.data());
+            block_weight_grad(dz.data(), a_rows.data(), rows, net.in(l), net.out(l), dW);
+            for (int64_t j = 0; j < net.out(l); ++j) db[j] += sum(dz.data() + j * kBlockRows, rows);
           }
           if (l == 0 && dx == nullptr) break;
           block_combine<acc>(net.weight(l), 1, net.in(l), nullptr, net.out(l), net.in(l), dz.data(), da.data());
