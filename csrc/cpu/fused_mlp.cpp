@@ -1,8 +1,9 @@
 // fused_mlp on the CPU: a whole MLP (widths <= 128) forward or backward in one call. The math is in
 // common/fused_mlp.h. Rows go through in blocks of kBlockRows; a block's activations of every layer stay in a
 // few feature-major buffers (feature k of the block at buf[k * kBlockRows .. + kBlockRows]) in L1/L2, so each
-// layer is a short loop of multiply-adds over kBlockRows contiguous rows that the compiler vectorizes whatever
-// the widths, and nothing but x, the saved hidden outputs and y crosses memory.
+// layer is a short loop of multiply-adds over kBlockRows contiguous rows, vectorized whatever the widths, and
+// nothing but x, the saved hidden outputs and y crosses memory. The backward also copies each layer's input
+// rows row-major, the layout in which the weight gradient accumulates without horizontal sums.
 //
 // Weight gradients are summed per chunk of rows (a chunk is a whole number of blocks; the split depends on M
 // alone) into per-chunk partials, then the partials are added in chunk order: the same result on every run
