@@ -117,6 +117,44 @@ def _ce_floor(p, s):
     return {"forward": (fwd, None), "backward": (bwd, None), "forward+backward": (fwd + bwd, None)}
 
 
+def _fused_mlp_make(p, dtype, device):
+    rows, widths = p
+    weights = [(torch.randn(b, a, dtype=dtype, device=device) / math.sqrt(a)).requires_grad_()
+               for a, b in zip(widths, widths[1:])]
+    biases = [_randn((b,), dtype, device) for b in widths[1:]]
+    return [_randn((rows, widths[0]), dtype, device), *weights, *biases], []
+
+
+def _fused_mlp_pyengine(x, *params):
+    layers = len(params) // 2
+    return PF.fused_mlp(x, params[:layers], params[layers:], "relu")
+
+
+def _fused_mlp_torch(x, *params):
+    layers = len(params) // 2
+    for i, (w, b) in enumerate(zip(params[:layers], params[layers:])):
+        x = F.linear(x, w, b)
+        if i < layers - 1:
+            x = F.relu(x)
+    return x
+
+
+def _fused_mlp_floor(p, s):
+    rows, widths = p
+    macs = sum(a * b for a, b in zip(widths, widths[1:]))
+    params = macs + sum(widths[1:])
+    hidden = rows * sum(widths[1:-1])
+    # forward reads x and the parameters, writes the hidden outputs it saves and y; backward reads dy, x, the
+    # saved hidden outputs, y and the weights, writes dx and the parameter gradients
+    fwd = (rows * widths[0] + params + hidden + rows * widths[-1]) * s
+    bwd = (2 * rows * widths[-1] + rows * widths[0] + hidden + macs + rows * widths[0] + params) * s
+    return {"forward": (fwd, 2 * rows * macs), "backward": (bwd, 4 * rows * macs),
+            "forward+backward": (fwd + bwd, 6 * rows * macs)}
+
+
+FUSED_MLP_SIZES = {"tiny": (TINY_ROWS, (8, 6, 4, 1)), "medium": (4096, (32, 64, 64, 1)),
+                   "large": (65536, (64, 128, 128, 1))}
+
 OPS = {
     op.name: op
     for op in [
@@ -134,6 +172,8 @@ OPS = {
            PF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, _pointwise_loss_floor),
         Op("cross_entropy", {"tiny": (TINY_ROWS, 10), "medium": (1024, 1000), "large": (4096, 32000)},
            _ce_make, PF.cross_entropy, F.cross_entropy, _ce_floor),
+        Op("fused_mlp", FUSED_MLP_SIZES, _fused_mlp_make, _fused_mlp_pyengine, _fused_mlp_torch, _fused_mlp_floor,
+           lambda p: f"{p[0]}x" + "->".join(map(str, p[1]))),
     ]
 }
 
@@ -186,10 +226,19 @@ def _class_data(batch, widths, dtype, device):
                                                                                    device=device)
 
 
+def _notes_mlp_fused(widths, lib):
+    """The notes' MLP as one pyengine.nn.FusedMLP (its state_dict keys are the Sequential's); torch's side is
+    the usual nn.Sequential."""
+    if lib is not pnn:
+        return _notes_mlp(widths, lib)
+    return pnn.FusedMLP(widths, activation="sigmoid"), pnn.BCEWithLogitsLoss()
+
+
 MODELS = {
     m.name: m
     for m in [
         Model("mlp_notes", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp, _binary_data),
+        Model("mlp_notes_fused", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp_fused, _binary_data),
         Model("mlp_classifier", {"tiny": (64, (64, 32, 10)), "medium": (256, (784, 512, 10)),
                                  "large": (4096, (1024, 1024, 1000))}, _classifier, _class_data),
     ]

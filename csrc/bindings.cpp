@@ -111,6 +111,19 @@ std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const at::Tens
            need_input, need_target);
 }
 
+using TensorList = std::vector<at::Tensor>;
+
+TensorList fused_mlp_forward(const at::Tensor& x, const TensorList& weights, const TensorList& biases,
+                             int64_t activation, int64_t output_activation) {
+  PE_ROUTE(x, fused_mlp_forward, x, weights, biases, activation, output_activation);
+}
+TensorList fused_mlp_backward(const at::Tensor& grad_y, const at::Tensor& x, const TensorList& weights,
+                              const TensorList& hidden, const at::Tensor& y, int64_t activation,
+                              int64_t output_activation, bool need_x, bool need_weights, bool need_biases) {
+  PE_ROUTE(x, fused_mlp_backward, grad_y, x, weights, hidden, y, activation, output_activation, need_x,
+           need_weights, need_biases);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -143,6 +156,18 @@ struct AsTuple<N, Kernel> {
   static auto call(Args... args) { return first_n<N>(Kernel(args...), std::make_index_sequence<N>()); }
 };
 
+// A list with undefined entries (gradients not asked for) is a Tensor?[] to the dispatcher.
+template <auto Kernel>
+struct AsOptionalList;
+template <typename... Args, std::vector<at::Tensor> (*Kernel)(Args...)>
+struct AsOptionalList<Kernel> {
+  static std::vector<std::optional<at::Tensor>> call(Args... args) {
+    std::vector<std::optional<at::Tensor>> out;
+    for (auto& t : Kernel(args...)) out.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+    return out;
+  }
+};
+
 #define PE_LIBRARY_IMPL(dev)                                                                                 \
   m.impl("linear_forward", &linear_forward_##dev);                                                          \
   m.impl("linear_backward", &AsTuple<3, &linear_backward_##dev>::call);                                     \
@@ -161,7 +186,10 @@ struct AsTuple<N, Kernel> {
   m.impl("mse_loss_forward", &mse_loss_forward_##dev);                                                      \
   m.impl("mse_loss_backward", &AsTuple<2, &mse_loss_backward_##dev>::call);                                 \
   m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward_##dev);      \
-  m.impl("binary_cross_entropy_with_logits_backward", &AsTuple<2, &binary_cross_entropy_with_logits_backward_##dev>::call);
+  m.impl("binary_cross_entropy_with_logits_backward",                                                       \
+         &AsTuple<2, &binary_cross_entropy_with_logits_backward_##dev>::call);                               \
+  m.impl("fused_mlp_forward", &fused_mlp_forward_##dev);                                                    \
+  m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward_##dev>::call);
 
 }  // namespace
 }  // namespace pyengine
@@ -192,6 +220,10 @@ TORCH_LIBRARY(pyengine, m) {
   m.def("binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
         "Tensor? weight=None, Tensor? pos_weight=None, int reduction=1, bool need_input=True, "
         "bool need_target=True) -> (Tensor, Tensor)");
+  m.def("fused_mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, int activation=1, "
+        "int output_activation=0) -> Tensor[]");
+  m.def("fused_mlp_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] hidden, Tensor y, int activation, "
+        "int output_activation, bool need_x=True, bool need_weights=True, bool need_biases=True) -> Tensor?[]");
 }
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
@@ -243,6 +275,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_loss"), py::arg("input"), py::arg("target"), py::arg("weight") = py::none(),
         py::arg("pos_weight") = py::none(), py::arg("reduction") = 1, py::arg("need_input") = true,
         py::arg("need_target") = true);
+  m.def("fused_mlp_forward", &fused_mlp_forward, py::arg("x"), py::arg("weights"), py::arg("biases"),
+        py::arg("activation") = 1, py::arg("output_activation") = 0);
+  m.def("fused_mlp_backward", &fused_mlp_backward, py::arg("grad_y"), py::arg("x"), py::arg("weights"),
+        py::arg("hidden"), py::arg("y"), py::arg("activation") = 1, py::arg("output_activation") = 0,
+        py::arg("need_x") = true, py::arg("need_weights") = true, py::arg("need_biases") = true);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

@@ -73,6 +73,19 @@ namespace pyengine {
       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight, int64_t reduction, \
       bool need_input, bool need_target);
 
+// fused_mlp: a whole MLP, widths n_0 .. n_L each 1..128 (see common/fused_mlp.h for the math): x (M, n_0),
+// weights[l] (n_{l+1}, n_l), biases[l] (n_{l+1}); activation / output_activation: 0 none, 1 relu, 2 sigmoid.
+// forward -> {y (M, n_L), hidden a_1 (M, n_1), ..., a_{L-1}}: the hidden layers' post-activation outputs.
+// backward -> {dx, dW_0 .. dW_{L-1}, db_0 .. db_{L-1}}; entries undefined where their flag is false.
+#define PYENGINE_FUSED_MLP_OPS(dev)                                                                              \
+  std::vector<at::Tensor> fused_mlp_forward_##dev(const at::Tensor& x, const std::vector<at::Tensor>& weights,  \
+                                                  const std::vector<at::Tensor>& biases, int64_t activation,    \
+                                                  int64_t output_activation);                                   \
+  std::vector<at::Tensor> fused_mlp_backward_##dev(                                                             \
+      const at::Tensor& grad_y, const at::Tensor& x, const std::vector<at::Tensor>& weights,                    \
+      const std::vector<at::Tensor>& hidden, const at::Tensor& y, int64_t activation, int64_t output_activation, \
+      bool need_x, bool need_weights, bool need_biases);
+
 #define PYENGINE_ALL_OPS(dev)        \
   PYENGINE_LINEAR_OPS(dev)           \
   PYENGINE_UNARY_OPS(relu, dev)      \
@@ -82,7 +95,8 @@ namespace pyengine {
   PYENGINE_ADD_OPS(dev)              \
   PYENGINE_CROSS_ENTROPY_OPS(dev)    \
   PYENGINE_MSE_LOSS_OPS(dev)         \
-  PYENGINE_BCE_WITH_LOGITS_OPS(dev)
+  PYENGINE_BCE_WITH_LOGITS_OPS(dev) \
+  PYENGINE_FUSED_MLP_OPS(dev)
 
 PYENGINE_ALL_OPS(cpu)
 #ifdef PYENGINE_WITH_CUDA

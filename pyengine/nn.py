@@ -69,6 +69,45 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
+class FusedMLP(torch.nn.Sequential):
+    """A whole MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp):
+    FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
+    nn.Sequential(Linear(8, 6), Sigmoid(), Linear(6, 4), Sigmoid(), Linear(4, 1)) does, and holds exactly those
+    modules, so initialization, parameters, their order and the state_dict keys are that Sequential's: weights
+    load either way. sizes: input, hidden..., output widths, each 1..128. activation: 'relu', 'sigmoid' or None
+    between layers; output_activation: the same after the last layer (default None: raw outputs). The layers
+    are fixed at construction; a slice gives the plain, unfused torch.nn.Sequential of those modules."""
+
+    def __init__(self, sizes, activation="relu", output_activation=None, device=None, dtype=None):
+        from .ops.fused_mlp import activation_code, check_sizes
+
+        sizes = check_sizes(sizes)
+        codes = activation_code(activation), activation_code(output_activation, "output_activation")
+        kinds = {1: torch.nn.ReLU, 2: torch.nn.Sigmoid}
+        layers = []
+        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+            layers.append(torch.nn.Linear(n_in, n_out, device=device, dtype=dtype))
+            code = codes[0] if i < len(sizes) - 2 else codes[1]
+            if code:
+                layers.append(kinds[code]())
+        super().__init__(*layers)
+        self.activation, self.output_activation = activation, output_activation
+
+    def forward(self, input):
+        # weight and bias of each Linear in turn (the activations hold none), read straight from the modules'
+        # parameter dicts: the step's per-call Python cost is what this module exists to cut
+        params = [p for m in self._modules.values() for p in m._parameters.values()]
+        return F.fused_mlp(input, params[0::2], params[1::2], self.activation, self.output_activation)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return torch.nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}, output_activation={self.output_activation!r}"
+
+
 _SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid, torch.nn.Tanh: Tanh,
           torch.nn.LeakyReLU: LeakyReLU, torch.nn.CrossEntropyLoss: CrossEntropyLoss, torch.nn.MSELoss: MSELoss,
           torch.nn.BCEWithLogitsLoss: BCEWithLogitsLoss}
@@ -88,3 +127,4 @@ def convert(model):
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid", "Tanh",
            "convert"]
+__all__ += ["FusedMLP"]

@@ -88,6 +88,20 @@ def _samples(name, dtype, device):
             g = r(5, 3) if reduction == 0 else r()
             weights = (r(5, 3, low=0.5), None) if bce else ()
             yield (g, r(5, 3), r(5, 3, low=0.0, high=1.0), *weights, reduction, *flags)
+    elif name in ("fused_mlp_forward", "fused_mlp_backward"):
+        for sizes, act, out_act in (([3, 5, 2], 1, 0), ([4, 7, 6, 1], 2, 2), ([2, 1], 0, 1)):
+            for rows in (9, 0):
+                ws = [r(o, i, grad=True) for i, o in zip(sizes, sizes[1:])]
+                bs = [r(o, grad=True) for o in sizes[1:]]
+                x = r(rows, sizes[0], grad=True)
+                if name == "fused_mlp_forward":
+                    yield x, ws, bs, act, out_act
+                    continue
+                y, *hidden = torch.ops.pyengine.fused_mlp_forward(x.detach(), [w.detach() for w in ws],
+                                                                 [b.detach() for b in bs], act, out_act)
+                for flags in ((True, True, True), (False, True, False)):
+                    yield (torch.randn_like(y), x.detach(), [w.detach() for w in ws], hidden, y, act, out_act,
+                           *flags)
     else:
         raise KeyError(f"no opcheck samples for torch.ops.pyengine.{name}: add them to tests/test_library.py")
 
@@ -214,3 +228,17 @@ def test_autocast_gives_torchs_dtypes(op, input_dtype, autocast_dtype):
     (gx_ref,) = torch.autograd.grad(expected.float().sum(), x)
     assert gx.dtype == gx_ref.dtype == x.dtype
     torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compile_fused_mlp_fullgraph_matches_eager():
+    backend, codes = _record_graphs()
+    torch.manual_seed(2)
+    model = pnn.FusedMLP([8, 6, 4, 1], activation="sigmoid")
+    x = torch.randn(77, 8)
+    eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    ours = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    assert "torch.ops.pyengine.fused_mlp_forward" in codes[0]
+    assert "torch.ops.pyengine.fused_mlp_backward" in codes[1]

@@ -4,6 +4,7 @@ from . import _library  # noqa: F401  (registers torch.ops.pyengine fake functio
 from .add import BroadcastAddFunction, add
 from .binary_cross_entropy_with_logits import BinaryCrossEntropyWithLogitsFunction, binary_cross_entropy_with_logits
 from .cross_entropy import SoftmaxCrossEntropyFunction, cross_entropy
+from .fused_mlp import FusedMLPFunction, fused_mlp
 from .leaky_relu import LeakyReLUFunction, leaky_relu
 from .linear import LinearFunction, linear
 from .mse_loss import MSELossFunction, mse_loss
@@ -15,3 +16,4 @@ __all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "Leak
            "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction",
            "add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
            "sigmoid", "tanh"]
+__all__ += ["FusedMLPFunction", "fused_mlp"]

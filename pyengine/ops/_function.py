@@ -44,11 +44,11 @@ def promote_to_float(input, op):
     return input.to(torch.get_default_dtype())
 
 
-def first_order_only(op):
+def first_order_only(op, instead=None):
     """Like torch.autograd.function.once_differentiable, with an error that names the op and the way out: the
     backward runs without recording, and differentiating its result again raises."""
     message = (f"pyengine.{op} has no double backward (its backward is not differentiable); use "
-               f"torch.nn.functional.{op} where a second derivative is needed").encode()
+               f"{instead or f'torch.nn.functional.{op}'} where a second derivative is needed").encode()
 
     def decorate(backward):
         @functools.wraps(backward)

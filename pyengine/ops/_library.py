@@ -196,6 +196,34 @@ def _register():
                        weight, pos_weight, ctx.reduction, need_input, need_target)
         return grads[0], grads[1], None, None, None
 
+    # fused_mlp: x (M, in), weights (out_i, in_i), biases (out_i) -> [y (M, out_last), hidden outputs (M, out_i)...]
+    @_fake("fused_mlp_forward")
+    def _(x, weights, biases, activation=1, output_activation=0):
+        return [x.new_empty((x.shape[0], w.shape[0])) for w in weights[-1:] + weights[:-1]]
+
+    @_fake("fused_mlp_backward")
+    def _(grad_y, x, weights, hidden, y, activation, output_activation, need_x=True, need_weights=True,
+          need_biases=True):
+        return ([x.new_empty(x.shape) if need_x else None]
+                + [w.new_empty(w.shape) if need_weights else None for w in weights]
+                + [w.new_empty(w.shape[:1]) if need_biases else None for w in weights])
+
+    def fused_mlp_setup(ctx, inputs, output):
+        x, weights, _, *ctx.activations = _with_defaults(inputs, (None, None, None, 1, 0))
+        ctx.save_for_backward(x, *output, *weights)
+        ctx.layers = len(weights)
+
+    @_autograd("fused_mlp_forward", fused_mlp_setup)
+    @first_order_only("fused_mlp", instead="an unfused torch.nn.Sequential of Linear and activation layers")
+    def _(ctx, grad_outputs):
+        x, y, *rest = ctx.saved_tensors
+        hidden, weights = rest[:ctx.layers - 1], rest[ctx.layers - 1:]
+        need_x, need_w, need_b = (any(n) if isinstance(n, (list, tuple)) else n for n in ctx.needs_input_grad[:3])
+        grads = ops.fused_mlp_backward(grad_outputs[0].contiguous(), x, weights, hidden, y, *ctx.activations,
+                                       need_x, need_w, need_b)
+        n = ctx.layers
+        return grads[0], grads[1:1 + n] if need_w else None, grads[1 + n:] if need_b else None, None, None
+
 
 if _backend._C is not None:
     _register()

@@ -1,0 +1,333 @@
+// fused_mlp on the CPU: a whole MLP (widths <= 128) forward or backward in one call. The math is in
+// common/fused_mlp.h. Rows go through in blocks of kBlockRows; a block's activations of every layer stay in a
+// few feature-major buffers (feature k of the block at buf[k * kBlockRows .. + kBlockRows]) in L1/L2, so each
+// layer is a short loop of multiply-adds over kBlockRows contiguous rows, vectorized whatever the widths, and
+// nothing but x, the saved hidden outputs and y crosses memory. The backward also copies each layer's input
+// rows row-major, the layout in which the weight gradient accumulates without horizontal sums.
+//
+// Weight gradients are summed per chunk of rows (a chunk is a whole number of blocks; the split depends on M
+// alone) into per-chunk partials, then the partials are added in chunk order: the same result on every run
+// and with any number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/vec_math.h"
+#include "common/fused_mlp.h"
+#include "ops.h"
+
+namespace pyengine {
+namespace {
+
+using namespace fused_mlp;
+
+// A multiple of every at::vec width (16 floats on AVX-512), so block loops need no tails.
+constexpr int64_t kBlockRows = 64;
+// At most this many chunks of rows carry weight-gradient partials (bounds their memory).
+constexpr int64_t kMaxChunks = 64;
+// Multiply-adds a parallel task should at least do (waking a thread costs microseconds), so small networks such
+// as the notes' 8 -> 6 -> 4 -> 1 at 759 rows run on the calling thread alone.
+constexpr int64_t kMinTaskMacs = 1 << 18;
+
+// The weights and biases in acc_t, layer after layer: W_l (n_{l+1}, n_l) then b_l (n_{l+1}). The backward
+// passes no biases (it never reads them): their slots are zero and only give the gradients' layout.
+template <typename scalar_t> struct Network {
+  using acc = acc_t<scalar_t>;
+  std::vector<int64_t> widths, offsets;
+  std::vector<acc> params;
+
+  Network(std::vector<int64_t> w, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases)
+      : widths(std::move(w)) {
+    for (size_t l = 0; l < weights.size(); ++l) {
+      offsets.push_back(static_cast<int64_t>(params.size()));
+      const at::Tensor wc = weights[l].contiguous();
+      const scalar_t* p = wc.const_data_ptr<scalar_t>();
+      params.insert(params.end(), p, p + wc.numel());
+      if (biases.empty()) {
+        params.insert(params.end(), wc.size(0), acc(0));
+      } else {
+        const at::Tensor bc = biases[l].contiguous();
+        params.insert(params.end(), bc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>() + bc.numel());
+      }
+    }
+  }
+  int64_t layers() const { return static_cast<int64_t>(offsets.size()); }
+  int64_t in(int64_t l) const { return widths[l]; }
+  int64_t out(int64_t l) const { return widths[l + 1]; }
+  const acc* weight(int64_t l) const { return params.data() + offsets[l]; }
+  const acc* bias(int64_t l) const { return weight(l) + out(l) * in(l); }
+  int64_t max_width() const { return *std::max_element(widths.begin(), widths.end()); }
+  int64_t macs_per_row() const {
+    int64_t m = 0;
+    for (int64_t l = 0; l < layers(); ++l) m += in(l) * out(l);
+    return m;
+  }
+};
+
+// Rows r0 .. r0 + rows of a row-major (M, n) tensor into a feature-major block buffer; rows past the end are 0.
+template <typename scalar_t, typename acc_t>
+void load_block(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* buf) {
+  std::fill(buf, buf + n * kBlockRows, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = src + (r0 + r) * n;
+    for (int64_t k = 0; k < n; ++k) buf[k * kBlockRows + r] = static_cast<acc_t>(row[k]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_block(const acc_t* buf, int64_t n, int64_t r0, int64_t rows, scalar_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = dst + (r0 + r) * n;
+    for (int64_t k = 0; k < n; ++k) row[k] = static_cast<scalar_t>(buf[k * kBlockRows + r]);
+  }
+}
+
+// out[i] = bias[i] + sum_m coef[i * stride_i + m * stride_m] in[m] for a block: in (n_in, kBlockRows), out
+// (n_out, kBlockRows); bias may be null (0). The block's kBlockRows sums of one output stay in registers
+// (4 AVX-512 vectors of float) while the inputs stream past them.
+//   layer forward:   out = z,  in = a,  coef = W (stride_i = n_in, stride_m = 1)
+//   layer backward:  out = da, in = dz, coef = W^T (stride_i = 1, stride_m = n_in of W)
+template <typename acc_t>
+void block_combine(const acc_t* coef, int64_t stride_i, int64_t stride_m, const acc_t* bias, int64_t n_in,
+                   int64_t n_out, const acc_t* in, acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVecs = kBlockRows / Vec::size();
+  for (int64_t i = 0; i < n_out; ++i) {
+    Vec acc[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) acc[v] = Vec(bias == nullptr ? acc_t(0) : bias[i]);
+    for (int64_t m = 0; m < n_in; ++m) {
+      const Vec c(coef[i * stride_i + m * stride_m]);
+      const acc_t* row = in + m * kBlockRows;
+      for (int64_t v = 0; v < kVecs; ++v) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size()), acc[v]);
+    }
+    for (int64_t v = 0; v < kVecs; ++v) acc[v].store(out + i * kBlockRows + v * Vec::size());
+  }
+}
+
+// buf = act(buf) over n features of a block (kBlockRows is a multiple of every vector width).
+template <typename acc_t> void block_activate(acc_t* buf, int64_t n, int64_t act) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (act == kNone) return;
+  for (int64_t i = 0; i < n * kBlockRows; i += Vec::size()) activate(Vec::loadu(buf + i), act).store(buf + i);
+}
+
+// dz = act'(a) * da, in place in da.
+template <typename acc_t> void block_activation_grad(acc_t* da, const acc_t* a, int64_t n, int64_t act) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (act == kNone) return;
+  for (int64_t i = 0; i < n * kBlockRows; i += Vec::size()) {
+    activation_grad(Vec::loadu(da + i), Vec::loadu(a + i), act).store(da + i);
+  }
+}
+
+// The block's rows r0 .. r0 + rows of a row-major (M, n) tensor, row-major in acc_t (the weight gradient's layout).
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* buf) {
+  const scalar_t* from = src + r0 * n;
+  for (int64_t i = 0; i < rows * n; ++i) buf[i] = static_cast<acc_t>(from[i]);
+}
+
+// dW[j][k] += sum_r dz[j][r] a[r][k] for a block, a row-major (rows, n_in). For each j, up to 64 columns of dW
+// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums.
+template <typename acc_t>
+void block_weight_grad(const acc_t* dz, const acc_t* a_rows, int64_t rows, int64_t n_in, int64_t n_out, acc_t* dW) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size();
+  for (int64_t j = 0; j < n_out; ++j) {
+    const acc_t* g = dz + j * kBlockRows;
+    for (int64_t k0 = 0; k0 < n_in; k0 += kCols) {
+      int64_t count[kVecs];  // columns of each vector inside the layer (0 past its end)
+      Vec acc[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v) {
+        count[v] = std::clamp<int64_t>(n_in - k0 - v * Vec::size(), 0, Vec::size());
+        acc[v] = Vec(acc_t(0));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const Vec c(g[r]);
+        const acc_t* row = a_rows + r * n_in + k0;
+        for (int64_t v = 0; v < kVecs; ++v) {
+          if (count[v] > 0) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[v]);
+        }
+      }
+      for (int64_t v = 0; v < kVecs; ++v) {
+        if (count[v] == 0) continue;
+        acc_t* out = dW + j * n_in + k0 + v * Vec::size();
+        (acc[v] + Vec::loadu(out, count[v])).store(out, count[v]);
+      }
+    }
+  }
+}
+
+// sum_r u[r] over the first `rows` entries, in vector lanes (a scalar loop would be one long chain of adds).
+template <typename acc_t> acc_t sum(const acc_t* u, int64_t rows) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t r = 0;
+  for (; r + Vec::size() <= rows; r += Vec::size()) acc = acc + Vec::loadu(u + r);
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc);
+  for (; r < rows; ++r) s += u[r];
+  return s;
+}
+
+// Forward of M rows: x (M, n_0) -> y (M, n_L), hidden[l] (M, n_{l+1}) = a_{l+1}.
+template <typename scalar_t>
+void forward(const Network<scalar_t>& net, const scalar_t* x, int64_t M, int64_t act, int64_t out_act,
+             const std::vector<scalar_t*>& hidden, scalar_t* y) {
+  using acc = acc_t<scalar_t>;
+  const int64_t L = net.layers(), blocks = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (kBlockRows * net.macs_per_row()));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<acc> in_buf(net.max_width() * kBlockRows), out_buf(in_buf.size());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kBlockRows, rows = std::min(kBlockRows, M - r0);
+      load_block(x, net.in(0), r0, rows, in_buf.data());
+      for (int64_t l = 0; l < L; ++l) {
+        block_combine(net.weight(l), net.in(l), int64_t(1), net.bias(l), net.in(l), net.out(l), in_buf.data(),
+                      out_buf.data());
+        const bool last = l == L - 1;
+        block_activate(out_buf.data(), net.out(l), last ? out_act : act);
+        store_block(out_buf.data(), net.out(l), r0, rows, last ? y : hidden[l]);
+        std::swap(in_buf, out_buf);
+      }
+    }
+  });
+}
+
+// Backward of M rows. grads[l] (n_{l+1} * n_l + n_{l+1}, acc) receives dW_l then db_l when need_params.
+template <typename scalar_t>
+void backward(const Network<scalar_t>& net, const scalar_t* grad_y, const scalar_t* x,
+              const std::vector<const scalar_t*>& hidden, const scalar_t* y, int64_t M, int64_t act, int64_t out_act,
+              scalar_t* dx, bool need_params, std::vector<acc_t<scalar_t>>& grads) {
+  using acc = acc_t<scalar_t>;
+  const int64_t L = net.layers(), n_params = static_cast<int64_t>(net.params.size());
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t blocks_per_chunk = std::max<int64_t>(1, (blocks + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * blocks_per_chunk * kBlockRows * net.macs_per_row()));
+  std::vector<acc> partials(need_params ? chunks * n_params : 0, acc(0));
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t buf_size = net.max_width() * kBlockRows;
+    std::vector<acc> dz(buf_size), da(buf_size), a(buf_size), a_rows(buf_size), out(buf_size);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc* part = need_params ? partials.data() + c * n_params : nullptr;
+      for (int64_t b = c * blocks_per_chunk; b < std::min(blocks, (c + 1) * blocks_per_chunk); ++b) {
+        const int64_t r0 = b * kBlockRows, rows = std::min(kBlockRows, M - r0);
+        load_block(grad_y, net.out(L - 1), r0, rows, dz.data());
+        if (out_act != kNone) {
+          load_block(y, net.out(L - 1), r0, rows, out.data());
+          block_activation_grad(dz.data(), out.data(), net.out(L - 1), out_act);
+        }
+        for (int64_t l = L - 1; l >= 0; --l) {
+          const scalar_t* a_src = l == 0 ? x : hidden[l - 1];
+          load_block(a_src, net.in(l), r0, rows, a.data());
+          if (need_params) {
+            acc* dW = part + net.offsets[l];
+            acc* db = dW + net.out(l) * net.in(l);
+            load_rows(a_src, net.in(l), r0, rows, a_rows.data());
+            block_weight_grad(dz.data(), a_rows.data(), rows, net.in(l), net.out(l), dW);
+            for (int64_t j = 0; j < net.out(l); ++j) db[j] += sum(dz.data() + j * kBlockRows, rows);
+          }
+          if (l == 0 && dx == nullptr) break;
+          block_combine<acc>(net.weight(l), 1, net.in(l), nullptr, net.out(l), net.in(l), dz.data(), da.data());
+          if (l == 0) {
+            store_block(da.data(), net.in(0), r0, rows, dx);
+          } else {
+            block_activation_grad(da.data(), a.data(), net.in(l), act);
+            std::swap(dz, da);
+          }
+        }
+      }
+    }
+  });
+  if (!need_params) return;
+  grads.assign(n_params, acc(0));
+  at::parallel_for(0, n_params, 4096, [&](int64_t p0, int64_t p1) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t p = p0; p < p1; ++p) grads[p] += partials[c * n_params + p];
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> fused_mlp_forward_cpu(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
+                                              const std::vector<at::Tensor>& biases, int64_t activation,
+                                              int64_t output_activation) {
+  const char* op = "fused_mlp_forward_cpu";
+  check(x_in, "x", op).cpu();
+  std::vector<int64_t> widths = check_network(x_in, weights, op);
+  check_biases(x_in, biases, widths, op);
+  check_activation(activation, "activation", op);
+  check_activation(output_activation, "output_activation", op);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), L = static_cast<int64_t>(weights.size());
+  std::vector<at::Tensor> outputs{at::empty({M, widths.back()}, x.options())};
+  for (int64_t l = 0; l + 1 < L; ++l) outputs.push_back(at::empty({M, widths[l + 1]}, x.options()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_forward_cpu", [&] {
+    const Network<scalar_t> net(widths, weights, biases);
+    std::vector<scalar_t*> hidden;
+    for (int64_t l = 1; l < L; ++l) hidden.push_back(outputs[l].data_ptr<scalar_t>());
+    forward<scalar_t>(net, x.const_data_ptr<scalar_t>(), M, activation, output_activation, hidden,
+                      outputs[0].data_ptr<scalar_t>());
+  });
+  return outputs;
+}
+
+std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                                               const std::vector<at::Tensor>& weights,
+                                               const std::vector<at::Tensor>& hidden_in, const at::Tensor& y_in,
+                                               int64_t activation, int64_t output_activation, bool need_x,
+                                               bool need_weights, bool need_biases) {
+  const char* op = "fused_mlp_backward_cpu";
+  check(x_in, "x", op).cpu();
+  // the biases are not read by the backward; their shapes follow from the weights'
+  std::vector<at::Tensor> biases;
+  for (const at::Tensor& w : weights) biases.push_back(at::empty({w.dim() == 2 ? w.size(0) : 0}, x_in.options()));
+  std::vector<int64_t> widths = check_network(x_in, weights, op);
+  check_biases(x_in, biases, widths, op);
+  check_activation(activation, "activation", op);
+  check_activation(output_activation, "output_activation", op);
+  const int64_t M = x_in.size(0), L = static_cast<int64_t>(weights.size());
+  check(grad_y_in, "grad_y", op).same_device(x_in).same_dtype(x_in).sizes({M, widths.back()});
+  check(y_in, "y", op).same_device(x_in).same_dtype(x_in).sizes({M, widths.back()});
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hidden_in.size()) == L - 1, op, ": expected ", L - 1,
+                    " saved hidden outputs, got ", hidden_in.size());
+  std::vector<at::Tensor> hidden;
+  for (int64_t l = 0; l + 1 < L; ++l) {
+    check(hidden_in[l], "hidden", op).same_device(x_in).same_dtype(x_in).sizes({M, widths[l + 1]});
+    hidden.push_back(hidden_in[l].contiguous());
+  }
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
+  const bool need_params = need_weights || need_biases;
+
+  std::vector<at::Tensor> outputs(1 + 2 * L);
+  if (need_x) outputs[0] = at::empty({M, widths[0]}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const Network<scalar_t> net(widths, weights, {});
+    std::vector<const scalar_t*> hidden_ptrs;
+    for (const at::Tensor& h : hidden) hidden_ptrs.push_back(h.const_data_ptr<scalar_t>());
+    std::vector<acc> grads;
+    backward<scalar_t>(net, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), hidden_ptrs,
+                       y.const_data_ptr<scalar_t>(), M, activation, output_activation,
+                       need_x ? outputs[0].data_ptr<scalar_t>() : nullptr, need_params, grads);
+    for (int64_t l = 0; l < L && need_params; ++l) {
+      const acc* dW = grads.data() + net.offsets[l];
+      const acc* db = dW + net.out(l) * net.in(l);
+      if (need_weights) {
+        outputs[1 + l] = at::empty({net.out(l), net.in(l)}, x.options());
+        std::copy(dW, db, outputs[1 + l].data_ptr<scalar_t>());
+      }
+      if (need_biases) {
+        outputs[1 + L + l] = at::empty({net.out(l)}, x.options());
+        std::copy(db, db + net.out(l), outputs[1 + L + l].data_ptr<scalar_t>());
+      }
+    }
+  });
+  return outputs;
+}
+
+}  // namespace pyengine

@@ -1,0 +1,162 @@
+"""fused_mlp: a whole small MLP (every width 1..128) as one op, forward and backward each one kernel call.
+
+For widths n_0 .. n_L, weights W_l of shape (n_{l+1}, n_l) and biases b_l (n_{l+1}):
+  a_0 = x,   z_l = a_l @ W_l^T + b_l,   a_{l+1} = act(z_l) for the hidden layers,   y = out_act(z_{L-1})
+the same as nn.Sequential(Linear, act, ..., Linear[, out_act]). The forward saves the hidden outputs a_1 ..
+a_{L-1}, and the backward runs the chain rule from the top down, each activation's derivative taken from its
+output (relu' = (a > 0), sigmoid' = a (1 - a)):
+  dz_{L-1} = dy * out_act'(y);   dW_l = dz_l^T @ a_l;   db_l = dz_l.sum(0);   da_l = dz_l @ W_l
+  dz_{l-1} = da_l * act'(a_l);   dx = da_0
+What fusion saves is the per-layer work around the arithmetic: one autograd node, one kernel call each way,
+and (in the kernels) activations that stay in cache or shared memory between layers. Activations are given to
+the kernels as codes: 0 none, 1 relu, 2 sigmoid. Leading batch dims are flattened: (*, n_0) -> (M, n_0).
+Kernels: csrc/cpu/fused_mlp.cpp, csrc/cuda/fused_mlp.cu; shared contract: csrc/common/fused_mlp.h.
+"""
+import math
+
+import torch
+
+from .. import _backend
+from ._function import first_order_only
+
+MAX_WIDTH = 128  # csrc/common/fused_mlp.h kMaxWidth: a block of rows keeps every layer's activations on chip
+MAX_LAYERS = 16  # kMaxLayers: the CUDA kernels take the layer table as a fixed-size kernel argument
+ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "sigmoid": 2}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _activate(z, code):
+    return torch.relu(z) if code == 1 else torch.sigmoid(z) if code == 2 else z
+
+
+def _activation_grad(da, a, code):
+    return da * (a > 0) if code == 1 else da * a * (1 - a) if code == 2 else da
+
+
+@_backend.reference
+def fused_mlp_forward(x, weights, biases, activation=1, output_activation=0):
+    check_network(x, weights, biases, activation, output_activation)
+    # Accumulated in float for float16/bfloat16 and rounded once per saved output, as the kernels do; the next
+    # layer reads the unrounded value.
+    acc = _acc(x.dtype)
+    a, hidden = x.to(acc), []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        z = a @ w.to(acc).T + b.to(acc)
+        if i == len(weights) - 1:
+            return [_activate(z, output_activation).to(x.dtype), *hidden]
+        a = _activate(z, activation)
+        hidden.append(a.to(x.dtype))
+
+
+@_backend.reference
+def fused_mlp_backward(grad_y, x, weights, hidden, y, activation=1, output_activation=0, need_x=True,
+                       need_weights=True, need_biases=True):
+    acc = _acc(x.dtype)
+    inputs = [x.to(acc)] + [h.to(acc) for h in hidden]  # a_0 .. a_{L-1}: what each layer read
+    dz = _activation_grad(grad_y.to(acc), y.to(acc), output_activation)
+    grad_w, grad_b, grad_x = [None] * len(weights), [None] * len(weights), None
+    for i in reversed(range(len(weights))):
+        if need_weights:
+            grad_w[i] = (dz.T @ inputs[i]).to(x.dtype)
+        if need_biases:
+            grad_b[i] = dz.sum(0).to(x.dtype)
+        if i == 0 and not need_x:
+            break
+        da = dz @ weights[i].to(acc)
+        if i == 0:
+            grad_x = da.to(x.dtype)
+        else:
+            dz = _activation_grad(da, inputs[i], activation)
+    return [grad_x, *grad_w, *grad_b]
+
+
+def activation_code(name, what="activation"):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"fused_mlp: {what} must be 'relu', 'sigmoid' or None, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def check_sizes(sizes):
+    """sizes n_0 .. n_L: at least two, each 1..MAX_WIDTH, at most MAX_LAYERS layers."""
+    sizes = list(sizes)
+    if len(sizes) < 2 or len(sizes) > MAX_LAYERS + 1:
+        raise ValueError(f"fused_mlp: needs 2 to {MAX_LAYERS + 1} sizes (input, hidden..., output), got {sizes}")
+    if not all(isinstance(n, int) and 1 <= n <= MAX_WIDTH for n in sizes):
+        raise ValueError(f"fused_mlp: every width must be an int from 1 to {MAX_WIDTH}, got {sizes}; "
+                         "use pyengine.nn.Linear layers for wider networks")
+    return sizes
+
+
+def check_network(x, weights, biases, activation, output_activation):
+    """The python backend's contract checks, with the errors of the kernels' (csrc/common/fused_mlp.h): the
+    compiled backends check in C++, so the hot path pays for no Python loop over the layers."""
+    if not 1 <= len(weights) <= MAX_LAYERS:
+        raise ValueError(f"fused_mlp: takes 1 to {MAX_LAYERS} layers, got {len(weights)}")
+    if len(weights) != len(biases):
+        raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
+    if activation not in ACTIVATIONS.values() or output_activation not in ACTIVATIONS.values():
+        raise ValueError(f"fused_mlp: activation codes must be 0 (none), 1 (relu) or 2 (sigmoid), got "
+                         f"{activation} and {output_activation}")
+    width = x.shape[-1]
+    sizes = [width]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != width or b.shape != w.shape[:1]:
+            raise RuntimeError(f"fused_mlp: layer {i} takes {width} features: its weight must be (out, {width}) and "
+                               f"its bias (out,), got {tuple(w.shape)} and {tuple(b.shape)}")
+        if w.dtype != x.dtype or b.dtype != x.dtype:
+            raise RuntimeError(f"fused_mlp: input, weights and biases must have one dtype, got {x.dtype}, "
+                               f"{w.dtype} and {b.dtype} (layer {i})")
+        width = w.shape[0]
+        sizes.append(width)
+    if not all(1 <= n <= MAX_WIDTH for n in sizes):
+        raise ValueError(f"fused_mlp: every width must be 1 to {MAX_WIDTH}, got widths {sizes}; use "
+                         "pyengine.nn.Linear layers for wider networks")
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """The whole MLP as one autograd node: apply(x, activation, output_activation, *weights, *biases) with
+    activation codes 0 none, 1 relu, 2 sigmoid."""
+
+    @staticmethod
+    def forward(ctx, x, activation, output_activation, *params):
+        layers = len(params) // 2
+        weights, biases = params[:layers], params[layers:]
+        ctx.kernels = _backend.kernels(x.device)
+        ctx.x_shape = x.shape
+        ctx.activations = activation, output_activation
+        flat = x.dim() != 2
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x  # not -1: ambiguous with 0 rows
+        y, *hidden = ctx.kernels.fused_mlp_forward(x2, weights, biases, activation, output_activation)
+        ctx.save_for_backward(x2, y, *weights, *hidden)
+        return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
+
+    @staticmethod
+    @first_order_only("fused_mlp", instead="an unfused torch.nn.Sequential of Linear and activation layers")
+    def backward(ctx, grad_y):
+        x2, y, *rest = ctx.saved_tensors
+        layers = (len(rest) + 1) // 2
+        weights, hidden = rest[:layers], rest[layers:]
+        need_w = any(ctx.needs_input_grad[3:3 + layers])
+        need_b = any(ctx.needs_input_grad[3 + layers:])
+        flat = len(ctx.x_shape) != 2
+        grad_x, *grads = ctx.kernels.fused_mlp_backward(grad_y.reshape(y.shape) if flat else grad_y, x2, weights,
+                                                        hidden, y, *ctx.activations, ctx.needs_input_grad[0], need_w,
+                                                        need_b)
+        if grad_x is not None and flat:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, None, None, *grads
+
+
+def fused_mlp(input, weights, biases, activation="relu", output_activation=None):
+    """nn.Sequential(Linear, act, ..., Linear[, output_activation]) with the given weights (out, in) and biases
+    (out), as one op; activation and output_activation are 'relu', 'sigmoid' or None. Every width is at most
+    128."""
+    if input.dim() < 1:
+        raise RuntimeError("fused_mlp: input must be at least 1-D")
+    if len(weights) != len(biases):  # the Function tells weights from biases by position: check before it splits
+        raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
+    return FusedMLPFunction.apply(input, activation_code(activation),
+                                  activation_code(output_activation, "output_activation"), *weights, *biases)

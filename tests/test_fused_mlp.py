@@ -1,0 +1,240 @@
+"""fused_mlp and nn.FusedMLP against the unfused torch composition: nn.Sequential(Linear, act, ..., Linear)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine
+import pyengine.functional as PF
+import pyengine.nn as pnn
+from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
+                   grads, make, on)
+
+TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+# (sizes, batch shape, activation, output_activation): the notes' MLP, one layer, widths 1, 3, 127 and 128,
+# rows around the CPU block of 64 and across several blocks, leading batch dims, 0 rows, no activation.
+CASES = [
+    ([8, 6, 4, 1], (759,), "sigmoid", None),
+    ([3, 1], (5,), "relu", "sigmoid"),
+    ([1, 3, 127, 128], (65,), "relu", None),
+    ([128, 128, 5], (2, 3, 11), "sigmoid", "relu"),
+    ([5, 7, 7, 7, 2], (0,), "relu", "sigmoid"),
+    ([4, 9, 3], (64,), None, None),
+    ([6, 128, 1], (130,), "relu", "relu"),
+    ([2, 5, 3], (63,), "sigmoid", "sigmoid"),
+]
+
+
+def _params(sizes, dtype, device, requires_grad=True):
+    """Weights (out, in) in +-1/sqrt(in) (the scale nn.Linear draws from) and biases, fresh every call."""
+    weights, biases = [], []
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        bound = 1 / math.sqrt(n_in)
+        weights.append(make((n_out, n_in), dtype, device, low=-bound, high=bound).requires_grad_(requires_grad))
+        biases.append(make((n_out,), dtype, device, low=-bound, high=bound).requires_grad_(requires_grad))
+    return weights, biases
+
+
+def torch_mlp(x, weights, biases, activation, output_activation):
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = F.linear(x, w, b)
+        x = TORCH_ACTIVATIONS[activation if i < len(weights) - 1 else output_activation](x)
+    return x
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("sizes,batch,activation,output_activation", CASES, ids=str)
+def test_forward_and_every_gradient_match_torch(backend, device, dtype, sizes, batch, activation, output_activation):
+    x = make((*batch, sizes[0]), dtype, device, requires_grad=True)
+    weights, biases = _params(sizes, dtype, device)
+    inputs = [x, *weights, *biases]
+    with on(backend):
+        y = PF.fused_mlp(x, weights, biases, activation, output_activation)
+        ours, gy = grads(y, inputs)
+    y_ref = torch_mlp(x, weights, biases, activation, output_activation)
+    ref, _ = grads(y_ref, inputs, gy)
+    assert_close(y, y_ref)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_noncontiguous_inputs_and_weights(backend, device):
+    x = make((70, 9), torch.float64, device, requires_grad=True, noncontiguous=True)
+    w0 = make((9, 12), torch.float64, device).t().requires_grad_()  # a transposed view, (12, 9)
+    b0 = make((12, 2), torch.float64, device)[:, 0].requires_grad_()
+    w1, b1 = make((3, 12), torch.float64, device, True), make((3,), torch.float64, device, True)
+    inputs = [x, w0, w1, b0, b1]
+    with on(backend):
+        y = PF.fused_mlp(x, [w0, w1], [b0, b1], "sigmoid")
+        ours, gy = grads(y, inputs)
+    y_ref = torch_mlp(x, [w0, w1], [b0, b1], "sigmoid", None)
+    ref, _ = grads(y_ref, inputs, gy)
+    assert_close(y, y_ref)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("wanted", ["input", "params"])
+def test_only_the_needed_gradients(backend, device, wanted):
+    x = make((100, 5), torch.float64, device, requires_grad=wanted == "input")
+    weights, biases = _params([5, 8, 2], torch.float64, device, requires_grad=wanted == "params")
+    inputs = [x] if wanted == "input" else [*weights, *biases]
+    with on(backend):
+        ours, gy = grads(PF.fused_mlp(x, weights, biases, "relu", "sigmoid"), inputs)
+    ref, _ = grads(torch_mlp(x, weights, biases, "relu", "sigmoid"), inputs, gy)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("activation,output_activation", [("sigmoid", None), ("relu", "sigmoid")])
+def test_half_precision_error_within_twice_torch(backend, device, dtype, activation, output_activation):
+    sizes = [16, 32, 8, 3]
+    x = make((150, sizes[0]), dtype, device, requires_grad=True, low=-1, high=1)
+    weights, biases = _params(sizes, dtype, device)
+    inputs = [x, *weights, *biases]
+    with on(backend):
+        y = PF.fused_mlp(x, weights, biases, activation, output_activation)
+        ours, gy = grads(y, inputs)
+    y_torch = torch_mlp(x, weights, biases, activation, output_activation)
+    theirs, _ = grads(y_torch, inputs, gy)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    y64 = torch_mlp(inputs64[0], inputs64[1:4], inputs64[4:], activation, output_activation)
+    ref, _ = grads(y64, inputs64, gy.double())
+    assert_half_close(y, y_torch, y64)
+    for g, g_torch, g64 in zip(ours, theirs, ref):
+        assert_half_close(g, g_torch, g64)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("activation,output_activation", [("sigmoid", None), ("relu", "sigmoid"), (None, "relu")])
+def test_gradcheck(backend, device, activation, output_activation):
+    x = make((2, 3, 3), torch.float64, device, requires_grad=True)
+    weights, biases = _params([3, 4, 5, 2], torch.float64, device)
+
+    def fn(x, *params):
+        return PF.fused_mlp(x, params[:3], params[3:], activation, output_activation)
+
+    with on(backend):
+        assert torch.autograd.gradcheck(fn, (x, *weights, *biases))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+def test_weight_gradients_do_not_depend_on_the_thread_count(backend, device):
+    x = make((1000, 64), torch.float32, device, requires_grad=True)
+    weights, biases = _params([64, 128, 128, 1], torch.float32, device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            with on(backend):
+                results.append(grads(PF.fused_mlp(x, weights, biases, "relu"), [x, *weights, *biases],
+                                     torch.ones(1000, 1, device=device))[0])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bad_arguments_raise(backend, device):
+    x = make((4, 3), torch.float32, device)
+    weights, biases = _params([3, 5, 2], torch.float32, device)
+    with on(backend):
+        with pytest.raises(ValueError, match="at most|1 to 128|Linear"):
+            PF.fused_mlp(make((4, 129), torch.float32, device), *_params([129, 2], torch.float32, device))
+        with pytest.raises(ValueError, match="activation"):
+            PF.fused_mlp(x, weights, biases, activation="tanh")
+        with pytest.raises(ValueError, match="output_activation"):
+            PF.fused_mlp(x, weights, biases, output_activation="softmax")
+        with pytest.raises(ValueError, match="one bias per weight, got 1 biases for 2 weights"):
+            PF.fused_mlp(x, weights, biases[:1])
+        with pytest.raises(RuntimeError, match="at least 1-D"):
+            PF.fused_mlp(torch.tensor(1.0, device=device), weights, biases)
+        with pytest.raises(ValueError, match="1 to 16 layers"):
+            PF.fused_mlp(x, [], [])
+        with pytest.raises(RuntimeError, match="layer 1"):
+            PF.fused_mlp(x, [weights[0], weights[0]], biases)
+        with pytest.raises(RuntimeError, match="dtype"):
+            PF.fused_mlp(x.double(), weights, biases)
+
+
+@pytest.mark.skipif("cpp" not in pyengine.available_backends(), reason="pyengine._C is not built")
+def test_kernel_checks_its_own_contract():
+    C = pyengine._backend._C
+    x = torch.randn(4, 3)
+    weights, biases = _params([3, 2], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="activation"):
+        C.fused_mlp_forward(x, weights, biases, 3, 0)
+    with pytest.raises(ValueError, match="1 to 128"):
+        C.fused_mlp_forward(torch.randn(4, 200), *_params([200, 2], torch.float32, "cpu"), 1, 0)
+    with pytest.raises(ValueError, match="hidden"):
+        C.fused_mlp_backward(torch.randn(4, 2), x, weights, [x], torch.randn(4, 2), 1, 0, True, True, True)
+    with pytest.raises(RuntimeError, match="grad_y"):
+        C.fused_mlp_backward(torch.randn(5, 2), x, weights, [], torch.randn(4, 2), 1, 0, True, True, True)
+
+
+def test_module_bad_sizes_raise():
+    with pytest.raises(ValueError, match="2 to"):
+        pnn.FusedMLP([8])
+    with pytest.raises(ValueError, match="Linear"):
+        pnn.FusedMLP([8, 200, 1])
+    with pytest.raises(ValueError, match="1 to 128"):
+        pnn.FusedMLP([8, 0, 1])
+    with pytest.raises(ValueError, match="activation"):
+        pnn.FusedMLP([8, 4, 1], activation="gelu")
+
+
+def _torch_twin(sizes, activation, output_activation):
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        act = activation if i < len(sizes) - 2 else output_activation
+        if act is not None:
+            layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}[act]())
+    return torch.nn.Sequential(*layers)
+
+
+def test_module_is_the_torch_composition():
+    torch.manual_seed(0)
+    ours = pnn.FusedMLP([8, 6, 4, 1], activation="sigmoid", output_activation="sigmoid")
+    torch.manual_seed(0)
+    theirs = _torch_twin([8, 6, 4, 1], "sigmoid", "sigmoid")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for (name, p), (name_t, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert name == name_t and torch.equal(p, q)  # same initialization, same order
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours[:2], torch.nn.Sequential) and not isinstance(ours[:2], pnn.FusedMLP)
+    assert "sigmoid" in repr(ours)
+    assert pnn.FusedMLP([3, 2], dtype=torch.float64).state_dict()["0.weight"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_module_matches_torch_and_sgd_reduces_the_loss(backend, device):
+    ours = pnn.FusedMLP([8, 6, 4, 1], activation="sigmoid").to(device, torch.float64)
+    theirs = _torch_twin([8, 6, 4, 1], "sigmoid", None).to(device, torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(759, 8, dtype=torch.float64, device=device)
+    y = (x[:, :1] + x[:, 1:2] > 0).to(torch.float64)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (ours, theirs)]
+    losses = []
+    for _ in range(40):
+        for model, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            with on(backend):
+                loss = F.binary_cross_entropy_with_logits(model(x), y)
+            loss.backward()
+            opt.step()
+            if model is ours:
+                losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert_close(p, q)
