@@ -6,6 +6,8 @@
 //             shape (scale is 1 for input, alpha for other).
 // Both first collapse the dims: size-1 dims dropped, neighbours that broadcast the same way merged. Same shape,
 // row bias and scalar operands then all become one vectorized loop over the last dim.
+#include "cpu/elementwise.h"  // first: see cpu/vec_math.h
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -16,7 +18,6 @@
 #endif
 
 #include "common/checks.h"
-#include "cpu/elementwise.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 

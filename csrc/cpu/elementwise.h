@@ -3,6 +3,8 @@
 // lanes are widened to float, computed, and rounded back once, as torch does.
 #pragma once
 
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,7 +13,6 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "cpu/vec_math.h"
 
 namespace pyengine {
 namespace cpu {

@@ -3,6 +3,8 @@
 //   dx = dy @ weight               (M, N) @ (N, K)   BLAS
 //   dW = dy^T @ x                  (N, M) @ (M, K)   BLAS
 //   db = sum over rows of dy       (N)               our column reduction (cpu/reduce.h)
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
