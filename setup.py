@@ -5,6 +5,7 @@ Environment:
   PYENGINE_CPU_ARCH=...  -march value for the C++ kernels (default: native, since pip builds on the machine
                          that runs it; set "x86-64-v3" or "" for a portable build)
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default with no GPU visible: 8.0 9.0+PTX)
+  PYENGINE_WERROR=1      compiler warnings are errors (the CI quality gate)
   MAX_JOBS               parallel compile jobs
 """
 import glob
@@ -82,6 +83,23 @@ def cuda_header_flags():
     return [flag for d in dirs for flag in ("-isystem", d)]
 
 
+def torch_system_include_flags():
+    """torch's headers as system headers, so that -Wall -Wextra report our code only (gcc drops the -I that
+    CppExtension also passes for a directory given with -isystem)."""
+    from torch.utils.cpp_extension import include_paths
+
+    return [flag for d in include_paths() for flag in ("-isystem", d)]
+
+
+def warning_flags():
+    """-Wall -Wextra on our C++ and on the host code nvcc generates, plus nvcc's own warnings. PYENGINE_WERROR=1
+    (set by .ci/setup) turns every warning into an error: the quality gate."""
+    werror = os.environ.get("PYENGINE_WERROR", "").strip() == "1"
+    cxx = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
+    nvcc = ["-Xcompiler=-Wall,-Wextra"] + (["-Werror=all-warnings", "-Xcompiler=-Werror"] if werror else [])
+    return {"cxx": cxx, "nvcc": nvcc}
+
+
 def write_build_info(**info):
     """pyengine/_build_info.py records how _C was built, for `python -m pyengine info`."""
     with open(os.path.join(ROOT, "pyengine", "_build_info.py"), "w") as f:
@@ -93,10 +111,7 @@ def write_build_info(**info):
 def extension():
     march = os.environ.get("PYENGINE_CPU_ARCH", "native" if os.uname().machine == "x86_64" else "").strip()
     cap = cpu_capability(march)
-    # -Wall -Wextra for our code; the three -Wno- silence what torch's own headers trigger (unknown pragmas,
-    # unused parameters, and a gcc 12 false positive inside the AVX-512 intrinsics).
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
-           "-Wno-maybe-uninitialized"]
+    cxx = ["-O3", "-fopenmp"] + warning_flags()["cxx"] + torch_system_include_flags()
     if march:
         cxx.append(f"-march={march}")
     if cap != "DEFAULT":
@@ -115,8 +130,8 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(f"{a}.{b}" for a, b in sorted(caps))
     info.update(cuda_version=torch.version.cuda, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"])
     write_build_info(**info)
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-            "-Xptxas=-warn-spills", "-DPYENGINE_WITH_CUDA"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills", "-DPYENGINE_WITH_CUDA"]
+    nvcc += warning_flags()["nvcc"] + torch_system_include_flags()
     return CUDAExtension(
         "pyengine._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),

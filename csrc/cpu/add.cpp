@@ -6,17 +6,14 @@
 //             shape (scale is 1 for input, alpha for other).
 // Both first collapse the dims: size-1 dims dropped, neighbours that broadcast the same way merged. Same shape,
 // row bias and scalar operands then all become one vectorized loop over the last dim.
+#include "cpu/elementwise.h"  // first: see cpu/vec_math.h
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
 #include <type_traits>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common/checks.h"
-#include "cpu/elementwise.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 
@@ -27,21 +24,6 @@ template <int K> using Kind = std::integral_constant<int, K>;  // an inner strid
 
 template <typename scalar_t>
 constexpr bool is_float_v = std::is_floating_point_v<scalar_t> || cpu::is_reduced_float<scalar_t>();
-
-// at::empty for an output the kernel writes next. Its large interior is advised into transparent huge pages
-// (as torch does under THP_MEM_ALLOC_ENABLE=1): a fresh buffer then faults in once per 2 MB instead of once per
-// 4 KB page, which costs more than the add itself (3x the time of a 64 MB add on a 2-core VM). A mere hint:
-// pages already in use and kernels without THP ignore it.
-at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(shape, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= 2 * kHuge && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return t;
-}
 
 std::vector<int64_t> broadcast_shape(at::IntArrayRef a, at::IntArrayRef b, const char* op) {
   const int64_t n = std::max(a.size(), b.size()), pa = n - a.size(), pb = n - b.size();
@@ -172,7 +154,7 @@ at::Tensor add_forward_cpu(const at::Tensor& input, const at::Tensor& other, con
   TORCH_CHECK(at::isFloatingType(dtype) || alpha.isIntegral(true), "add_forward_cpu: for integral input tensors, ",
               "argument alpha must not be a floating point number.");
   const std::vector<int64_t> shape = broadcast_shape(input.sizes(), other.sizes(), "add_forward_cpu");
-  at::Tensor out = empty_output(shape, input.options());
+  at::Tensor out = cpu::empty_output(shape, input.options());
   if (out.numel() == 0) return out;
   const auto dims = collapse<2>(shape, {broadcast_strides(input, shape), broadcast_strides(other, shape)});
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, dtype, "add_forward_cpu", [&] {
@@ -205,7 +187,7 @@ at::Tensor add_backward_cpu(const at::Tensor& grad, at::IntArrayRef shape, const
   bool any_summed = false;
   for (int64_t st : dims.strides[1]) any_summed |= st == 0;
 
-  at::Tensor out = empty_output(shape, grad.options());
+  at::Tensor out = cpu::empty_output(shape, grad.options());
   if (out.numel() == 0) return out;
   if (!any_summed && !grad.is_contiguous()) {  // a copy (strided: torch's copy kernel), scaled in place below
     out.view(grad.sizes()).copy_(grad);

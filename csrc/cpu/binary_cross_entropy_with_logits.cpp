@@ -3,6 +3,8 @@
 //   l_i = w_i * [(1 - y_i) x_i + (1 + (pw_i - 1) y_i) softplus(-x_i)]      reduced as mse_loss
 //   dx_i = w_i * [(1 + (pw_i - 1) y_i) sigmoid(x_i) - pw_i y_i] * g        dy_i = w_i * [(pw_i - 1) softplus(-x_i) - x_i] * g
 // with g = g_i (none) | g (sum) | g / n (mean). Formulas: bce_with_logits_*_math in common/math.h.
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 

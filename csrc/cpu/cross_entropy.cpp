@@ -10,6 +10,8 @@
 // lse; the backward reads each once and writes dx: the (N, C) softmax is never stored. D == 1: a row is
 // contiguous, vector lanes split its classes and are merged at the end. D > 1: the lanes are positions d,
 // a tile of them walked class by class, so every load is contiguous over d.
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -30,7 +32,6 @@
 #endif
 
 #include "common/checks.h"
-#include "cpu/vec_math.h"
 #include "ops.h"
 
 namespace pyengine {

@@ -8,6 +8,8 @@
 // Weight gradients are summed per chunk of rows (a chunk is a whole number of blocks; the split depends on M
 // alone) into per-chunk partials, then the partials are added in chunk order: the same result on every run
 // and with any number of threads.
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

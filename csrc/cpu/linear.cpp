@@ -6,6 +6,8 @@
 //   dW = dz^T @ x                  (N, M) @ (M, K)   BLAS
 //   db = sum over rows of dz       (N)               our column reduction (cpu/reduce.h, or the fused pass)
 // Without an activation dz is dy itself.
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>

@@ -2,6 +2,8 @@
 //   none: l_i = (x_i - y_i)^2     sum: sum_i l_i     mean: sum_i l_i / n   (n = 0: NaN, as torch)
 //   dx_i = 2 (x_i - y_i) * g_i (none) | g (sum) | g / n (mean);   dy_i = -dx_i
 // Formulas: mse_loss_math / mse_loss_grad_math in common/math.h.
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 

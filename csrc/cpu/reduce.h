@@ -6,14 +6,14 @@
 // every run and every machine.
 #pragma once
 
+#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
+
 #include <ATen/Parallel.h>
 #include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <array>
 #include <vector>
-
-#include "cpu/vec_math.h"
 
 namespace pyengine {
 namespace cpu {

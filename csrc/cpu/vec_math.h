@@ -3,8 +3,26 @@
 // CPU code: the overloads must be declared before the templates in math.h that call them.
 #pragma once
 
+// gcc before 12.3 warns "'__Y' may be used uninitialized" (-Wmaybe-uninitialized, sometimes -Wuninitialized)
+// wherever an AVX-512 intrinsic built on _mm512_undefined_ps() and kin is inlined: their deliberate
+// self-initialization, GCC bug 105593. It is a false positive inside the compiler's own header that our code
+// reaches only through torch's (at::vec, and c10::Half's scalar conversions under CPU_CAPABILITY_AVX512), so it
+// cannot be fixed at the source. gcc honours a diagnostic pragma at any location of the inlining chain, so it is
+// silenced over those torch headers alone and stays on for our code. A pragma covers a header only where it is
+// first included: CPU sources include this header (or one that includes it) before any torch header; a source
+// that does not fails the -Werror build (PYENGINE_WERROR=1) with this warning.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 namespace pyengine {
 
