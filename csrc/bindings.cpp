@@ -105,6 +105,23 @@ std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const at::Tens
            need_input, need_target);
 }
 
+std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& target,
+                                                     int64_t ignore_index, int64_t reduction, double label_smoothing,
+                                                     bool need_x, bool need_weight, bool need_bias,
+                                                     int64_t chunk_bytes) {
+  PE_ROUTE(x, linear_cross_entropy_forward, x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x,
+           need_weight, need_bias, chunk_bytes);
+}
+std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                      const at::Tensor& weight, const OptTensor& bias,
+                                                      const at::Tensor& target, const at::Tensor& lse,
+                                                      int64_t ignore_index, double label_smoothing, bool need_x,
+                                                      bool need_weight, bool need_bias, int64_t chunk_bytes) {
+  PE_ROUTE(x, linear_cross_entropy_backward, grad_loss, x, weight, bias, target, lse, ignore_index, label_smoothing,
+           need_x, need_weight, need_bias, chunk_bytes);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -159,6 +176,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_loss"), py::arg("input"), py::arg("target"), py::arg("weight") = py::none(),
         py::arg("pos_weight") = py::none(), py::arg("reduction") = 1, py::arg("need_input") = true,
         py::arg("need_target") = true);
+
+  m.def("linear_cross_entropy_forward", &linear_cross_entropy_forward, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("target"), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+        py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{256} << 20);
+  m.def("linear_cross_entropy_backward", &linear_cross_entropy_backward, py::arg("grad_loss"), py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("lse"), py::arg("ignore_index") = -100,
+        py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{256} << 20);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

@@ -2,6 +2,8 @@
 the kernels of the backend chosen in pyengine._backend."""
 from .ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, LeakyReLUFunction, LinearFunction,
                   MSELossFunction, ReLUFunction, SigmoidFunction, SoftmaxCrossEntropyFunction, TanhFunction)
+from .ops import LinearCrossEntropyFunction
 
 __all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
            "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction"]
+__all__ += ["LinearCrossEntropyFunction"]

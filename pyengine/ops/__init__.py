@@ -4,6 +4,7 @@ from .binary_cross_entropy_with_logits import BinaryCrossEntropyWithLogitsFuncti
 from .cross_entropy import SoftmaxCrossEntropyFunction, cross_entropy
 from .leaky_relu import LeakyReLUFunction, leaky_relu
 from .linear import LinearFunction, linear
+from .linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .mse_loss import MSELossFunction, mse_loss
 from .relu import ReLUFunction, relu
 from .sigmoid import SigmoidFunction, sigmoid
@@ -13,3 +14,4 @@ __all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "Leak
            "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction",
            "add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
            "sigmoid", "tanh"]
+__all__ += ["LinearCrossEntropyFunction", "linear_cross_entropy"]
