@@ -11,6 +11,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -123,7 +124,7 @@ inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tenso
   at::Tensor denom = kept.sum();
   at::Tensor loss = reduction == Reduction::None ? rows
                     : reduction == Reduction::Sum ? rows.sum()
-                                                  : rows.sum() / denom;
+                                                  : at::div(rows.sum(), denom);
   return {loss.to(x.scalar_type()), lse, denom, d[0], d[1], d[2]};
 }
 
