@@ -122,6 +122,12 @@ std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& grad_los
            need_x, need_weight, need_bias, chunk_bytes);
 }
 
+std::vector<at::Tensor> cross_entropy_forward_with_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                        const OptTensor& weight, int64_t ignore_index,
+                                                        int64_t reduction, double label_smoothing) {
+  PE_ROUTE(logits, cross_entropy_forward_with_grad, logits, target, weight, ignore_index, reduction, label_smoothing);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -185,6 +191,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("lse"), py::arg("ignore_index") = -100,
         py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
         py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{256} << 20);
+
+  m.def("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad, py::arg("logits"), py::arg("target"),
+        py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+        py::arg("label_smoothing") = 0.0);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

@@ -89,6 +89,13 @@ namespace pyengine {
       int64_t ignore_index, double label_smoothing, bool need_x, bool need_weight, bool need_bias,                \
       int64_t chunk_bytes);
 
+// cross_entropy_forward_with_grad: the training forward of 'mean'/'sum' (reduction 1 or 2), arguments as
+// cross_entropy_forward -> {loss (0-dim), dlogits (N, C, D) for an incoming gradient of 1, denom}.
+#define PYENGINE_CROSS_ENTROPY_WITH_GRAD_OPS(dev)                                                        \
+  std::vector<at::Tensor> cross_entropy_forward_with_grad_##dev(                                         \
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,       \
+      int64_t ignore_index, int64_t reduction, double label_smoothing);
+
 #define PYENGINE_ALL_OPS(dev)        \
   PYENGINE_LINEAR_OPS(dev)           \
   PYENGINE_UNARY_OPS(relu, dev)      \
@@ -99,7 +106,8 @@ namespace pyengine {
   PYENGINE_CROSS_ENTROPY_OPS(dev)    \
   PYENGINE_MSE_LOSS_OPS(dev)         \
   PYENGINE_BCE_WITH_LOGITS_OPS(dev) \
-  PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev)
+  PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev) \
+  PYENGINE_CROSS_ENTROPY_WITH_GRAD_OPS(dev)
 
 PYENGINE_ALL_OPS(cpu)
 #ifdef PYENGINE_WITH_CUDA

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 
 #include <algorithm>
 #include <vector>
@@ -180,6 +181,61 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     });
   });
   return dx;
+}
+
+// The training forward of 'mean'/'sum': loss and dlogits = d loss / d logits (for an incoming gradient of 1) in
+// one read of the logits. The divisor of 'mean' is summed from the targets first, so the gradient comes out
+// scaled; each row is read once from memory for its lse and again from the cache to write its gradient.
+// D > 1: the forward, then the backward with a gradient of 1.
+std::vector<at::Tensor> cross_entropy_forward_with_grad_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            int64_t ignore_index, int64_t reduction,
+                                                            double label_smoothing) {
+  const char* name = "cross_entropy_forward_with_grad_cpu";
+  const Args a = check_cross_entropy_args(logits, target, weight, ignore_index, reduction, label_smoothing, name);
+  TORCH_CHECK(a.reduction != Reduction::None, name, ": reduction must be 1 (mean) or 2 (sum)");
+  if (a.D != 1) {
+    auto out = cross_entropy_forward_cpu(logits, target, weight, ignore_index, reduction, label_smoothing);
+    const at::Tensor one = at::ones({}, logits.options());
+    return {out[0], cross_entropy_backward_cpu(one, logits, target, weight, out[1], out[2], ignore_index, reduction,
+                                               label_smoothing), out[2]};
+  }
+  const bool prob = target.is_floating_point();
+  const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
+  const auto acc_opts = logits.options().dtype(acc_dtype(logits));
+  at::Tensor denom = at::empty({}, acc_opts), loss = at::empty({}, logits.options());
+  at::Tensor dx = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(dx);
+  const bool stream = dx.nbytes() >= (size_t{8} << 20);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_with_grad_cpu",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
+    with_target<scalar_t>(prob, a.eps, [&](auto kind) {
+      const auto op = make_op<scalar_t, decltype(kind)::value>(logits, target, w, a);
+      const auto rows = static_cast<size_t>(a.N);
+      std::vector<acc> row_loss(rows), row_w(rows), lse(rows);
+      if (!prob)
+        for (int64_t n = 0; n < a.N; ++n) {
+          const int64_t t = op.target_of(n);
+          row_w[n] = t < 0 ? acc(0) : op.weight(t);
+        }
+      const double den = prob ? static_cast<double>(a.C == 0 ? 0 : a.N) : ordered_sum(row_w);
+      // 'mean' over no kept rows: every row's coefficients are 0 and g is never used.
+      const acc g = a.reduction == Reduction::Mean ? static_cast<acc>(1.0 / den) : acc(1);
+      scalar_t* dx_p = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, a.N, grain_for(a.C), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          op.forward_row(n, lse.data(), row_loss[n], row_w[n]);
+          op.backward_row(n, g, lse[n], dx_p + n * a.C, stream);
+        }
+      });
+      denom.data_ptr<acc>()[0] = static_cast<acc>(den);
+      const double total = ordered_sum(row_loss);
+      loss.data_ptr<scalar_t>()[0] =
+          static_cast<scalar_t>(static_cast<acc>(a.reduction == Reduction::Mean ? total / den : total));
+    });
+  });
+  return {loss, dx, denom};
 }
 
 }  // namespace pyengine

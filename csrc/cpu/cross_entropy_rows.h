@@ -315,7 +315,9 @@ template <typename acc> double ordered_sum(const std::vector<acc>& v) {
 }
 
 // Rows per parallel task: about 32K logits of work each.
-inline int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1));
+}
 
 // Calls f.template operator()<kTarget>() for the target kind of the call.
 template <typename scalar_t, typename F> void with_target(bool prob, double eps, const F& f) {

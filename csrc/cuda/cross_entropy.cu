@@ -21,6 +21,7 @@
 // a RuntimeError at the next synchronization. Nothing is read at such an index: the assert comes first.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 
 #include <algorithm>
 #include <limits>
@@ -563,6 +564,20 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
     with_target(cfg, [&](auto kind) { launch_rows<scalar_t, decltype(kind)::value>(a, true, aligned); });
   });
   return dx;
+}
+
+// The training forward of 'mean'/'sum': the loss and its gradient for an incoming gradient of 1 (the CPU fuses
+// the two passes; here they run one after the other).
+std::vector<at::Tensor> cross_entropy_forward_with_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index, int64_t reduction,
+                                                             double label_smoothing) {
+  TORCH_CHECK(reduction == 1 || reduction == 2, "cross_entropy_forward_with_grad_cuda: reduction must be 1 (mean) ",
+              "or 2 (sum), got ", reduction);
+  auto out = cross_entropy_forward_cuda(logits, target, weight, ignore_index, reduction, label_smoothing);
+  const at::Tensor one = at::ones({}, logits.options());
+  return {out[0], cross_entropy_backward_cuda(one, logits, target, weight, out[1], out[2], ignore_index, reduction,
+                                              label_smoothing), out[2]};
 }
 
 }  // namespace pyengine

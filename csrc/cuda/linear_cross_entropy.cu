@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   if (mode == LceMode::Loss) return;
   const acc gr = mode == LceMode::GradFromLse ? g[r] : acc(1);
-  const CrossEntropyIndexCoefs<acc> k = t >= 0 ? CrossEntropyIndexCoefs<acc>{k1.target * gr, k1.row * gr, k1.smooth * gr}
-                                               : CrossEntropyIndexCoefs<acc>{acc(0), acc(0), acc(0)};
+  using Coefs = CrossEntropyIndexCoefs<acc>;
+  const Coefs k = t >= 0 ? Coefs{k1.target * gr, k1.row * gr, k1.smooth * gr} : Coefs{acc(0), acc(0), acc(0)};
 #pragma unroll 1
   for (int64_t c = threadIdx.x; c < V; c += blockDim.x)
     zr[c] = cross_entropy_index_grad(k, pe_exp(zr[c] - row_lse), c == t, acc(1));
