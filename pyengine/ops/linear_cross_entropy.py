@@ -13,7 +13,7 @@ the backward: the forward keeps one lse per row and the backward computes each c
 fourth GEMM). Ignored rows (t == ignore_index) have loss 0 and gradient 0.
 The GEMMs and dW, db accumulate in float32 for float16/bfloat16 inputs, which are cast back at the end.
 Chunk budget: the chunk_bytes keyword, else the environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES,
-else 256 MiB; the results do not depend on the thread count.
+else 128 MiB; the results do not depend on the thread count.
 Kernels: csrc/cpu/linear_cross_entropy.cpp, csrc/cuda/linear_cross_entropy.cu (the chunk loop they share:
 csrc/common/linear_cross_entropy_chunks.h).
 """
@@ -25,7 +25,7 @@ import torch
 from .. import _backend
 from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
 
-DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_CHUNK_BYTES = 128 << 20
 CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
 
 
