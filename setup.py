@@ -111,7 +111,8 @@ def write_build_info(**info):
 def extension():
     march = os.environ.get("PYENGINE_CPU_ARCH", "native" if os.uname().machine == "x86_64" else "").strip()
     cap = cpu_capability(march)
-    cxx = ["-O3", "-fopenmp"] + warning_flags()["cxx"] + torch_system_include_flags()
+    # cpu/vec_math.h ahead of every C++ source: its pragma must see torch's vec headers first (see the header)
+    cxx = ["-O3", "-fopenmp", "-include", "cpu/vec_math.h"] + warning_flags()["cxx"] + torch_system_include_flags()
     if march:
         cxx.append(f"-march={march}")
     if cap != "DEFAULT":

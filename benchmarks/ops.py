@@ -178,6 +178,31 @@ OPS = {
 }
 
 
+
+def _lce_make(p, dtype, device):
+    n, h, v = p
+    w = torch.randn(v, h, dtype=dtype, device=device) / math.sqrt(h)
+    return ([_randn((n, h), dtype, device), w.requires_grad_(), _randn((v,), dtype, device)],
+            [torch.randint(0, v, (n,), device=device)])
+
+
+def _lce_torch(x, w, b, t):
+    return F.cross_entropy(F.linear(x, w, b), t)
+
+
+def _lce_floor(p, s):
+    n, h, v = p
+    # forward reads x, W, b and the targets; backward writes dx, dW, db; the (N, V) logits need never touch
+    # memory (a fused kernel keeps each tile on chip). Flops: the logits GEMM, then dx = dz W and dW = dz^T x.
+    fwd_b, bwd_b = (n * h + v * h + v) * s + 8 * n, (n * h + v * h + v) * s
+    fwd_f, bwd_f = 2 * n * h * v, 4 * n * h * v
+    return {"forward": (fwd_b, fwd_f), "backward": (bwd_b, bwd_f), "forward+backward": (fwd_b + bwd_b, fwd_f + bwd_f)}
+
+
+OPS["linear_cross_entropy"] = Op(
+    "linear_cross_entropy", {"tiny": (TINY_ROWS, 8, 10), "medium": (1024, 512, 8000), "large": (4096, 1024, 32000)},
+    _lce_make, PF.linear_cross_entropy, _lce_torch, _lce_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}")
+
 @dataclass
 class Model:
     """An end-to-end training step: forward, loss, backward, SGD update, for the same model in pyengine.nn

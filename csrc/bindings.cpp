@@ -124,6 +124,29 @@ TensorList fused_mlp_backward(const at::Tensor& grad_y, const at::Tensor& x, con
            need_weights, need_biases);
 }
 
+std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& target,
+                                                     int64_t ignore_index, int64_t reduction, double label_smoothing,
+                                                     bool need_x, bool need_weight, bool need_bias,
+                                                     int64_t chunk_bytes) {
+  PE_ROUTE(x, linear_cross_entropy_forward, x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x,
+           need_weight, need_bias, chunk_bytes);
+}
+std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                      const at::Tensor& weight, const OptTensor& bias,
+                                                      const at::Tensor& target, const at::Tensor& lse,
+                                                      int64_t ignore_index, double label_smoothing, bool need_x,
+                                                      bool need_weight, bool need_bias, int64_t chunk_bytes) {
+  PE_ROUTE(x, linear_cross_entropy_backward, grad_loss, x, weight, bias, target, lse, ignore_index, label_smoothing,
+           need_x, need_weight, need_bias, chunk_bytes);
+}
+
+std::vector<at::Tensor> cross_entropy_forward_with_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                        const OptTensor& weight, int64_t ignore_index,
+                                                        int64_t reduction, double label_smoothing) {
+  PE_ROUTE(logits, cross_entropy_forward_with_grad, logits, target, weight, ignore_index, reduction, label_smoothing);
+}
+
 bool with_cuda() {
 #ifdef PYENGINE_WITH_CUDA
   return true;
@@ -189,7 +212,10 @@ struct AsOptionalList<Kernel> {
   m.impl("binary_cross_entropy_with_logits_backward",                                                       \
          &AsTuple<2, &binary_cross_entropy_with_logits_backward_##dev>::call);                               \
   m.impl("fused_mlp_forward", &fused_mlp_forward_##dev);                                                    \
-  m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward_##dev>::call);
+  m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward_##dev>::call);                        \
+  m.impl("linear_cross_entropy_forward", &AsTuple<6, &linear_cross_entropy_forward_##dev>::call);          \
+  m.impl("linear_cross_entropy_backward", &AsTuple<3, &linear_cross_entropy_backward_##dev>::call);        \
+  m.impl("cross_entropy_forward_with_grad", &AsTuple<3, &cross_entropy_forward_with_grad_##dev>::call);
 
 }  // namespace
 }  // namespace pyengine
@@ -224,6 +250,14 @@ TORCH_LIBRARY(pyengine, m) {
         "int output_activation=0) -> Tensor[]");
   m.def("fused_mlp_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] hidden, Tensor y, int activation, "
         "int output_activation, bool need_x=True, bool need_weights=True, bool need_biases=True) -> Tensor?[]");
+  m.def("linear_cross_entropy_forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+        "int reduction, float label_smoothing, bool need_x, bool need_weight, bool need_bias, int chunk_bytes) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor lse, int ignore_index, float label_smoothing, bool need_x, bool need_weight, bool need_bias, "
+        "int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_forward_with_grad(Tensor logits, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+        "int reduction=1, float label_smoothing=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
@@ -280,6 +314,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_mlp_backward", &fused_mlp_backward, py::arg("grad_y"), py::arg("x"), py::arg("weights"),
         py::arg("hidden"), py::arg("y"), py::arg("activation") = 1, py::arg("output_activation") = 0,
         py::arg("need_x") = true, py::arg("need_weights") = true, py::arg("need_biases") = true);
+
+  m.def("linear_cross_entropy_forward", &linear_cross_entropy_forward, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("target"), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+        py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{128} << 20);
+  m.def("linear_cross_entropy_backward", &linear_cross_entropy_backward, py::arg("grad_loss"), py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("lse"), py::arg("ignore_index") = -100,
+        py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{128} << 20);
+
+  m.def("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad, py::arg("logits"), py::arg("target"),
+        py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+        py::arg("label_smoothing") = 0.0);
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

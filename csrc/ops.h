@@ -86,7 +86,33 @@ namespace pyengine {
       const std::vector<at::Tensor>& hidden, const at::Tensor& y, int64_t activation, int64_t output_activation, \
       bool need_x, bool need_weights, bool need_biases);
 
-#define PYENGINE_ALL_OPS(dev)        \
+// linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) int64; reduction 0 none, 1 mean, 2 sum.
+// cross_entropy(x @ weight^T + bias, target) computed over chunks of rows of at most chunk_bytes of logits.
+// forward -> {loss ((N) for none, else 0-dim; x's dtype), lse (N), denom (0-dim: the kept rows' count),
+//             dx (N, H), dweight (V, H), dbias (V)}: the gradients of the summed loss (no mean divisor) computed in
+//             the same pass, for mean/sum and each flag set (else undefined). lse, denom and the gradients are in
+//             the accumulation type (float for float/half/bfloat16).
+// backward (reduction none; recomputes the logits) -> {dx, dweight, dbias} of sum_r grad_loss_r loss_r, grad_loss
+// (N) and the results in the accumulation type.
+#define PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev)                                                                    \
+  std::vector<at::Tensor> linear_cross_entropy_forward_##dev(                                                     \
+      const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,                      \
+      const at::Tensor& target, int64_t ignore_index, int64_t reduction, double label_smoothing, bool need_x,     \
+      bool need_weight, bool need_bias, int64_t chunk_bytes);                                                     \
+  std::vector<at::Tensor> linear_cross_entropy_backward_##dev(                                                    \
+      const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight,                                 \
+      const c10::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,                     \
+      int64_t ignore_index, double label_smoothing, bool need_x, bool need_weight, bool need_bias,                \
+      int64_t chunk_bytes);
+
+// cross_entropy_forward_with_grad: the training forward of 'mean'/'sum' (reduction 1 or 2), arguments as
+// cross_entropy_forward -> {loss (0-dim), dlogits (N, C, D) for an incoming gradient of 1, denom}.
+#define PYENGINE_CROSS_ENTROPY_WITH_GRAD_OPS(dev)                                                        \
+  std::vector<at::Tensor> cross_entropy_forward_with_grad_##dev(                                         \
+      const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,       \
+      int64_t ignore_index, int64_t reduction, double label_smoothing);
+
+#define PYENGINE_ALL_OPS(dev)                     \
   PYENGINE_LINEAR_OPS(dev)           \
   PYENGINE_UNARY_OPS(relu, dev)      \
   PYENGINE_UNARY_OPS(sigmoid, dev)   \
@@ -95,8 +121,10 @@ namespace pyengine {
   PYENGINE_ADD_OPS(dev)              \
   PYENGINE_CROSS_ENTROPY_OPS(dev)    \
   PYENGINE_MSE_LOSS_OPS(dev)         \
-  PYENGINE_BCE_WITH_LOGITS_OPS(dev) \
-  PYENGINE_FUSED_MLP_OPS(dev)
+  PYENGINE_BCE_WITH_LOGITS_OPS(dev)         \
+  PYENGINE_FUSED_MLP_OPS(dev)               \
+  PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev)    \
+  PYENGINE_CROSS_ENTROPY_WITH_GRAD_OPS(dev)
 
 PYENGINE_ALL_OPS(cpu)
 #ifdef PYENGINE_WITH_CUDA

@@ -2,8 +2,8 @@
 the kernels of the backend chosen in pyengine._backend."""
 from .ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, LeakyReLUFunction, LinearFunction,
                   MSELossFunction, ReLUFunction, SigmoidFunction, SoftmaxCrossEntropyFunction, TanhFunction)
-from .ops import FusedMLPFunction
+from .ops import FusedMLPFunction, LinearCrossEntropyFunction
 
 __all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
            "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction"]
-__all__ += ["FusedMLPFunction"]
+__all__ += ["FusedMLPFunction", "LinearCrossEntropyFunction"]

@@ -6,8 +6,8 @@
 """
 from .ops import (add, binary_cross_entropy_with_logits, cross_entropy, leaky_relu, linear, mse_loss, relu, sigmoid,
                   tanh)
-from .ops import fused_mlp
+from .ops import fused_mlp, linear_cross_entropy
 
 __all__ = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
            "sigmoid", "tanh"]
-__all__ += ["fused_mlp"]
+__all__ += ["fused_mlp", "linear_cross_entropy"]

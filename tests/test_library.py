@@ -88,6 +88,30 @@ def _samples(name, dtype, device):
             g = r(5, 3) if reduction == 0 else r()
             weights = (r(5, 3, low=0.5), None) if bce else ()
             yield (g, r(5, 3), r(5, 3, low=0.0, high=1.0), *weights, reduction, *flags)
+    elif name == "cross_entropy_forward_with_grad":
+        for c, d, w in ((5, 1, None), (4, 3, torch.rand(4, dtype=dtype, device=device) + 0.5)):
+            target = torch.randint(0, c, (6, d), device=device)
+            target[0] = -100
+            for reduction in (1, 2):
+                yield r(6, c, d), target, w, -100, reduction, 0.1
+    elif name in ("linear_cross_entropy_forward", "linear_cross_entropy_backward"):
+        for n, h, v, bias in ((7, 5, 6, True), (9, 3, 11, False), (0, 2, 3, True)):
+            target = torch.randint(0, v, (n,), device=device)
+            if n:
+                target[0] = -100
+            b = r(v, grad=True) if bias else None
+            for reduction, smoothing, flags in ((1, 0.0, (True, True, bias)), (2, 0.2, (False, True, bias)),
+                                                (0, 0.1, (True, False, False))):
+                if n == 0 and reduction == 1:
+                    continue  # NaN mean, unequal to itself in opcheck
+                x, w = r(n, h, grad=True), r(v, h, grad=True)
+                args = (x, w, b, target, -100, reduction, smoothing, *flags, 64 * v)  # a few rows per chunk
+                if name == "linear_cross_entropy_forward":
+                    yield args
+                elif reduction == 0:
+                    lse = torch.ops.pyengine.linear_cross_entropy_forward(x.detach(), w.detach(), b, *args[3:])[1]
+                    yield (torch.randn_like(lse), x.detach(), w.detach(), None if b is None else b.detach(), target,
+                           lse, -100, smoothing, *flags, 64 * v)
     elif name in ("fused_mlp_forward", "fused_mlp_backward"):
         for sizes, act, out_act in (([3, 5, 2], 1, 0), ([4, 7, 6, 1], 2, 2), ([2, 1], 0, 1)):
             for rows in (9, 0):
@@ -108,7 +132,8 @@ def _samples(name, dtype, device):
 
 def test_every_kernel_is_registered_with_samples():
     names = _registered()
-    assert {"linear_forward", "relu_backward", "cross_entropy_forward", "add_backward"} <= set(names)
+    kernels = {n for n in dir(pyengine._backend._C) if n.endswith(("_forward", "_backward", "_with_grad"))}
+    assert kernels and kernels == set(names), kernels ^ set(names)
     for name in names:
         next(iter(_samples(name, torch.float64, "cpu")))
 

@@ -9,8 +9,8 @@
 // reaches only through torch's (at::vec, and c10::Half's scalar conversions under CPU_CAPABILITY_AVX512), so it
 // cannot be fixed at the source. gcc honours a diagnostic pragma at any location of the inlining chain, so it is
 // silenced over those torch headers alone and stays on for our code. A pragma covers a header only where it is
-// first included: CPU sources include this header (or one that includes it) before any torch header; a source
-// that does not fails the -Werror build (PYENGINE_WERROR=1) with this warning.
+// first included, so both builds force-include this header ahead of every C++ source (-include cpu/vec_math.h
+// in setup.py and CMakeLists.txt).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -21,6 +21,7 @@
 // a RuntimeError at the next synchronization. Nothing is read at such an index: the assert comes first.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 
 #include <algorithm>
 #include <limits>
@@ -29,6 +30,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/reduce.cuh"
+#include "cuda/softmax_rows.cuh"
 #include "ops.h"
 
 namespace pyengine {
@@ -44,50 +46,6 @@ constexpr int kTileD = 32;              // D > 1: positions per block (one warp 
 constexpr int kMaxTileBY = 8;           // D > 1: thread rows splitting the classes
 constexpr int kLossSumThreads = 512;        // the 'mean'/'sum' reduction kernels
 constexpr int64_t kMaxSumBlocks = 1024;
-
-// The value the running sums are kept relative to: the running max, or 0 while the max is -inf (so that
-// -inf - -inf never makes a NaN).
-template <typename T> __device__ __forceinline__ T row_shift(T m) {
-  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
-}
-
-// A thread's (or a merged group's) part of a row: the online softmax and, for the weighted kinds (label
-// smoothing: v = w_c; probabilities: v = w_c y'_c), b = sum v (x - shift) and vsum = sum v. b is kept
-// relative to the running max, not 0, so the loss adds terms of one sign and never cancels large logits.
-template <typename T> struct RowState {
-  SoftmaxState<T> sm;
-  T b = T(0);
-  T vsum = T(0);
-};
-
-template <typename T> __device__ __forceinline__ void row_add(RowState<T>& st, T x, T v) {
-  const T old_shift = row_shift(st.sm.max);
-  online_softmax_add(st.sm, x);
-  const T shift = row_shift(st.sm.max);
-  if (old_shift != shift) st.b += st.vsum * (old_shift - shift);
-  st.b += v * (x - shift);
-  st.vsum += v;
-}
-
-template <typename T> __device__ __forceinline__ RowState<T> row_merge(RowState<T> a, RowState<T> o) {
-  RowState<T> r;
-  r.sm = online_softmax_merge(a.sm, o.sm);
-  const T shift = row_shift(r.sm.max), sa = row_shift(a.sm.max), so = row_shift(o.sm.max);
-  r.b = a.b + o.b;
-  if (sa != shift) r.b += a.vsum * (sa - shift);
-  if (so != shift) r.b += o.vsum * (so - shift);
-  r.vsum = a.vsum + o.vsum;
-  return r;
-}
-
-template <typename T> __device__ __forceinline__ RowState<T> row_shfl(RowState<T> s, int offset) {
-  RowState<T> o;
-  o.sm.max = __shfl_xor_sync(kFullMask, s.sm.max, offset);
-  o.sm.sum = __shfl_xor_sync(kFullMask, s.sm.sum, offset);
-  o.b = __shfl_xor_sync(kFullMask, s.b, offset);
-  o.vsum = __shfl_xor_sync(kFullMask, s.vsum, offset);
-  return o;
-}
 
 // Everything a kernel needs, passed by value. Forward fills lse, row_loss, row_w (index targets) and, for
 // 'none', loss; backward reads lse_in, grad, denom and writes dx.
@@ -606,6 +564,20 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
     with_target(cfg, [&](auto kind) { launch_rows<scalar_t, decltype(kind)::value>(a, true, aligned); });
   });
   return dx;
+}
+
+// The training forward of 'mean'/'sum': the loss and its gradient for an incoming gradient of 1 (the CPU fuses
+// the two passes; here they run one after the other).
+std::vector<at::Tensor> cross_entropy_forward_with_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index, int64_t reduction,
+                                                             double label_smoothing) {
+  TORCH_CHECK(reduction == 1 || reduction == 2, "cross_entropy_forward_with_grad_cuda: reduction must be 1 (mean) ",
+              "or 2 (sum), got ", reduction);
+  auto out = cross_entropy_forward_cuda(logits, target, weight, ignore_index, reduction, label_smoothing);
+  const at::Tensor one = at::ones({}, logits.options());
+  return {out[0], cross_entropy_backward_cuda(one, logits, target, weight, out[1], out[2], ignore_index, reduction,
+                                              label_smoothing), out[2]};
 }
 
 }  // namespace pyengine

@@ -7,6 +7,7 @@ from .cross_entropy import SoftmaxCrossEntropyFunction, cross_entropy
 from .fused_mlp import FusedMLPFunction, fused_mlp
 from .leaky_relu import LeakyReLUFunction, leaky_relu
 from .linear import LinearFunction, linear
+from .linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from .mse_loss import MSELossFunction, mse_loss
 from .relu import ReLUFunction, relu
 from .sigmoid import SigmoidFunction, sigmoid
@@ -17,3 +18,4 @@ __all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "Leak
            "add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
            "sigmoid", "tanh"]
 __all__ += ["FusedMLPFunction", "fused_mlp"]
+__all__ += ["LinearCrossEntropyFunction", "linear_cross_entropy"]

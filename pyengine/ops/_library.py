@@ -224,6 +224,53 @@ def _register():
         n = ctx.layers
         return grads[0], grads[1:1 + n] if need_w else None, grads[1 + n:] if need_b else None, None, None
 
+    # linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) -> loss, lse (N), denom, and for
+    # mean/sum the gradients of the summed loss, in the accumulation type, where their flags are set
+    @_fake("linear_cross_entropy_forward")
+    def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x, need_weight, need_bias,
+          chunk_bytes):
+        acc, n = _acc_dtype(x.dtype), x.shape[0]
+        grads = reduction != REDUCTION_NONE
+        return (x.new_empty((n,) if reduction == REDUCTION_NONE else ()), x.new_empty((n,), dtype=acc),
+                x.new_empty((), dtype=acc), x.new_empty(x.shape, dtype=acc) if grads and need_x else None,
+                x.new_empty(weight.shape, dtype=acc) if grads and need_weight else None,
+                x.new_empty(weight.shape[:1], dtype=acc) if grads and need_bias else None)
+
+    @_fake("linear_cross_entropy_backward")
+    def _(grad_loss, x, weight, bias, target, lse, ignore_index, label_smoothing, need_x, need_weight, need_bias,
+          chunk_bytes):
+        acc = _acc_dtype(x.dtype)
+        return (x.new_empty(x.shape, dtype=acc) if need_x else None,
+                x.new_empty(weight.shape, dtype=acc) if need_weight else None,
+                x.new_empty(weight.shape[:1], dtype=acc) if need_bias else None)
+
+    def lce_setup(ctx, inputs, output):
+        x, weight, bias, target, *ctx.args = inputs
+        ctx.save_for_backward(x, weight, bias, target, *output[1:])
+        ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
+
+    @_autograd("linear_cross_entropy_forward", lce_setup)
+    @first_order_only("linear_cross_entropy", instead="cross_entropy(linear(...)) from torch.nn.functional")
+    def _(ctx, grad_loss, *unused):
+        x, weight, bias, target, lse, denom, dx, dw, db = ctx.saved_tensors
+        ignore_index, reduction, smoothing, need_x, need_w, need_b, chunk_bytes = ctx.args
+        if reduction == REDUCTION_NONE:
+            dx, dw, db = ops.linear_cross_entropy_backward(grad_loss.to(lse.dtype).contiguous(), x, weight, bias,
+                                                           target, lse, ignore_index, smoothing, need_x, need_w,
+                                                           need_b, chunk_bytes)
+        else:
+            scale = grad_loss.to(denom.dtype)
+            if reduction == 1:
+                scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
+            dx, dw, db = (None if d is None else d * scale for d in (dx, dw, db))
+        grads = [None if d is None else d.to(x.dtype) for d in (dx, dw, db)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+    # cross_entropy_forward_with_grad: cross_entropy_forward's loss and denom, and the logits' gradient for 1
+    @_fake("cross_entropy_forward_with_grad")
+    def _(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
+        return logits.new_empty(()), _contiguous_like(logits), logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+
 
 if _backend._C is not None:
     _register()

@@ -103,6 +103,16 @@ def cross_entropy_backward(grad_loss, logits, target, weight, lse, denom, ignore
     return grad.to(logits.dtype)
 
 
+@_backend.reference
+def cross_entropy_forward_with_grad(logits, target, weight=None, ignore_index=-100, reduction=1,
+                                    label_smoothing=0.0):
+    """The training forward of 'mean'/'sum': (loss, dlogits for an incoming gradient of 1, denom)."""
+    loss, lse, denom = cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing)
+    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    grad = cross_entropy_backward(one, logits, target, weight, lse, denom, ignore_index, reduction, label_smoothing)
+    return loss, grad, denom
+
+
 def _flatten(input, target, weight, label_smoothing):
     """Checks the arguments as torch does and views them as (N, C, D) logits and (N, D) or (N, C, D) targets."""
     if not input.is_floating_point():
@@ -160,10 +170,21 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         tgt = tgt.contiguous()
         ctx.kernels = _backend.kernels(logits.device)
         ctx.args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
+        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
+        # Training with a reduced loss: the incoming gradient is one number, so the gradient for 1 is computed in
+        # the same pass as the loss (one read of the logits instead of two) and the backward only scales it. Not
+        # for float16/bfloat16, whose saved gradient would be rounded twice when the incoming one is not 1.
+        # Not while torch.compile traces (the backward reads the incoming gradient on the host), nor when the
+        # probabilities of the target want a gradient too.
+        ctx.fused = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
+                     and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+        if ctx.fused:
+            loss, grad, _ = ctx.kernels.cross_entropy_forward_with_grad(logits, tgt, weight, *ctx.args)
+            ctx.save_for_backward(grad, input)  # input: the double-backward error links to it
+            return loss
         loss, lse, denom = ctx.kernels.cross_entropy_forward(logits, tgt, weight, *ctx.args)
         # input too (a view of the same memory unless it was copied): the double-backward error links to it
         ctx.save_for_backward(logits, tgt, weight, lse, denom, input)
-        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         if reduction == "none":
             loss = loss.reshape(() if input.dim() == 1 else input.shape[:1] + input.shape[2:])
         return loss
@@ -171,6 +192,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("cross_entropy")
     def backward(ctx, grad_loss):
+        if ctx.fused:
+            grad, _ = ctx.saved_tensors
+            # The usual incoming 1 returns the saved gradient as it is (on the CPU reading it costs nothing; on a
+            # GPU it would wait for the device, so there it is always multiplied).
+            if grad_loss.device.type != "cpu" or grad_loss.item() != 1:
+                grad = grad * grad_loss
+            return grad.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None, None, None
         logits, tgt, weight, lse, denom, _ = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:

@@ -1,0 +1,74 @@
+// linear_cross_entropy on the CPU: cross_entropy(x W^T + b, t) over chunks of rows, so the (N, V) logits never
+// exist whole (the chunk loop and its GEMMs: common/linear_cross_entropy_chunks.h). Per row r of a chunk of
+// float/double logits z (V), class target t_r (ignored rows: loss 0, gradient 0), smoothing eps:
+//   lse = log sum_c exp(z_c),  loss = (1 - eps)(lse - z_t) + eps / V sum_c (lse - z_c)
+//   dz_c = g (p_c - (1 - eps) [c == t] - eps / V),  p = exp(z - lse)          written over z, in place
+// The row kernels are cross_entropy's (cpu/cross_entropy_rows.h) on a (R, V, 1) view of the chunk; the row
+// stays in the cache between the pass that finds lse and the one that writes dz.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common/linear_cross_entropy_chunks.h"
+#include "cpu/cross_entropy_rows.h"
+#include "ops.h"
+
+namespace pyengine {
+namespace {
+
+// logits (R, V) float/double, in place; see LceMode for what is read and written.
+void linear_cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                                   const at::Tensor& loss, const at::Tensor& kept, const at::Tensor& g, LceMode mode,
+                                   int64_t ignore_index, double eps) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "linear_cross_entropy_rows_cpu", [&] {
+    with_target<scalar_t>(false, eps, [&](auto kind) {
+      using Op = CrossEntropyCpu<scalar_t, decltype(kind)::value>;
+      scalar_t* z = logits.data_ptr<scalar_t>();
+      const Op op{z, target.const_data_ptr<int64_t>(), nullptr, nullptr, V, 1, ignore_index,
+                  static_cast<scalar_t>(eps), static_cast<scalar_t>(V)};
+      scalar_t* lse_p = lse.data_ptr<scalar_t>();
+      scalar_t* loss_p = mode == LceMode::GradFromLse ? nullptr : loss.data_ptr<scalar_t>();
+      scalar_t* kept_p = mode == LceMode::GradFromLse ? nullptr : kept.data_ptr<scalar_t>();
+      const scalar_t* g_p = mode == LceMode::GradFromLse ? g.const_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, R, grain_for(V), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if (mode != LceMode::GradFromLse) op.forward_row(r, lse_p, loss_p[r], kept_p[r]);
+          if (mode != LceMode::Loss) op.backward_row(r, g_p ? g_p[r] : scalar_t(1), lse_p[r], z + r * V, false);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+// x (N, H), weight (V, H), bias (V), target (N) -> {loss, lse (N), denom, dx (N, H), dweight (V, H), dbias (V)}
+std::vector<at::Tensor> linear_cross_entropy_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias,
+                                                         const at::Tensor& target, int64_t ignore_index,
+                                                         int64_t reduction, double label_smoothing, bool need_x,
+                                                         bool need_weight, bool need_bias, int64_t chunk_bytes) {
+  const char* op = "linear_cross_entropy_forward_cpu";
+  const Reduction red = check_reduction(reduction, op);
+  const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
+                                                    need_weight, need_bias, chunk_bytes, false, op);
+  return linear_cross_entropy_forward_impl(x, weight, bias, target, a, red, linear_cross_entropy_rows_cpu);
+}
+
+// grad_loss (N) -> {dx (N, H), dweight (V, H), dbias (V)} = the gradients of sum_r grad_loss_r loss_r
+std::vector<at::Tensor> linear_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          const c10::optional<at::Tensor>& bias,
+                                                          const at::Tensor& target, const at::Tensor& lse,
+                                                          int64_t ignore_index, double label_smoothing, bool need_x,
+                                                          bool need_weight, bool need_bias, int64_t chunk_bytes) {
+  const char* op = "linear_cross_entropy_backward_cpu";
+  const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
+                                                    need_weight, need_bias, chunk_bytes, false, op);
+  return linear_cross_entropy_backward_impl(grad_loss, x, weight, bias, target, lse, a,
+                                            linear_cross_entropy_rows_cpu, op);
+}
+
+}  // namespace pyengine

@@ -1,0 +1,199 @@
+"""linear_cross_entropy: cross_entropy(linear(x, W, b), t) without ever holding the (N, V) logits.
+
+For x (N, H), W (V, H), b (V) and class targets t (N), over chunks of R rows (R * V logits fit a byte budget):
+  z = x_c W^T + b                   the chunk's logits, (R, V), in float32 (float64 for float64 inputs)
+  loss_r = cross_entropy(z_r, t_r)  via lse_r = log sum exp z_r, as in cross_entropy.py (label smoothing too)
+  dz = p - y'                       the row's gradient (softmax minus the smoothed one-hot), written over z
+  dx_c = dz W,  dW += dz^T x_c,  db += dz.sum(0)
+For 'mean' and 'sum' the incoming gradient is one number, so the forward (when any input needs a gradient)
+runs the whole backward in the same pass, three GEMMs in all like the unfused pair, and saves dx, dW, db of
+the summed loss; the backward only scales them by grad / denom (denom: the count of kept rows, a device
+tensor: the host never waits for it). For 'none' the incoming gradient differs per row and is known only in
+the backward: the forward keeps one lse per row and the backward computes each chunk's logits again (a
+fourth GEMM). Ignored rows (t == ignore_index) have loss 0 and gradient 0.
+The GEMMs and dW, db accumulate in float32 for float16/bfloat16 inputs, which are cast back at the end.
+Chunk budget: the chunk_bytes keyword, else the environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES,
+else 128 MiB; the results do not depend on the thread count.
+Kernels: csrc/cpu/linear_cross_entropy.cpp, csrc/cuda/linear_cross_entropy.cu (the chunk loop they share:
+csrc/common/linear_cross_entropy_chunks.h).
+"""
+import math
+import os
+
+import torch
+
+from .. import _backend
+from ._function import first_order_only
+from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
+
+DEFAULT_CHUNK_BYTES = 128 << 20
+CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(n, v, dtype, chunk_bytes):
+    """Rows per chunk: as many as keep the chunk's logits (in the accumulation type) within chunk_bytes."""
+    row = max(v, 1) * (8 if dtype == torch.float64 else 4)
+    return min(max(chunk_bytes // row, 1), max(n, 1))
+
+
+def _grad_buffers(x, v, acc, need_x, need_weight, need_bias):
+    n, h = x.shape
+    return (x.new_empty((n, h), dtype=acc) if need_x else None,
+            x.new_zeros((v, h), dtype=acc) if need_weight else None,
+            x.new_zeros((v,), dtype=acc) if need_bias else None)
+
+
+def _chunks(x, weight, bias, target, chunk_bytes):
+    """Yields (rows, logits z, targets, x rows, W) per chunk of rows, all in the accumulation type."""
+    n, v = x.shape[0], weight.shape[0]
+    acc = _acc(x.dtype)
+    w = weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    step = chunk_rows(n, v, x.dtype, chunk_bytes)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(r0 + step, n))
+        xc = x[rows].to(acc)
+        z = xc @ w.T if b is None else torch.addmm(b, xc, w.T)
+        yield rows, z, target[rows], xc, w
+
+
+@_backend.reference
+def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, reduction=1, label_smoothing=0.0,
+                                 need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """x (N, H), weight (V, H), bias (V) or None, target (N) -> (loss, lse (N), denom, dx, dweight, dbias);
+    the gradients (of the summed loss) only for reduction mean/sum and the flags set, else None."""
+    n, v = x.shape[0], weight.shape[0]
+    acc = _acc(x.dtype)
+    need_bias = need_bias and bias is not None
+    grad = reduction != 0 and (need_x or need_weight or need_bias)
+    dx, dw, db = _grad_buffers(x, v, acc, need_x, need_weight, need_bias) if grad else (None, None, None)
+    lse, rows_loss = x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+    for rows, z, t, xc, w in _chunks(x, weight, bias, target, chunk_bytes):
+        z3, t2 = z.unsqueeze(2), t.unsqueeze(1)
+        loss_c, lse_c, _ = cross_entropy_forward(z3, t2, None, ignore_index, 0, label_smoothing)
+        lse[rows], rows_loss[rows] = lse_c.squeeze(1), loss_c.squeeze(1)
+        if grad:
+            ones = torch.ones_like(lse_c)
+            dz = cross_entropy_backward(ones, z3, t2, None, lse_c, None, ignore_index, 0, label_smoothing).squeeze(2)
+            _accumulate(dz, xc, w, rows, dx, dw, db)
+    denom = (target != ignore_index).sum().to(acc)  # a device tensor: never read by the host
+    loss = rows_loss if reduction == 0 else rows_loss.sum() if reduction == 2 else rows_loss.sum() / denom
+    return loss.to(x.dtype), lse, denom, dx, dw, db
+
+
+@_backend.reference
+def linear_cross_entropy_backward(grad_loss, x, weight, bias, target, lse, ignore_index=-100, label_smoothing=0.0,
+                                  need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """reduction none: grad_loss (N) -> (dx, dweight, dbias) of sum_r grad_loss_r loss_r, recomputing each
+    chunk's logits from x."""
+    acc = _acc(x.dtype)
+    need_bias = need_bias and bias is not None
+    dx, dw, db = _grad_buffers(x, weight.shape[0], acc, need_x, need_weight, need_bias)
+    if need_x or need_weight or need_bias:
+        for rows, z, t, xc, w in _chunks(x, weight, bias, target, chunk_bytes):
+            g = grad_loss[rows].unsqueeze(1)
+            dz = cross_entropy_backward(g, z.unsqueeze(2), t.unsqueeze(1), None, lse[rows].unsqueeze(1), None,
+                                        ignore_index, 0, label_smoothing).squeeze(2)
+            _accumulate(dz, xc, w, rows, dx, dw, db)
+    return dx, dw, db
+
+
+def _accumulate(dz, xc, w, rows, dx, dw, db):
+    if dx is not None:
+        dx[rows] = dz @ w
+    if dw is not None:
+        dw += dz.T @ xc
+    if db is not None:
+        db += dz.sum(0)
+
+
+def _flatten(input, weight, bias, target, label_smoothing):
+    """Checks the arguments as torch's linear + cross_entropy would and views them as x (N, H), target (N)."""
+    if input.dim() < 1 or weight.dim() != 2:
+        raise RuntimeError(f"linear: input must be at least 1-D and weight 2-D, got {input.dim()}-D and "
+                           f"{weight.dim()}-D")
+    h, v = input.shape[-1], weight.shape[0]
+    if weight.shape[1] != h:
+        rows = input.numel() // h if h else 0
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{h} and {weight.shape[1]}x{v})")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"linear_cross_entropy: not implemented for {input.dtype} input (torch: "
+                                  f"log_softmax is not implemented for integer types)")
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise RuntimeError(f"linear: input, weight and bias must have the same dtype, got {input.dtype}, "
+                           f"{weight.dtype} and {None if bias is None else bias.dtype}")
+    if bias is not None:
+        if bias.dim() > 1 or bias.numel() not in (1, v):
+            raise RuntimeError(f"linear: bias must have shape ({v},), got {tuple(bias.shape)}")
+        bias = bias.reshape(-1).expand(v)  # one element broadcasts, as torch's linear allows
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    if input.dim() == 1 and target.dim() != 0:
+        raise RuntimeError(f"cross_entropy: for input of shape (H) the target is a 0-dim class index, "
+                           f"got shape {list(target.shape)}")
+    if input.dim() > 1 and target.shape != input.shape[:-1]:
+        raise ValueError(f"Expected input batch_size ({math.prod(input.shape[:-1])}) to match target batch_size "
+                         f"({target.numel()}): target must have shape {list(input.shape[:-1])}, got "
+                         f"{list(target.shape)}")
+    n = math.prod(input.shape[:-1])
+    return input.reshape(n, h).contiguous(), bias, target.reshape(n).to(torch.int64).contiguous()
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                chunk_bytes=None):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        x, b, t = _flatten(input, weight, bias, target, label_smoothing)
+        if chunk_bytes is None:
+            chunk_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.kernels = _backend.kernels(x.device)
+        ctx.red = REDUCTIONS[reduction]
+        ctx.args = (ignore_index, float(label_smoothing))
+        ctx.flags = (need_x, need_w, need_b and bias is not None, int(chunk_bytes))
+        ctx.shapes = (input.shape, input.dtype, None if bias is None else bias.shape)
+        loss, lse, denom, dx, dw, db = ctx.kernels.linear_cross_entropy_forward(
+            x, weight, b, t, ignore_index, ctx.red, float(label_smoothing), *ctx.flags)
+        if ctx.red == 0:
+            ctx.save_for_backward(x, weight, b, t, lse)
+            return loss.reshape(input.shape[:-1])
+        ctx.save_for_backward(dx, dw, db, denom)
+        return loss
+
+    @staticmethod
+    @first_order_only("linear_cross_entropy", instead="cross_entropy(linear(...)) from torch.nn.functional")
+    def backward(ctx, grad_loss):
+        input_shape, dtype, bias_shape = ctx.shapes
+        if ctx.red == 0:
+            x, weight, b, t, lse = ctx.saved_tensors
+            g = grad_loss.reshape(-1).to(lse.dtype).contiguous()
+            dx, dw, db = ctx.kernels.linear_cross_entropy_backward(g, x, weight, b, t, lse, *ctx.args, *ctx.flags)
+        else:
+            dx, dw, db, denom = ctx.saved_tensors
+            scale = grad_loss.to(denom.dtype)
+            if ctx.red == 1:  # every row ignored: the saved gradients are 0 and stay 0, as torch's
+                scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
+            dx, dw, db = (None if d is None else d * scale for d in (dx, dw, db))
+        dx = None if dx is None else dx.to(dtype).reshape(input_shape)
+        dw = None if dw is None else dw.to(dtype)
+        db = None if db is None else db.to(dtype).sum_to_size(bias_shape)
+        return dx, dw, db, None, None, None, None, None
+
+
+def linear_cross_entropy(input, weight, bias, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                         chunk_bytes=None):
+    """cross_entropy(linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...) for input (*, H),
+    weight (V, H), bias (V) or None, target (*) class indices; 'none' gives the loss in target's shape. The
+    logits are computed chunk by chunk, at most chunk_bytes of them at a time (default: see the module doc)."""
+    return LinearCrossEntropyFunction.apply(input, weight, bias, target, ignore_index, reduction, label_smoothing,
+                                            chunk_bytes)

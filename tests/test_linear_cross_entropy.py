@@ -1,0 +1,280 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine
+import pyengine.functional as PF
+from pyengine.ops.linear_cross_entropy import CHUNK_ENV
+from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
+                   assert_raises_like, grads, make, on)
+
+IGNORE = -100
+REDUCTIONS = ["mean", "sum", "none"]
+# (leading dims, H, V): 0 rows, one class, odd sizes, leading batch dims, a vocabulary past the vector widths.
+SHAPES = [((0,), 5, 7), ((1,), 3, 1), ((7,), 5, 13), ((2, 3), 4, 17), ((33,), 17, 70)]
+
+
+def row_bytes(v, dtype):
+    return v * (8 if dtype == torch.float64 else 4)
+
+
+def budget(v, dtype):
+    """chunk_bytes with room for 3 rows and a bit: several chunks and a ragged last one."""
+    return 3 * row_bytes(v, dtype) + 5
+
+
+def targets(lead, v, device, ignore="none", ignore_index=IGNORE):
+    t = torch.randint(0, v, lead, device=device)
+    if ignore == "some":
+        t = torch.where(torch.rand(lead, device=device) < 0.35, torch.full_like(t, ignore_index), t)
+        if t.numel():
+            t.view(-1)[0] = 0
+    elif ignore == "all":
+        t = torch.full_like(t, ignore_index)
+    return t
+
+
+def params(lead, h, v, dtype, device, bias=True, scale=1.0):
+    x = make((*lead, h), dtype, device, requires_grad=True)
+    w = (make((v, h), dtype, device, low=-scale, high=scale)).requires_grad_()
+    b = make((v,), dtype, device, requires_grad=True) if bias else None
+    return x, w, b
+
+
+def composition(x, w, b, t, **kw):
+    """torch's unfused linear + cross_entropy over the flattened rows; 'none' in target's shape."""
+    loss = F.cross_entropy(F.linear(x.reshape(-1, x.shape[-1]), w, b), t.reshape(-1), **kw)
+    return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
+
+
+def check_against_torch(backend, x, w, b, t, chunk_bytes=None, compare=assert_close, **kw):
+    inputs = [p for p in (x, w, b) if p is not None and p.requires_grad]
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, t, chunk_bytes=chunk_bytes, **kw)
+        ours, g = grads(loss, inputs)
+    ref = composition(x, w, b, t, **kw)
+    theirs, _ = grads(ref, inputs, g)
+    compare(loss, ref)
+    for a, r in zip(ours, theirs):
+        compare(a, r)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_matches_torch_composition(backend, device, dtype, shape, reduction, bias, ignore, smoothing):
+    lead, h, v = shape
+    x, w, b = params(lead, h, v, dtype, device, bias)
+    t = targets(lead, v, device, ignore)
+    check_against_torch(backend, x, w, b, t, budget(v, dtype), reduction=reduction,
+                        label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_gradcheck(backend, device, reduction, bias, smoothing):
+    x, w, b = params((7,), 4, 6, torch.float64, device, bias)
+    t = targets((7,), 6, device, "some")
+    chunk = 3 * row_bytes(6, torch.float64)
+    with on(backend):
+        assert torch.autograd.gradcheck(
+            lambda *p: PF.linear_cross_entropy(p[0], p[1], p[2] if bias else None, t, reduction=reduction,
+                                               label_smoothing=smoothing, chunk_bytes=chunk),
+            (x, w, b) if bias else (x, w))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_half_precision_error_within_twice_torch(backend, device, dtype, reduction, smoothing):
+    x, w, b = params((37,), 64, 300, dtype, device, scale=0.3)
+    t = targets((37,), 300, device, "some")
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    inputs = [x, w, b]
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, t, chunk_bytes=5 * row_bytes(300, dtype), **kw)
+        ours, g = grads(loss, inputs)
+    ref = composition(x, w, b, t, **kw)
+    theirs, _ = grads(ref, inputs, g)
+    p64 = [p.detach().double().requires_grad_() for p in inputs]
+    ref64 = composition(*p64, t, **kw)
+    exact, _ = grads(ref64, p64, g.double())
+    assert_half_close(loss, ref, ref64)
+    for a, r, e in zip(ours, theirs, exact):
+        assert_half_close(a, r, e)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_weight_gradient_accumulates_in_float32(backend, device):
+    """Many chunks of bfloat16 rows: dW summed in float32 stays near the float64 result, where a sum of
+    per-chunk bfloat16 partials would drift."""
+    x, w, b = params((64,), 32, 50, torch.bfloat16, device, scale=0.3)
+    t = targets((64,), 50, device)
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, t, reduction="sum", chunk_bytes=row_bytes(50, torch.float32))
+        (dw,), g = grads(loss, [w])
+    p64 = [p.detach().double().requires_grad_() for p in (x, w, b)]
+    (dw64,), _ = grads(composition(*p64, t, reduction="sum"), [p64[1]], g.double())
+    assert (dw.double() - dw64).abs().max() <= 2 * dw64.abs().max() * 2 ** -8
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_noncontiguous_operands(backend, device, reduction):
+    x = make((5, 6), torch.float32, device).t().requires_grad_()  # (6, 5) seen through a transpose
+    w = make((5, 11), torch.float32, device).t().requires_grad_()  # (11, 5)
+    b = make((11, 2), torch.float32, device)[:, 1].requires_grad_()
+    t = torch.stack([targets((6,), 11, device, "some")] * 2, -1)[:, 0]
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or t.is_contiguous())
+    check_against_torch(backend, x, w, b, t, 2 * row_bytes(11, torch.float32), reduction=reduction,
+                        label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("ignore_index", [0, 3])
+def test_ignore_index_inside_the_class_range(backend, device, ignore_index):
+    x, w, b = params((9,), 4, 5, torch.float64, device)
+    t = targets((9,), 5, device)
+    for reduction in REDUCTIONS:
+        check_against_torch(backend, x, w, b, t, 2 * row_bytes(5, torch.float64), reduction=reduction,
+                            ignore_index=ignore_index, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_ignored_rows_give_zero_loss_and_gradient(backend, device):
+    x, w, b = params((4,), 3, 6, torch.float32, device)
+    t = torch.tensor([1, IGNORE, 5, IGNORE], device=device)
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, t, reduction="none")
+        loss.sum().backward()
+    assert loss[1].item() == 0 and loss[3].item() == 0
+    assert (x.grad[[1, 3]] == 0).all()
+    with on(backend):
+        mean = PF.linear_cross_entropy(x, w, b, torch.full_like(t, IGNORE))
+        (dx, dw, db), _ = grads(mean, [x, w, b])
+    assert torch.isnan(mean)  # a mean over no rows is 0/0, as torch's
+    assert not (dx.any() or dw.any() or db.any())
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, False, False)], ids=["x", "weight", "bias", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_only_some_inputs_need_grad(backend, device, which, reduction):
+    x, w, b = params((8,), 5, 9, torch.float64, device)
+    for p, need in zip((x, w, b), which):
+        p.requires_grad_(need)
+    t = targets((8,), 9, device, "some")
+    if any(which):
+        check_against_torch(backend, x, w, b, t, 3 * row_bytes(9, torch.float64), reduction=reduction)
+    else:
+        with on(backend):
+            loss = PF.linear_cross_entropy(x, w, b, t, reduction=reduction)
+        assert not loss.requires_grad
+        assert_close(loss, composition(x, w, b, t, reduction=reduction))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_no_grad_forward_and_1d_input(backend, device):
+    x, w, b = params((), 6, 10, torch.float64, device)
+    t = torch.tensor(4, device=device)
+    with on(backend), torch.no_grad():
+        loss = PF.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)
+    assert_close(loss, F.cross_entropy(F.linear(x, w, b), t, label_smoothing=0.1).detach())
+    check_against_torch(backend, x, w, b, t)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_budget_from_environment_and_results_independent_of_chunking(backend, device, monkeypatch):
+    x, w, b = params((50,), 8, 40, torch.float64, device)
+    t = targets((50,), 40, device, "some")
+    results = []
+    for rows in (50, 7, 1):
+        monkeypatch.setenv(CHUNK_ENV, str(rows * row_bytes(40, torch.float64)))
+        with on(backend):
+            loss = PF.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)
+            results.append([loss, *torch.autograd.grad(loss, [x, w, b])])
+    for other in results[1:]:
+        for a, r in zip(other, results[0]):
+            assert_close(a, r)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_grad_accumulates_and_retain_graph(backend, device):
+    x, w, b = params((6,), 4, 7, torch.float64, device)
+    t = targets((6,), 7, device, "some")
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, t)
+        loss.backward(retain_graph=True)
+        once = w.grad.clone()
+        loss.backward()
+    assert_close(w.grad, 2 * once)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_bad_input_raises_like_torch(backend, device):
+    x, w, b = params((4,), 3, 5, torch.float32, device)
+    t = torch.tensor([0, 1, 2, 4], device=device)
+    out_of_range = [] if device == "cuda" else [  # CUDA: a device-side assert, as torch's (see test_cross_entropy)
+        (x, w, b, torch.tensor([0, 1, 5, 1], device=device), {}),
+        (x, w, b, torch.tensor([0, -1, 2, IGNORE], device=device), dict(reduction="none", label_smoothing=0.1)),
+    ]
+    cases = out_of_range + [
+        (x, w[:, :2], b, t, {}),  # H mismatch
+        (x, w.double(), b, t, {}),
+        (x, w, b.double(), t, {}),
+        (x, w, b[:4], t, {}),
+        (x, w[0], b, t, {}),  # 1-D weight
+        (x, w, b, t.int(), {}),
+        (x, w, b, t.float(), {}),
+        (x, w, b, t[:3], {}),  # batch mismatch
+        (x, w, b, t, dict(reduction="avg")),
+        (x, w, b, t, dict(label_smoothing=1.5)),
+        (x.detach().long(), w.detach().long(), None, t, {}),
+    ]
+    for xi, wi, bi, ti, kw in cases:
+        def ours(xi=xi, wi=wi, bi=bi, ti=ti, kw=kw):
+            with on(backend):
+                PF.linear_cross_entropy(xi, wi, bi, ti, **kw).sum().backward()
+
+        def theirs(xi=xi, wi=wi, bi=bi, ti=ti, kw=kw):
+            composition(xi, wi, bi, ti, **kw).sum().backward()
+
+        assert_raises_like(theirs, ours)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+def test_kernels_check_their_arguments(backend, device):
+    """Called directly, the compiled kernels reject what would read or write out of bounds."""
+    C = pyengine._backend._C
+    x, w, b = (p.detach() for p in params((3,), 4, 5, torch.float32, device))
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    loss, lse, denom, dx, dw, db = C.linear_cross_entropy_forward(x, w, b, t, IGNORE, 0, 0.0, True, True, True, 64)
+    assert dx is None and dw is None and db is None  # reduction none: gradients come from the backward
+    g = torch.ones(3, device=device)
+    bad = [
+        lambda: C.linear_cross_entropy_forward(x, w[:, :3], b, t),
+        lambda: C.linear_cross_entropy_forward(x, w, b[:4], t),
+        lambda: C.linear_cross_entropy_forward(x, w, b, t[:2]),
+        lambda: C.linear_cross_entropy_forward(x, w, b, t.int()),
+        lambda: C.linear_cross_entropy_forward(x, w.double(), b, t),
+        lambda: C.linear_cross_entropy_forward(x, w, b, t, chunk_bytes=0),
+        lambda: C.linear_cross_entropy_backward(g[:2], x, w, b, t, lse),
+        lambda: C.linear_cross_entropy_backward(g, x, w, b, t, lse[:2]),
+        lambda: C.linear_cross_entropy_backward(g.double(), x, w, b, t, lse),
+    ]
+    for call in bad:
+        with pytest.raises(RuntimeError):
+            call()
+    with pytest.raises(ValueError):
+        C.linear_cross_entropy_forward(x, w, b, t, IGNORE, 3)
+    if device == "cpu":
+        with pytest.raises(IndexError):
+            C.linear_cross_entropy_forward(x, w, b, torch.tensor([0, 5, 1], device=device))
