@@ -84,6 +84,11 @@ class BroadcastAddFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[i]:
                 grads.append(None)
                 continue
+            if i == 0 and grad.shape == ctx.shapes[0] and not torch.is_grad_enabled():
+                # input's gradient is dout itself: no copy (autograd's AccumulateGrad copies it before storing it
+                # as a .grad that someone else still references). At most one operand takes it.
+                grads.append(grad.to(dtype=ctx.dtypes[0], device=ctx.devices[0]))
+                continue
             g = _backend.backward_kernels(ctx.kernels).add_backward(grad, list(ctx.shapes[i]), scale)
             grads.append(g.to(dtype=ctx.dtypes[i], device=ctx.devices[i]))
         return grads[0], grads[1], None
