@@ -4,10 +4,8 @@
     y = PF.relu(PF.linear(x, w, b))
     loss = PF.cross_entropy(y, target, label_smoothing=0.1)
 """
-from .ops import (add, binary_cross_entropy_with_logits, cross_entropy, leaky_relu, linear, mse_loss, relu, sigmoid,
-                  tanh)
-from .ops import fused_mlp, linear_cross_entropy
+from .ops import (add, binary_cross_entropy_with_logits, cross_entropy, fused_mlp, leaky_relu, linear,
+                  linear_cross_entropy, mse_loss, relu, sigmoid, tanh)
 
-__all__ = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
-           "sigmoid", "tanh"]
-__all__ += ["fused_mlp", "linear_cross_entropy"]
+__all__ = ["add", "binary_cross_entropy_with_logits", "cross_entropy", "fused_mlp", "leaky_relu", "linear",
+           "linear_cross_entropy", "mse_loss", "relu", "sigmoid", "tanh"]

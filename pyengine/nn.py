@@ -125,6 +125,5 @@ def convert(model):
     return model
 
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid", "Tanh",
-           "convert"]
-__all__ += ["FusedMLP"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "FusedMLP", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid",
+           "Tanh", "convert"]

@@ -13,9 +13,7 @@ from .relu import ReLUFunction, relu
 from .sigmoid import SigmoidFunction, sigmoid
 from .tanh import TanhFunction, tanh
 
-__all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "LeakyReLUFunction", "LinearFunction",
-           "MSELossFunction", "ReLUFunction", "SigmoidFunction", "SoftmaxCrossEntropyFunction", "TanhFunction",
-           "add", "binary_cross_entropy_with_logits", "cross_entropy", "leaky_relu", "linear", "mse_loss", "relu",
-           "sigmoid", "tanh"]
-__all__ += ["FusedMLPFunction", "fused_mlp"]
-__all__ += ["LinearCrossEntropyFunction", "linear_cross_entropy"]
+__all__ = ["BinaryCrossEntropyWithLogitsFunction", "BroadcastAddFunction", "FusedMLPFunction", "LeakyReLUFunction",
+           "LinearCrossEntropyFunction", "LinearFunction", "MSELossFunction", "ReLUFunction", "SigmoidFunction",
+           "SoftmaxCrossEntropyFunction", "TanhFunction", "add", "binary_cross_entropy_with_logits", "cross_entropy",
+           "fused_mlp", "leaky_relu", "linear", "linear_cross_entropy", "mse_loss", "relu", "sigmoid", "tanh"]
