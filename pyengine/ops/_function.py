@@ -35,6 +35,12 @@ def output_saving_function(op, class_name):
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
+def acc_dtype(dtype):
+    """The dtype the reference formulas compute in: float64 for float64, float32 for the rest (float16 and
+    bfloat16 included), as the kernels' acc_t in csrc/common/math.h."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def promote_to_float(input, op):
     """Integer and bool inputs become the default float dtype, as torch.sigmoid and torch.tanh do."""
     if input.is_floating_point():

@@ -13,7 +13,7 @@ Check them with torch.library.opcheck (tests/test_library.py does, for every ope
 import torch
 
 from .. import _backend
-from ._function import first_order_only
+from ._function import acc_dtype, first_order_only
 
 NAMESPACE = "pyengine"
 REDUCTION_NONE = 0
@@ -41,12 +41,8 @@ def _with_defaults(inputs, defaults):
     return tuple(inputs) + tuple(defaults[len(inputs):])
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _contiguous_like(t, shape=None):
-    return t.new_empty(t.shape if shape is None else shape)
+def _contiguous_like(t):
+    return t.new_empty(t.shape)
 
 
 def _grads(kernel_name, *args):
@@ -128,7 +124,7 @@ def _register():
     @_fake("cross_entropy_forward")
     def _(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
         n, d = logits.shape[0], logits.shape[2]
-        acc = _acc_dtype(logits.dtype)
+        acc = acc_dtype(logits.dtype)
         loss = logits.new_empty((n, d) if reduction == REDUCTION_NONE else ())
         return loss, logits.new_empty((n, d), dtype=acc), logits.new_empty((), dtype=acc)
 
@@ -229,7 +225,7 @@ def _register():
     @_fake("linear_cross_entropy_forward")
     def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x, need_weight, need_bias,
           chunk_bytes):
-        acc, n = _acc_dtype(x.dtype), x.shape[0]
+        acc, n = acc_dtype(x.dtype), x.shape[0]
         grads = reduction != REDUCTION_NONE
         return (x.new_empty((n,) if reduction == REDUCTION_NONE else ()), x.new_empty((n,), dtype=acc),
                 x.new_empty((), dtype=acc), x.new_empty(x.shape, dtype=acc) if grads and need_x else None,
@@ -239,7 +235,7 @@ def _register():
     @_fake("linear_cross_entropy_backward")
     def _(grad_loss, x, weight, bias, target, lse, ignore_index, label_smoothing, need_x, need_weight, need_bias,
           chunk_bytes):
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         return (x.new_empty(x.shape, dtype=acc) if need_x else None,
                 x.new_empty(weight.shape, dtype=acc) if need_weight else None,
                 x.new_empty(weight.shape[:1], dtype=acc) if need_bias else None)
@@ -269,7 +265,7 @@ def _register():
     # cross_entropy_forward_with_grad: cross_entropy_forward's loss and denom, and the logits' gradient for 1
     @_fake("cross_entropy_forward_with_grad")
     def _(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
-        return logits.new_empty(()), _contiguous_like(logits), logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+        return logits.new_empty(()), _contiguous_like(logits), logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
 
 if _backend._C is not None:

@@ -12,7 +12,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ._function import result_type
+from ._function import acc_dtype, result_type
 
 
 @_backend.reference
@@ -20,7 +20,7 @@ def add_forward(input, other, alpha=1):
     if input.dtype == torch.bool:  # bool + bool is logical or; a true alpha keeps other, a false one drops it
         return torch.logical_or(input, other & bool(alpha))
     if input.is_floating_point():  # float16/bfloat16 computed in float and rounded once, as the kernels do
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(input.dtype)
         return (input.to(acc) + alpha * other.to(acc)).to(input.dtype)
     return input + alpha * other
 
@@ -30,7 +30,7 @@ def add_backward(grad, shape, scale=1):
     """Sums grad over the dims that broadcasting added or stretched, giving a tensor of `shape`."""
     shape = tuple(shape)
     lead = grad.dim() - len(shape)
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad.dtype)
     g = grad.to(acc)
     if lead:
         g = g.sum(dim=tuple(range(lead)))  # dims the operand did not have at all

@@ -13,8 +13,8 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import autocast, result_type
-from .mse_loss import REDUCTIONS, _acc, _check_reduction, _reduce
+from ._function import acc_dtype, autocast, result_type
+from .mse_loss import REDUCTIONS, _check_reduction, _reduce
 
 
 def _softplus_neg(x):
@@ -23,7 +23,7 @@ def _softplus_neg(x):
 
 @_backend.reference
 def binary_cross_entropy_with_logits_forward(input, target, weight=None, pos_weight=None, reduction=1):
-    acc = _acc(input.dtype)
+    acc = acc_dtype(input.dtype)
     x, y = input.to(acc), target.to(acc)
     log_weight = 1.0 if pos_weight is None else 1.0 + (pos_weight.to(acc) - 1.0) * y
     loss = (1.0 - y) * x + log_weight * _softplus_neg(x)
@@ -35,7 +35,7 @@ def binary_cross_entropy_with_logits_forward(input, target, weight=None, pos_wei
 @_backend.reference
 def binary_cross_entropy_with_logits_backward(grad_loss, input, target, weight=None, pos_weight=None, reduction=1,
                                               need_input=True, need_target=True):
-    acc = _acc(input.dtype)
+    acc = acc_dtype(input.dtype)
     x, y = input.to(acc), target.to(acc)
     g = grad_loss.to(acc)
     if reduction == 1:

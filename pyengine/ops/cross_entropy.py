@@ -14,20 +14,16 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
-from ._function import autocast, first_order_only
+from ._function import acc_dtype, autocast, first_order_only
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @_backend.reference
 def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
     """logits (N, C, D); target (N, D) int64 or (N, C, D) probabilities -> (loss, lse (N, D), denom)."""
     n, c, d = logits.shape
-    x = logits.to(_acc(logits.dtype))
+    x = logits.to(acc_dtype(logits.dtype))
     m = x.amax(dim=1) if c else x.new_full((n, d), float("-inf"))
     row_max = m
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: lse = -inf, not NaN
@@ -72,7 +68,7 @@ def cross_entropy_backward(grad_loss, logits, target, weight, lse, denom, ignore
                            label_smoothing=0.0):
     """dlogits (N, C, D) = (p - y') * w * grad_loss [/ denom]."""
     n, c, d = logits.shape
-    x = logits.to(_acc(logits.dtype))
+    x = logits.to(acc_dtype(logits.dtype))
     p = torch.exp(x - lse.unsqueeze(1))
     w = None if weight is None else weight.to(x.dtype).view(1, c, 1)
     eps = max(label_smoothing, 0.0)

@@ -17,15 +17,11 @@ import math
 import torch
 
 from .. import _backend
-from ._function import first_order_only
+from ._function import acc_dtype, first_order_only
 
 MAX_WIDTH = 128  # csrc/common/fused_mlp.h kMaxWidth: a block of rows keeps every layer's activations on chip
 MAX_LAYERS = 16  # kMaxLayers: the CUDA kernels take the layer table as a fixed-size kernel argument
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "sigmoid": 2}
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _activate(z, code):
@@ -41,7 +37,7 @@ def fused_mlp_forward(x, weights, biases, activation=1, output_activation=0):
     check_network(x, weights, biases, activation, output_activation)
     # Accumulated in float for float16/bfloat16 and rounded once per saved output, as the kernels do; the next
     # layer reads the unrounded value.
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     a, hidden = x.to(acc), []
     for i, (w, b) in enumerate(zip(weights, biases)):
         z = a @ w.to(acc).T + b.to(acc)
@@ -54,7 +50,7 @@ def fused_mlp_forward(x, weights, biases, activation=1, output_activation=0):
 @_backend.reference
 def fused_mlp_backward(grad_y, x, weights, hidden, y, activation=1, output_activation=0, need_x=True,
                        need_weights=True, need_biases=True):
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     inputs = [x.to(acc)] + [h.to(acc) for h in hidden]  # a_0 .. a_{L-1}: what each layer read
     dz = _activation_grad(grad_y.to(acc), y.to(acc), output_activation)
     grad_w, grad_b, grad_x = [None] * len(weights), [None] * len(weights), None

@@ -10,18 +10,19 @@ import numbers
 import torch
 
 from .. import _backend
+from ._function import acc_dtype
 
 
 @_backend.reference
 def leaky_relu_forward(x, negative_slope=0.01):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     return torch.where(xa > 0, xa, xa * negative_slope).to(x.dtype)
 
 
 @_backend.reference
 def leaky_relu_backward(grad_y, x, negative_slope=0.01):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     g = grad_y.to(acc)
     return torch.where(x > 0, g, g * negative_slope).to(grad_y.dtype)
 

@@ -23,15 +23,11 @@ import os
 import torch
 
 from .. import _backend
-from ._function import first_order_only
+from ._function import acc_dtype, first_order_only
 from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
 
 DEFAULT_CHUNK_BYTES = 128 << 20
 CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunk_rows(n, v, dtype, chunk_bytes):
@@ -50,7 +46,7 @@ def _grad_buffers(x, v, acc, need_x, need_weight, need_bias):
 def _chunks(x, weight, bias, target, chunk_bytes):
     """Yields (rows, logits z, targets, x rows, W) per chunk of rows, all in the accumulation type."""
     n, v = x.shape[0], weight.shape[0]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = weight.to(acc)
     b = None if bias is None else bias.to(acc)
     step = chunk_rows(n, v, x.dtype, chunk_bytes)
@@ -67,7 +63,7 @@ def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, red
     """x (N, H), weight (V, H), bias (V) or None, target (N) -> (loss, lse (N), denom, dx, dweight, dbias);
     the gradients (of the summed loss) only for reduction mean/sum and the flags set, else None."""
     n, v = x.shape[0], weight.shape[0]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     need_bias = need_bias and bias is not None
     grad = reduction != 0 and (need_x or need_weight or need_bias)
     dx, dw, db = _grad_buffers(x, v, acc, need_x, need_weight, need_bias) if grad else (None, None, None)
@@ -90,7 +86,7 @@ def linear_cross_entropy_backward(grad_loss, x, weight, bias, target, lse, ignor
                                   need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """reduction none: grad_loss (N) -> (dx, dweight, dbias) of sum_r grad_loss_r loss_r, recomputing each
     chunk's logits from x."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     need_bias = need_bias and bias is not None
     dx, dw, db = _grad_buffers(x, weight.shape[0], acc, need_x, need_weight, need_bias)
     if need_x or need_weight or need_bias:

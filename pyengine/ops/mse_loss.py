@@ -11,13 +11,9 @@ import warnings
 import torch
 
 from .. import _backend
-from ._function import autocast, result_type
+from ._function import acc_dtype, autocast, result_type
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _reduce(loss, reduction, dtype):
@@ -29,13 +25,13 @@ def _reduce(loss, reduction, dtype):
 
 @_backend.reference
 def mse_loss_forward(input, target, reduction=1):
-    d = input.to(_acc(input.dtype)) - target.to(_acc(input.dtype))
+    d = input.to(acc_dtype(input.dtype)) - target.to(acc_dtype(input.dtype))
     return _reduce(d * d, reduction, input.dtype)
 
 
 @_backend.reference
 def mse_loss_backward(grad_loss, input, target, reduction=1, need_input=True, need_target=True):
-    acc = _acc(input.dtype)
+    acc = acc_dtype(input.dtype)
     g = grad_loss.to(acc)
     if reduction == 1:
         g = g / input.numel()

@@ -7,20 +7,20 @@ Kernels: csrc/cpu/sigmoid.cpp, csrc/cuda/sigmoid.cu; formula: sigmoid_*_math in 
 import torch
 
 from .. import _backend
-from ._function import output_saving_function, promote_to_float
+from ._function import acc_dtype, output_saving_function, promote_to_float
 
 
 @_backend.reference
 def sigmoid_forward(x):
     # Computed in float for float16/bfloat16 and rounded once, as the kernels do. exp(-x) overflows to inf
     # for very negative x and 1 / inf = 0, the right limit.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     return (1.0 / (1.0 + torch.exp(-x.to(acc)))).to(x.dtype)
 
 
 @_backend.reference
 def sigmoid_backward(grad_y, y):
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(y.dtype)
     y_acc = y.to(acc)
     return (grad_y.to(acc) * y_acc * (1.0 - y_acc)).to(y.dtype)
 

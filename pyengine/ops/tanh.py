@@ -7,25 +7,21 @@ Kernels: csrc/cpu/tanh.cpp, csrc/cuda/tanh.cu; formula: tanh_*_math in csrc/comm
 import torch
 
 from .. import _backend
-from ._function import output_saving_function, promote_to_float
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._function import acc_dtype, output_saving_function, promote_to_float
 
 
 @_backend.reference
 def tanh_forward(x):
     # tanh(|x|) = t / (2 - t) with t = 1 - e^{-2|x|} = -expm1(-2|x|): no overflow for large |x|, no
     # cancellation for tiny |x|; the sign comes back with copysign. Computed in float for float16/bfloat16.
-    xa = x.to(_acc(x.dtype))
+    xa = x.to(acc_dtype(x.dtype))
     t = -torch.expm1(-2.0 * xa.abs())
     return torch.copysign(t / (2.0 - t), xa).to(x.dtype)
 
 
 @_backend.reference
 def tanh_backward(grad_y, y):
-    ya = y.to(_acc(y.dtype))
+    ya = y.to(acc_dtype(y.dtype))
     return (grad_y.to(ya.dtype) * (1.0 - ya * ya)).to(y.dtype)
 
 
