@@ -136,6 +136,9 @@ def _ddp_worker(rank, world, name, init_state, args, port, result_file):
             curve, state, acc = train(name, pnn, init_state, args, rank, world, show=rank == 0)
         if rank == 0:
             torch.save({"curve": curve, "state": state, "accuracy": acc}, result_file)
+        # every rank waits here until all are done: a rank that tears down and exits while a peer still talks
+        # to it makes the peer's gloo thread throw "Connection closed by peer" and abort the process
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
