@@ -1,57 +1,21 @@
-// The one binding file: every op's Python-visible signature, routed to the CPU or CUDA kernel by the
-// device of its first tensor. pyengine/_backend.py picks which backend runs; this file only routes.
+// The one binding file: every op's Python-visible signature (the kernels, routed by route.h to the CPU or CUDA
+// one by the device of their first tensor; their C++ autograd Functions in pyengine._C.autograd), and the same
+// kernels as torch.library operators. pyengine/_backend.py picks which backend runs.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <utility>
 
+#include "autograd.h"
 #include "common/checks.h"
-#include "ops.h"
+#include "route.h"
 
 namespace pyengine {
 namespace {
 
 #define PE_STR_(x) #x
 #define PE_STR(x) PE_STR_(x)
-
-bool on_cuda(const at::Tensor& t, const char* op) {
-  const auto dev = t.device();
-  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), op, ": pyengine runs on CPU and CUDA tensors, got ", dev);
-#ifndef PYENGINE_WITH_CUDA
-  TORCH_CHECK(!dev.is_cuda(), op, ": this build of pyengine has no CUDA kernels. Rebuild on a machine with ",
-              "a CUDA toolkit and a CUDA build of torch (PYENGINE_CUDA=1 pip install --no-build-isolation .), ",
-              "or use the python backend.");
-#endif
-  return dev.is_cuda();
-}
-
-#ifdef PYENGINE_WITH_CUDA
-#define PE_ROUTE(t, fn, ...) return on_cuda(t, #fn) ? fn##_cuda(__VA_ARGS__) : fn##_cpu(__VA_ARGS__)
-#else
-#define PE_ROUTE(t, fn, ...) \
-  on_cuda(t, #fn);           \
-  return fn##_cpu(__VA_ARGS__)
-#endif
-
-using OptTensor = c10::optional<at::Tensor>;
-
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                          int64_t activation) {
-  PE_ROUTE(x, linear_forward, x, weight, bias, activation);
-}
-std::vector<at::Tensor> linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                        bool need_x, bool need_weight, bool need_bias, int64_t activation,
-                                        const OptTensor& y) {
-  PE_ROUTE(grad_y, linear_backward, grad_y, x, weight, need_x, need_weight, need_bias, activation, y);
-}
-
-at::Tensor relu_forward(const at::Tensor& x) { PE_ROUTE(x, relu_forward, x); }
-at::Tensor relu_backward(const at::Tensor& grad_y, const at::Tensor& y) { PE_ROUTE(y, relu_backward, grad_y, y); }
-at::Tensor sigmoid_forward(const at::Tensor& x) { PE_ROUTE(x, sigmoid_forward, x); }
-at::Tensor sigmoid_backward(const at::Tensor& grad_y, const at::Tensor& y) {
-  PE_ROUTE(y, sigmoid_backward, grad_y, y);
-}
 
 // torch's pybind11 caster cannot load a c10::Scalar from Python (it asserts), so numbers are converted here.
 at::Scalar to_scalar(const pybind11::object& obj, const char* name) {
@@ -67,84 +31,6 @@ at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const p
 }
 at::Tensor add_backward(const at::Tensor& grad, std::vector<int64_t> shape, const pybind11::object& scale) {
   PE_ROUTE(grad, add_backward, grad, shape, to_scalar(scale, "scale"));
-}
-
-std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
-                                              const OptTensor& weight, int64_t ignore_index, int64_t reduction,
-                                              double label_smoothing) {
-  PE_ROUTE(logits, cross_entropy_forward, logits, target, weight, ignore_index, reduction, label_smoothing);
-}
-at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                  const OptTensor& weight, const at::Tensor& lse, const at::Tensor& denom,
-                                  int64_t ignore_index, int64_t reduction, double label_smoothing) {
-  PE_ROUTE(logits, cross_entropy_backward, grad_loss, logits, target, weight, lse, denom, ignore_index, reduction,
-           label_smoothing);
-}
-
-at::Tensor tanh_forward(const at::Tensor& x) { PE_ROUTE(x, tanh_forward, x); }
-at::Tensor tanh_backward(const at::Tensor& grad_y, const at::Tensor& y) { PE_ROUTE(y, tanh_backward, grad_y, y); }
-at::Tensor leaky_relu_forward(const at::Tensor& x, double slope) { PE_ROUTE(x, leaky_relu_forward, x, slope); }
-at::Tensor leaky_relu_backward(const at::Tensor& grad_y, const at::Tensor& x, double slope) {
-  PE_ROUTE(x, leaky_relu_backward, grad_y, x, slope);
-}
-
-at::Tensor mse_loss_forward(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
-  PE_ROUTE(input, mse_loss_forward, input, target, reduction);
-}
-std::vector<at::Tensor> mse_loss_backward(const at::Tensor& grad_loss, const at::Tensor& input,
-                                          const at::Tensor& target, int64_t reduction, bool need_input,
-                                          bool need_target) {
-  PE_ROUTE(input, mse_loss_backward, grad_loss, input, target, reduction, need_input, need_target);
-}
-
-at::Tensor binary_cross_entropy_with_logits_forward(const at::Tensor& input, const at::Tensor& target,
-                                                    const OptTensor& weight, const OptTensor& pos_weight,
-                                                    int64_t reduction) {
-  PE_ROUTE(input, binary_cross_entropy_with_logits_forward, input, target, weight, pos_weight, reduction);
-}
-std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const at::Tensor& grad_loss,
-                                                                  const at::Tensor& input, const at::Tensor& target,
-                                                                  const OptTensor& weight,
-                                                                  const OptTensor& pos_weight, int64_t reduction,
-                                                                  bool need_input, bool need_target) {
-  PE_ROUTE(input, binary_cross_entropy_with_logits_backward, grad_loss, input, target, weight, pos_weight, reduction,
-           need_input, need_target);
-}
-
-using TensorList = std::vector<at::Tensor>;
-
-TensorList fused_mlp_forward(const at::Tensor& x, const TensorList& weights, const TensorList& biases,
-                             int64_t activation, int64_t output_activation) {
-  PE_ROUTE(x, fused_mlp_forward, x, weights, biases, activation, output_activation);
-}
-TensorList fused_mlp_backward(const at::Tensor& grad_y, const at::Tensor& x, const TensorList& weights,
-                              const TensorList& hidden, const at::Tensor& y, int64_t activation,
-                              int64_t output_activation, bool need_x, bool need_weights, bool need_biases) {
-  PE_ROUTE(x, fused_mlp_backward, grad_y, x, weights, hidden, y, activation, output_activation, need_x,
-           need_weights, need_biases);
-}
-
-std::vector<at::Tensor> linear_cross_entropy_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                     const OptTensor& bias, const at::Tensor& target,
-                                                     int64_t ignore_index, int64_t reduction, double label_smoothing,
-                                                     bool need_x, bool need_weight, bool need_bias,
-                                                     int64_t chunk_bytes) {
-  PE_ROUTE(x, linear_cross_entropy_forward, x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x,
-           need_weight, need_bias, chunk_bytes);
-}
-std::vector<at::Tensor> linear_cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& x,
-                                                      const at::Tensor& weight, const OptTensor& bias,
-                                                      const at::Tensor& target, const at::Tensor& lse,
-                                                      int64_t ignore_index, double label_smoothing, bool need_x,
-                                                      bool need_weight, bool need_bias, int64_t chunk_bytes) {
-  PE_ROUTE(x, linear_cross_entropy_backward, grad_loss, x, weight, bias, target, lse, ignore_index, label_smoothing,
-           need_x, need_weight, need_bias, chunk_bytes);
-}
-
-std::vector<at::Tensor> cross_entropy_forward_with_grad(const at::Tensor& logits, const at::Tensor& target,
-                                                        const OptTensor& weight, int64_t ignore_index,
-                                                        int64_t reduction, double label_smoothing) {
-  PE_ROUTE(logits, cross_entropy_forward_with_grad, logits, target, weight, ignore_index, reduction, label_smoothing);
 }
 
 bool with_cuda() {
@@ -327,6 +213,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad, py::arg("logits"), py::arg("target"),
         py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
         py::arg("label_smoothing") = 0.0);
+
+  py::module_ ag = m.def_submodule("autograd", "The ops as C++ autograd Functions (csrc/autograd.cpp), for "
+                                   "arguments already checked and promoted by pyengine.functional");
+  ag.def("linear", &autograd::linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+         py::arg("activation") = 0);
+  ag.def("relu", &autograd::relu, py::arg("x"));
+  ag.def("sigmoid", &autograd::sigmoid, py::arg("x"));
+  ag.def("tanh", &autograd::tanh, py::arg("x"));
+  ag.def("leaky_relu", &autograd::leaky_relu, py::arg("x"), py::arg("negative_slope") = 0.01);
+  ag.def("mse_loss", &autograd::mse_loss, py::arg("input"), py::arg("target"), py::arg("reduction") = 1);
+  ag.def("binary_cross_entropy_with_logits", &autograd::binary_cross_entropy_with_logits, py::arg("input"),
+         py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
+         py::arg("reduction") = 1);
+  ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
+         "Registers the python backend's kernels, which a backward runs while autograd records it");
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");

@@ -33,6 +33,8 @@ else:
 
 # The python backend: filled by @reference in pyengine/ops/*.py, with the same function names as _C.
 REFERENCE = types.SimpleNamespace()
+if _C is not None:  # what the C++ autograd Functions' backwards run while autograd records them (double backward)
+    _C.autograd.set_reference(REFERENCE)
 
 
 def reference(fn):
@@ -132,3 +134,22 @@ def backward_kernels(forward_kernels):
     """The kernels a backward runs: the forward's, or the python reference while autograd records the backward
     (create_graph=True), since its torch operations can be differentiated again (double backward)."""
     return REFERENCE if torch.is_grad_enabled() else forward_kernels
+
+
+def compiled_autograd(tensor):
+    """pyengine._C.autograd, the ops as C++ autograd Functions (csrc/autograd.cpp), when the compiled kernels run
+    this call eagerly; else None, and the op's Python Function runs: on the python backend, while torch.compile
+    traces (it needs the Python Functions to reach torch.ops.pyengine) and under torch.func transforms (which
+    take only Python Functions, and raise a clear error for them). The C++ Functions build the same graph node
+    without the ~8 us per call that a Python Function costs forward and again backward; this check runs on every
+    op call, hence the shortcut for the usual case (no backend forced, a CPU tensor)."""
+    if _AUTOGRAD is None or _is_compiling() or _functorch_active():
+        return None
+    if _chosen.get() is None and _env_backend is None and tensor.device.type == "cpu":
+        return _AUTOGRAD
+    return None if select(tensor.device) == "python" else _AUTOGRAD
+
+
+_AUTOGRAD = None if _C is None else _C.autograd
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active

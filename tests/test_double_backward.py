@@ -25,6 +25,9 @@ CASES = {
     "linear_leading_dims": lambda d: (PF.linear, (_r(2, 3, 4, device=d), _r(2, 4, device=d))),
     "linear_sigmoid": lambda d: (lambda x, w, b: PF.linear(x, w, b, activation="sigmoid"),
                                  (_r(4, 3, device=d), _r(5, 3, device=d), _r(5, device=d))),
+    # leading dims and an activation: act'(z) comes from the saved output, which must be the node's own output
+    "linear_sigmoid_leading_dims": lambda d: (lambda x, w, b: PF.linear(x, w, b, activation="sigmoid"),
+                                              (_r(2, 3, 4, device=d), _r(5, 4, device=d), _r(5, device=d))),
     "linear_relu": lambda d: (lambda x, w: PF.linear(x, w, activation="relu"),
                               (_away_from_zero(4, 1, device=d), _away_from_zero(5, 1, device=d))),
     "relu": lambda d: (PF.relu, (_away_from_zero(3, 5, device=d),)),

@@ -1,6 +1,6 @@
 """linear through every GEMM path of the compiled kernels: operand layouts read in place (row-major,
-transposed, unaligned), tile edges, split-K (long K with small outputs), TF32, the fused activation epilogue and
-its dz/db pass, deterministic gradients.
+transposed, unaligned), tile edges, split-K (long K with small outputs), the CPU's small-layer path and its
+limits, TF32, the fused activation epilogue and its dz/db pass, deterministic gradients.
 Errors are measured against a float64 reference and may be at most twice torch's own, plus a floor of a few
 roundings of each element's sum of |terms|."""
 import pytest
@@ -18,6 +18,11 @@ FLOOR = {torch.float64: 1e-13, torch.float32: 1e-5, torch.float16: 2e-3, torch.b
 # (M, K, N): single elements, tile edges, K not a multiple of the vector width, long K (split-K for dW and
 # for the bias-free forward), N = 1
 SHAPES = [(1, 1, 1), (3, 5, 1), (129, 33, 130), (257, 40, 7), (2, 1030, 3), (1100, 24, 5)]
+# The CPU's small-layer path (csrc/cpu/linear_small.h: widths <= 64, M * N * K <= 64K) and its edges: the notes'
+# layer, widths around the float and double vector widths (16, 8), the work limit exactly and one row past it,
+# a width one past 64
+SHAPES += [(759, 8, 6), (40, 17, 33), (50, 31, 16), (3, 64, 1), (16, 64, 64), (17, 64, 64), (1000, 8, 8),
+           (1001, 8, 8), (9, 65, 3), (7, 3, 65)]
 
 
 def layout(t, kind):

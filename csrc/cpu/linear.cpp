@@ -5,7 +5,7 @@
 //   dx = dz @ weight               (M, N) @ (N, K)   BLAS
 //   dW = dz^T @ x                  (N, M) @ (M, K)   BLAS
 //   db = sum over rows of dz       (N)               our column reduction (cpu/reduce.h, or the fused pass)
-// Without an activation dz is dy itself.
+// Without an activation dz is dy itself. Small layers (cpu/linear_small.h) skip BLAS and do all of it in one pass.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/Dispatch.h>
@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "cpu/elementwise.h"
+#include "cpu/linear_small.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 
@@ -91,12 +92,24 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
                               int64_t activation) {
   check_linear_operands(x, weight, "linear_forward_cpu");
   const Activation act = check_activation(activation, "linear_forward_cpu");
-  const int64_t M = x.size(0), N = weight.size(0);
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
   at::Tensor y = at::empty({M, N}, x.options());
-  if (!bias.has_value() || !bias->defined()) {
+  if (cpu::use_small_linear(M, N, K)) {
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), b = has_bias ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
+      dispatch_activation(act, [&](auto a) {
+        cpu::small_linear_forward<decltype(a)::value>(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                                      wc.const_data_ptr<scalar_t>(),
+                                                      has_bias ? b.const_data_ptr<scalar_t>() : nullptr, M, N, K);
+      });
+    });
+    return y;
+  }
+  if (!has_bias) {
     at::mm_out(y, x, weight.t());
   } else {
-    check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
     const at::Tensor b = bias->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
       const scalar_t* src = b.const_data_ptr<scalar_t>();
@@ -127,10 +140,30 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
   at::Tensor grad_z = grad_y_in.contiguous();
   at::Tensor grad_x, grad_weight, grad_bias;
   if (need_bias) grad_bias = at::empty({N}, grad_z.options());
+  at::Tensor y;
   if (act != Activation::kNone) {
     TORCH_CHECK(y_saved.has_value() && y_saved->defined(), "linear_backward_cpu: an activation needs the saved y");
     check(*y_saved, "y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({M, N});
-    const at::Tensor y = y_saved->contiguous(), grad_y = grad_z;
+    y = y_saved->contiguous();
+  }
+  if (cpu::use_small_linear(M, N, x.size(1))) {
+    const int64_t K = x.size(1);
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    if (need_x) grad_x = at::empty({M, K}, x.options());
+    if (need_weight) grad_weight = at::empty({N, K}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
+      dispatch_activation(act, [&](auto a) {
+        cpu::small_linear_backward<decltype(a)::value>(
+            need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
+            need_bias ? grad_bias.data_ptr<scalar_t>() : nullptr, grad_z.const_data_ptr<scalar_t>(),
+            y.defined() ? y.const_data_ptr<scalar_t>() : nullptr, xc.const_data_ptr<scalar_t>(),
+            wc.const_data_ptr<scalar_t>(), M, N, K);
+      });
+    });
+    return {grad_x, grad_weight, grad_bias};
+  }
+  if (act != Activation::kNone) {
+    const at::Tensor grad_y = grad_z;
     grad_z = at::empty({M, N}, grad_y.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {

@@ -81,8 +81,8 @@ def autocast(policy, *tensors):
     """The dtypes torch.autocast gives torch's own ops: policy 'lower' (linear) casts floating inputs to the
     autocast dtype, 'float32' (the losses) to float32; float64 tensors, and everything outside an autocast
     region, are left alone. Elementwise ops and add are not listed by autocast and keep their dtypes."""
-    first = next((t for t in tensors if torch.is_tensor(t)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    first = tensors[0] if torch.is_tensor(tensors[0]) else next((t for t in tensors if torch.is_tensor(t)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):  # on every call: kept cheap
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type) if policy == "lower" else torch.float32
     return tuple(t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() and t.dtype != torch.float64 else t

@@ -103,4 +103,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         weight = weight.to(dtype).broadcast_to(input.shape)
     if pos_weight is not None:
         pos_weight = pos_weight.to(dtype).broadcast_to(input.shape)
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        return compiled.binary_cross_entropy_with_logits(input, target, weight, pos_weight, REDUCTIONS[reduction])
     return BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)

@@ -47,4 +47,7 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
         raise TypeError(f"leaky_relu(): negative_slope must be a number, got {type(negative_slope).__name__}")
     if not input.is_floating_point():
         raise NotImplementedError(f"\"leaky_relu\" not implemented for {input.dtype}: pass a floating-point tensor")
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        return compiled.leaky_relu(input, float(negative_slope))
     return LeakyReLUFunction.apply(input, negative_slope)

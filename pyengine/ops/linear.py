@@ -83,16 +83,19 @@ class LinearFunction(torch.autograd.Function):
         # explicit sizes: -1 is ambiguous when K = 0
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         y = ctx.kernels.linear_forward(x2, weight, bias, activation)
+        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
         ctx.activation = activation
-        # x itself, not the view x2: double backward must reach the input; act'(z) comes from y
+        # x itself, not the view x2, and y as returned (this node's output): double backward must reach the input
+        # through both x and act'(z), which comes from y
         ctx.save_for_backward(x, weight, *([y] if activation else []))
         ctx.has_bias = bias is not None
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, *y = ctx.saved_tensors
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        y = [t.reshape(x2.shape[0], weight.shape[0]) for t in y]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
             grad_y.reshape(x2.shape[0], weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias,
@@ -121,4 +124,8 @@ def linear(input, weight, bias=None, activation=None):
         return linear_forward(input, weight, bias, act)  # integer matmul: torch supports it, nothing to differentiate
     if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
         bias = bias.reshape(1).expand(weight.shape[0])
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        _check(input, weight, bias)
+        return compiled.linear(input, weight, bias, act)
     return LinearFunction.apply(input, weight, bias, act)

@@ -86,4 +86,8 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     dtype = result_type(input, target)
     if not dtype.is_floating_point:
         raise RuntimeError(f"mse_loss: expected floating-point input and target, got {input.dtype} and {target.dtype}")
-    return MSELossFunction.apply(input.to(dtype), target.to(dtype), reduction)
+    input, target = input.to(dtype), target.to(dtype)
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        return compiled.mse_loss(input, target, REDUCTIONS[reduction])
+    return MSELossFunction.apply(input, target, reduction)

@@ -31,4 +31,5 @@ def relu(input):
         raise NotImplementedError("Boolean inputs not supported for relu")
     if not input.is_floating_point():
         return relu_forward(input)
-    return ReLUFunction.apply(input)
+    compiled = _backend.compiled_autograd(input)
+    return compiled.relu(input) if compiled is not None else ReLUFunction.apply(input)

@@ -31,4 +31,5 @@ SigmoidFunction = output_saving_function("sigmoid", "SigmoidFunction")
 def sigmoid(input):
     """torch.sigmoid. Integer and bool inputs are promoted to the default float dtype, as torch does."""
     input = promote_to_float(input, "sigmoid")
-    return SigmoidFunction.apply(input)
+    compiled = _backend.compiled_autograd(input)
+    return compiled.sigmoid(input) if compiled is not None else SigmoidFunction.apply(input)

@@ -1,0 +1,217 @@
+// torch::autograd::Function twins of the Python Functions in pyengine/ops/<op>.py: the same kernels, the same
+// saved tensors, the same gradients. A Python torch.autograd.Function costs about 8 us per call in the forward and
+// again in the backward (benchmarks/NOTES.md, "Per-call overhead"), which a model of small layers pays on every
+// op; these nodes cost what torch's own do. pyengine.functional calls them whenever the cpp or cuda backend runs
+// eagerly (pyengine/_backend.py, compiled_autograd); the Python Functions stay for the python backend, for
+// torch.compile (which traces them into torch.ops.pyengine) and for callers of <Op>Function.apply.
+//
+// Double backward: while autograd records a backward (create_graph=True), grad mode is on inside it, and the
+// backward runs the python reference formula instead of the kernel, as the Python Functions do
+// (_backend.backward_kernels), so that autograd can differentiate the gradient once more.
+#include "autograd.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/extension.h>
+
+#include <utility>
+
+#include "route.h"
+
+namespace pyengine {
+namespace autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Leaked on purpose: a tensor's graph can outlive the interpreter's teardown, and this must not be destroyed
+// (decref'ed without the GIL) before it.
+pybind11::object* reference_kernels = nullptr;
+
+// reference_kernels.<name>(args...) under the GIL; a tuple result becomes a list with None as undefined.
+template <typename... Args>
+variable_list call_reference(const char* name, Args&&... args) {
+  TORCH_CHECK(reference_kernels != nullptr, "pyengine: the python reference kernels were never registered ",
+              "(pyengine._backend does it at import)");
+  pybind11::gil_scoped_acquire gil;
+  pybind11::object out = reference_kernels->attr(name)(std::forward<Args>(args)...);
+  variable_list result;
+  if (pybind11::isinstance<pybind11::tuple>(out)) {
+    for (const pybind11::handle item : out) result.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
+  } else {
+    result.push_back(out.cast<at::Tensor>());
+  }
+  return result;
+}
+
+c10::optional<at::Tensor> as_optional(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+}  // namespace
+
+// Named outside the anonymous namespace: the names show in grad_fn.name() (torch::autograd::CppNode<...>).
+
+// y = op(x), dx = op_backward(dy, y): relu, sigmoid and tanh need only their output in the backward.
+template <typename Op>
+struct OutputSavingFunction : torch::autograd::Function<OutputSavingFunction<Op>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::Tensor y = Op::forward(x);
+    ctx->save_for_backward({y});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor y = ctx->get_saved_variables()[0];
+    if (at::GradMode::is_enabled()) return call_reference(Op::backward_name, grads[0], y);
+    return {Op::backward(grads[0], y)};
+  }
+};
+
+struct Relu {
+  static constexpr const char* backward_name = "relu_backward";
+  static at::Tensor forward(const at::Tensor& x) { return pyengine::relu_forward(x); }
+  static at::Tensor backward(const at::Tensor& dy, const at::Tensor& y) { return pyengine::relu_backward(dy, y); }
+};
+struct Sigmoid {
+  static constexpr const char* backward_name = "sigmoid_backward";
+  static at::Tensor forward(const at::Tensor& x) { return pyengine::sigmoid_forward(x); }
+  static at::Tensor backward(const at::Tensor& dy, const at::Tensor& y) { return pyengine::sigmoid_backward(dy, y); }
+};
+struct Tanh {
+  static constexpr const char* backward_name = "tanh_backward";
+  static at::Tensor forward(const at::Tensor& x) { return pyengine::tanh_forward(x); }
+  static at::Tensor backward(const at::Tensor& dy, const at::Tensor& y) { return pyengine::tanh_backward(dy, y); }
+};
+
+// y = x if x > 0 else slope * x; the backward needs the input (the slope may be 0 or negative).
+struct LeakyReLUFunction : torch::autograd::Function<LeakyReLUFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double slope) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["slope"] = slope;
+    return pyengine::leaky_relu_forward(x, slope);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    const double slope = ctx->saved_data["slope"].toDouble();
+    if (at::GradMode::is_enabled()) return {call_reference("leaky_relu_backward", grads[0], x, slope)[0], {}};
+    return {pyengine::leaky_relu_backward(grads[0], x, slope), {}};
+  }
+};
+
+// x (*, K) flattened to (M, K); y = act(x W^T + b) (M, N) viewed back as (*, N). Saves x and W, and y when an
+// activation's derivative needs it (dz = dy * act'(y)).
+struct LinearFunction : torch::autograd::Function<LinearFunction> {
+  // (M, K) with M the product of the leading dims (not numel / K: K may be 0)
+  static at::Tensor as_matrix(const at::Tensor& x) {
+    return x.dim() == 2 ? x : x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), x.size(-1)});
+  }
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, int64_t activation) {
+    at::Tensor y = pyengine::linear_forward(as_matrix(x), weight, bias, activation);
+    if (x.dim() != 2) {
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = weight.size(0);
+      y = y.view(shape);
+    }
+    // y as returned, so that it is saved as this node's output and double backward differentiates act'(y) too
+    ctx->save_for_backward(activation ? variable_list{x, weight, y} : variable_list{x, weight});
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1];
+    const at::Tensor x2 = as_matrix(x);
+    const at::Tensor grad_y = grads[0].reshape({x2.size(0), weight.size(0)});
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const c10::optional<at::Tensor> y = activation ? c10::optional<at::Tensor>(saved[2].reshape(grad_y.sizes()))
+                                                   : c10::nullopt;
+    const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    variable_list g =
+        at::GradMode::is_enabled()
+            ? call_reference("linear_backward", grad_y, x2, weight, need_x, need_weight, need_bias, activation, y)
+            : pyengine::linear_backward(grad_y, x2, weight, need_x, need_weight, need_bias, activation, y);
+    if (g[0].defined() && x.dim() != 2) g[0] = g[0].reshape(x.sizes());
+    return {g[0], g[1], g[2], {}};
+  }
+};
+
+// Losses over input and target of one shape and dtype (the functional form broadcast them); the kernels take
+// contiguous tensors. The inputs themselves are saved, so that double backward reaches them.
+struct MSELossFunction : torch::autograd::Function<MSELossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            int64_t reduction) {
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["reduction"] = reduction;
+    return pyengine::mse_loss_forward(input.contiguous(), target.contiguous(), reduction);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor input = saved[0].contiguous(), target = saved[1].contiguous(), grad = grads[0].contiguous();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
+    variable_list g = at::GradMode::is_enabled()
+                          ? call_reference("mse_loss_backward", grad, input, target, reduction, need_input,
+                                           need_target)
+                          : pyengine::mse_loss_backward(grad, input, target, reduction, need_input, need_target);
+    return {g[0], g[1], {}};
+  }
+};
+
+struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCrossEntropyWithLogitsFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                            int64_t reduction) {
+    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), pos_weight.value_or(at::Tensor())});
+    ctx->saved_data["reduction"] = reduction;
+    return pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
+                                                              contiguous(weight), contiguous(pos_weight), reduction);
+  }
+  static c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor input = saved[0].contiguous(), target = saved[1].contiguous(), grad = grads[0].contiguous();
+    const c10::optional<at::Tensor> weight = contiguous(as_optional(saved[2]));
+    const c10::optional<at::Tensor> pos_weight = contiguous(as_optional(saved[3]));
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
+    variable_list g = at::GradMode::is_enabled()
+                          ? call_reference("binary_cross_entropy_with_logits_backward", grad, input, target, weight,
+                                           pos_weight, reduction, need_input, need_target)
+                          : pyengine::binary_cross_entropy_with_logits_backward(
+                                grad, input, target, weight, pos_weight, reduction, need_input, need_target);
+    return {g[0], g[1], {}, {}, {}};
+  }
+};
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  int64_t activation) {
+  return LinearFunction::apply(x, weight, bias, activation);
+}
+at::Tensor relu(const at::Tensor& x) { return OutputSavingFunction<Relu>::apply(x); }
+at::Tensor sigmoid(const at::Tensor& x) { return OutputSavingFunction<Sigmoid>::apply(x); }
+at::Tensor tanh(const at::Tensor& x) { return OutputSavingFunction<Tanh>::apply(x); }
+at::Tensor leaky_relu(const at::Tensor& x, double negative_slope) {
+  return LeakyReLUFunction::apply(x, negative_slope);
+}
+at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  return MSELossFunction::apply(input, target, reduction);
+}
+at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
+                                            const c10::optional<at::Tensor>& weight,
+                                            const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  return BinaryCrossEntropyWithLogitsFunction::apply(input, target, weight, pos_weight, reduction);
+}
+
+void set_reference(pybind11::object kernels) {
+  pybind11::object* previous = reference_kernels;
+  reference_kernels = new pybind11::object(std::move(kernels));
+  delete previous;
+}
+
+}  // namespace autograd
+}  // namespace pyengine

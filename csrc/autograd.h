@@ -1,0 +1,28 @@
+// The autograd of the compiled backends, in C++ (autograd.cpp): one call builds the same graph node as the
+// Python Function of pyengine/ops/<op>.py, for the arguments that Function takes after the functional form has
+// checked, promoted and broadcast them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <pybind11/pybind11.h>
+
+namespace pyengine {
+namespace autograd {
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  int64_t activation);
+at::Tensor relu(const at::Tensor& x);
+at::Tensor sigmoid(const at::Tensor& x);
+at::Tensor tanh(const at::Tensor& x);
+at::Tensor leaky_relu(const at::Tensor& x, double negative_slope);
+at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);
+at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
+                                            const c10::optional<at::Tensor>& weight,
+                                            const c10::optional<at::Tensor>& pos_weight, int64_t reduction);
+
+// The python backend's kernels (pyengine._backend.REFERENCE), which a backward runs while autograd records it.
+void set_reference(pybind11::object kernels);
+
+}  // namespace autograd
+}  // namespace pyengine
