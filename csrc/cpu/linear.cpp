@@ -92,7 +92,7 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
   check_linear_operands(x, weight, "linear_forward_cpu");
   const Activation act = check_activation(activation, "linear_forward_cpu");
   const int64_t M = x.size(0), N = weight.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = cpu::empty_output({M, N}, x.options());
   if (!bias.has_value() || !bias->defined()) {
     at::mm_out(y, x, weight.t());
   } else {
@@ -131,7 +131,7 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
     TORCH_CHECK(y_saved.has_value() && y_saved->defined(), "linear_backward_cpu: an activation needs the saved y");
     check(*y_saved, "y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({M, N});
     const at::Tensor y = y_saved->contiguous(), grad_y = grad_z;
-    grad_z = at::empty({M, N}, grad_y.options());
+    grad_z = cpu::empty_output({M, N}, grad_y.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {
         activation_grad_with_column_sum<decltype(a)::value>(
@@ -144,8 +144,15 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
       cpu::sum_rows(grad_bias.data_ptr<scalar_t>(), grad_z.const_data_ptr<scalar_t>(), M, N, N, acc_t<scalar_t>(1));
     });
   }
-  if (need_x) grad_x = at::mm(grad_z, weight);
-  if (need_weight) grad_weight = at::mm(grad_z.t(), x);
+  const int64_t K = x.size(1);
+  if (need_x) {
+    grad_x = cpu::empty_output({M, K}, x.options());
+    at::mm_out(grad_x, grad_z, weight);
+  }
+  if (need_weight) {
+    grad_weight = cpu::empty_output({N, K}, x.options());
+    at::mm_out(grad_weight, grad_z.t(), x);
+  }
   return {grad_x, grad_weight, grad_bias};
 }
 
