@@ -191,6 +191,15 @@ def test_outputs_behave_as_ordinary_tensors():
     assert pyengine.cpu_cache_info()["in_use_bytes"] == 0
 
 
+def test_the_profiler_sees_outputs_from_the_cache():
+    x = torch.randn(1024, 1024)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = torch.ops.pyengine.relu_forward(x)
+        del y
+    event = next(e for e in prof.key_averages() if e.key == "pyengine::relu_forward")
+    assert event.self_cpu_memory_usage == 4 * MiB
+
+
 def poisoned_then_recomputed(call):
     """Runs call from an empty cache, fills its large outputs with NaN and frees them, then runs it again, which
     must find every large block it needs in the cache: the poisoned ones (or the first call's own temporaries,

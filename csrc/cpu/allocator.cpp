@@ -92,13 +92,10 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBlockBytes || !enabled()) return c10::GetDefaultCPUAllocator()->allocate(n);
     const size_t size = round_to_huge_pages(n);
-    void* block = take_cached(size);
-    if (block == nullptr) {
-      block = fresh_block(size);
-      std::lock_guard<std::mutex> lock(mutex_);
-      live_.emplace(block, size);
-      in_use_bytes_ += size;
-    }
+    size_t block_size = size;
+    void* block = take_cached(size, block_size);
+    if (block == nullptr) block = fresh_block(size);
+    mark_in_use(block, block_size);
     return {block, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -140,7 +137,7 @@ class OutputCache final : public c10::Allocator {
 
   // Best fit, within an eighth of the request: a 64 MB output must not pin a 1 GB block. Among blocks of that
   // size the most recently freed, whose pages may still be in the CPU caches.
-  void* take_cached(size_t size) {
+  void* take_cached(size_t size, size_t& block_size) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto fit = free_.lower_bound(size);
     if (fit == free_.end() || fit->first > size + size / 8) {
@@ -149,13 +146,26 @@ class OutputCache final : public c10::Allocator {
     }
     const auto newest = std::prev(free_.upper_bound(fit->first));
     void* block = newest->second.block;
-    const size_t block_size = newest->first;
+    block_size = newest->first;
     free_.erase(newest);
     cached_bytes_ -= block_size;
-    live_.emplace(block, block_size);
-    in_use_bytes_ += block_size;
     ++hits_;
     return block;
+  }
+
+  void mark_in_use(void* block, size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_.emplace(block, size);
+    in_use_bytes_ += size;
+    report_to_profiler(block, static_cast<int64_t>(size));
+  }
+
+  // As torch's default CPU allocator does, so that torch.profiler(profile_memory=True) sees these outputs.
+  // Caller holds mutex_, so a block's release is reported before another thread's reuse of it.
+  void report_to_profiler(void* block, int64_t delta) const {
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(block, delta, in_use_bytes_, in_use_bytes_ + cached_bytes_,
+                                       c10::Device(c10::DeviceType::CPU));
   }
 
   void* fresh_block(size_t size) {
@@ -193,6 +203,7 @@ class OutputCache final : public c10::Allocator {
         free_.emplace(size, Kept{block, ++clock_});
         cached_bytes_ += size;
       }
+      report_to_profiler(block, -static_cast<int64_t>(size));
     }
     // Outside the lock: the munmap of a large block takes a while.
     for (void* p : to_free) std::free(p);
