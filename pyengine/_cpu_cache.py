@@ -3,8 +3,9 @@
 A fresh output of tens of MB is new memory from the system: every page faults on first write and the kernel
 zeroes it, which costs about as much as an elementwise kernel's own work. So the C++ kernels take their outputs
 of 1 MiB or more from blocks kept after earlier outputs were freed, as torch's CUDA caching allocator does for
-GPU memory. The outputs are ordinary CPU tensors. PYENGINE_CPU_CACHE_BYTES (read when the first large output is
-made; a byte count or e.g. 512M, 2G) caps the bytes kept in freed blocks: 1 GiB by default, 0 for no caching.
+GPU memory. The outputs are ordinary CPU tensors. PYENGINE_CPU_CACHE_BYTES (read once, at the first kernel
+output or call below; a byte count or e.g. 512M, 2G) caps the bytes kept in freed blocks: 1 GiB by default, 0 for
+no caching.
 """
 from . import _backend
 

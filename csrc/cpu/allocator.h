@@ -6,7 +6,8 @@
 // about the same size. Outputs are ordinary resizable CPU tensors: the storage's allocator is the cache.
 //
 // PYENGINE_CPU_CACHE_BYTES (read at first use; a byte count, or with a K, M or G suffix in powers of 1024)
-// caps the bytes kept in freed blocks, default 1 GiB; 0 turns the cache off and empty_output is at::empty.
+// caps the bytes kept in freed blocks, default 1 GiB; 0 turns the cache off: empty_output is then at::empty with
+// the huge-page hint, as before the cache existed.
 #pragma once
 
 #include <ATen/core/Tensor.h>
