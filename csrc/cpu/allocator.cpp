@@ -211,6 +211,12 @@ class OutputCache final : public c10::Allocator {
 
   // Caller holds mutex_. The blocks to free are handed out, to be freed after the lock is released.
   void evict_oldest_until(size_t cached_at_most, std::vector<void*>& evicted) {
+    if (cached_at_most == 0) {  // everything: no need to look for the oldest each time
+      for (const auto& entry : free_) evicted.push_back(entry.second.block);
+      free_.clear();
+      cached_bytes_ = 0;
+      return;
+    }
     while (cached_bytes_ > cached_at_most) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it)
