@@ -5,7 +5,10 @@ makes the inputs, runs the forward+backward once to warm up, then resets the ker
 (writing 5 to /proc/self/clear_refs), runs it again and reads VmHWM - VmRSS before: the resident memory the
 step added above its inputs. glibc is told to hand every block of 64 KiB or more straight back to the system
 on free (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so one case's freed memory is not reused by the next
-and hidden from its count. Resolution: one page, plus small blocks recycled inside the heap (a few KiB).
+and hidden from its count. For the same reason pyengine's cache of large CPU outputs is emptied before the base
+RSS is read (pyengine.empty_cache()): the warm-up's blocks would otherwise be resident already and the step's
+outputs would reuse them unseen, so the figure is what one step costs from an empty cache. Resolution: one
+page, plus small blocks recycled inside the heap (a few KiB).
 """
 import ctypes
 import gc
@@ -15,6 +18,8 @@ import subprocess
 import sys
 
 import torch
+
+import pyengine
 
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": None}
 
@@ -28,6 +33,7 @@ def _status(key):
 
 
 def _peak_rss_of(fn, libc):
+    pyengine.empty_cache()
     if libc is not None:
         libc.malloc_trim(0)
     base = _status("VmRSS:")

@@ -9,6 +9,7 @@
 
 #include "autograd.h"
 #include "common/checks.h"
+#include "cpu/allocator.h"
 #include "route.h"
 
 namespace pyengine {
@@ -47,6 +48,19 @@ std::string simd_level() {
 #else
   return "DEFAULT";
 #endif
+}
+
+pybind11::dict cpu_cache_info() {
+  const cpu::OutputCacheInfo info = cpu::output_cache_info();
+  pybind11::dict d;
+  d["cached_bytes"] = info.cached_bytes;
+  d["cached_blocks"] = info.cached_blocks;
+  d["in_use_bytes"] = info.in_use_bytes;
+  d["in_use_blocks"] = info.in_use_blocks;
+  d["hits"] = info.hits;
+  d["misses"] = info.misses;
+  d["limit_bytes"] = info.limit_bytes;
+  return d;
 }
 
 
@@ -231,4 +245,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");
+
+  // The cache of large CPU outputs (cpu/allocator.h); pyengine/_cpu_cache.py documents them for users.
+  m.def("cpu_cache_info", &cpu_cache_info, "Counters of the CPU output cache, as a dict");
+  m.def("empty_cpu_cache", &cpu::empty_output_cache, "Frees every block the CPU output cache keeps");
+  m.def("set_cpu_cache_limit", &cpu::set_output_cache_limit, py::arg("nbytes"),
+        "Caps the bytes the CPU output cache keeps (0: no caching), freeing the oldest blocks beyond it");
 }

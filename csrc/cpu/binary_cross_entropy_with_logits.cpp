@@ -5,7 +5,6 @@
 // with g = g_i (none) | g (sum) | g / n (mean). Formulas: bce_with_logits_*_math in common/math.h.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include "cpu/elementwise.h"
@@ -73,7 +72,7 @@ at::Tensor binary_cross_entropy_with_logits_forward_cpu(const at::Tensor& input,
     using acc = acc_t<scalar_t>;
     const auto emit = [&](const auto& loss, auto... operands) {
       if (red == Reduction::None) {
-        out = at::empty_like(input);
+        out = cpu::empty_output(input.sizes(), input.options());
         cpu::map_acc(out.data_ptr<scalar_t>(), n, loss, operands...);
       } else {
         acc total = cpu::sum_acc<scalar_t>(n, loss, operands...);
@@ -107,8 +106,8 @@ std::vector<at::Tensor> binary_cross_entropy_with_logits_backward_cpu(
   const Reduction red = check_reduction(reduction, op);
   check(grad_loss, "grad_loss", op).same_device(input).same_dtype(input)
       .sizes(red == Reduction::None ? input.sizes() : at::IntArrayRef{});
-  at::Tensor grad_input = need_input ? at::empty_like(input) : at::Tensor();
-  at::Tensor grad_target = need_target ? at::empty_like(input) : at::Tensor();
+  at::Tensor grad_input = need_input ? cpu::empty_output(input.sizes(), input.options()) : at::Tensor();
+  at::Tensor grad_target = need_target ? cpu::empty_output(input.sizes(), input.options()) : at::Tensor();
   if (!need_input && !need_target) return {grad_input, grad_target};
   const at::Tensor g = grad_loss.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),

@@ -20,12 +20,8 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include "common/checks.h"
+#include "cpu/allocator.h"
 #include "cpu/cross_entropy_rows.h"
 #include "ops.h"
 
@@ -70,19 +66,6 @@ Args check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target
   return {N, C, D, ignore_index, red, std::max(label_smoothing, 0.0)};
 }
 
-// A large dx is a fresh allocation written once, and page faults (one per 4 KB page) take a third of the
-// backward's time: ask for 2 MB pages where the system grants them on request (transparent_hugepage=madvise).
-// Only a hint: if it fails nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (t.nbytes() < (size_t{8} << 20)) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + page - 1) / page * page, end = (p + t.nbytes()) / page * page;
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -96,9 +79,9 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
   const bool prob = target.is_floating_point();
   const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
   const auto acc_opts = logits.options().dtype(acc_dtype(logits));
-  at::Tensor lse = at::empty({a.N, a.D}, acc_opts);
+  at::Tensor lse = cpu::empty_output({a.N, a.D}, acc_opts);
   at::Tensor denom = at::empty({}, acc_opts);
-  at::Tensor loss = a.reduction == Reduction::None ? at::empty({a.N, a.D}, logits.options())
+  at::Tensor loss = a.reduction == Reduction::None ? cpu::empty_output({a.N, a.D}, logits.options())
                                                    : at::empty({}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -150,8 +133,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   g_check.same_device(logits).same_dtype(logits);
   if (a.reduction == Reduction::None) g_check.sizes({a.N, a.D}).contiguous(); else g_check.dim(0);
   const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
-  at::Tensor dx = at::empty(logits.sizes(), logits.options());
-  advise_huge_pages(dx);
+  at::Tensor dx = cpu::empty_output(logits.sizes(), logits.options());
   const bool stream = dx.nbytes() >= (size_t{8} << 20);  // past the caches anyway
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -206,8 +188,7 @@ std::vector<at::Tensor> cross_entropy_forward_with_grad_cpu(const at::Tensor& lo
   const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
   const auto acc_opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor denom = at::empty({}, acc_opts), loss = at::empty({}, logits.options());
-  at::Tensor dx = at::empty(logits.sizes(), logits.options());
-  advise_huge_pages(dx);
+  at::Tensor dx = cpu::empty_output(logits.sizes(), logits.options());
   const bool stream = dx.nbytes() >= (size_t{8} << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_with_grad_cpu",
                                   [&] {

@@ -8,15 +8,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common/checks.h"
+#include "cpu/allocator.h"
 
 namespace pyengine {
 namespace cpu {
@@ -24,21 +20,6 @@ namespace cpu {
 using at::vec::Vectorized;
 
 constexpr int64_t kElementwiseGrain = 32768;
-
-// at::empty for an output the kernel writes next. Its large interior is advised into transparent huge pages
-// (as torch does under THP_MEM_ALLOC_ENABLE=1): a fresh buffer then faults in once per 2 MB instead of once per
-// 4 KB page, and the faults of a 64 MB output cost more than the kernel's own memory traffic (on a 2-core VM,
-// 3x the time of a 64 MB add). A mere hint: pages already in use and kernels without THP ignore it.
-inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(shape, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= 2 * kHuge && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return t;
-}
 
 template <typename scalar_t> constexpr bool is_reduced_float() {
   return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;

@@ -19,6 +19,7 @@
 
 #include "cpu/vec_math.h"
 #include "common/fused_mlp.h"
+#include "cpu/allocator.h"
 #include "ops.h"
 
 namespace pyengine {
@@ -266,8 +267,8 @@ std::vector<at::Tensor> fused_mlp_forward_cpu(const at::Tensor& x_in, const std:
   check_activation(output_activation, "output_activation", op);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), L = static_cast<int64_t>(weights.size());
-  std::vector<at::Tensor> outputs{at::empty({M, widths.back()}, x.options())};
-  for (int64_t l = 0; l + 1 < L; ++l) outputs.push_back(at::empty({M, widths[l + 1]}, x.options()));
+  std::vector<at::Tensor> outputs{cpu::empty_output({M, widths.back()}, x.options())};
+  for (int64_t l = 0; l + 1 < L; ++l) outputs.push_back(cpu::empty_output({M, widths[l + 1]}, x.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_forward_cpu", [&] {
     const Network<scalar_t> net(widths, weights, biases);
     std::vector<scalar_t*> hidden;
@@ -306,7 +307,7 @@ std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, cons
   const bool need_params = need_weights || need_biases;
 
   std::vector<at::Tensor> outputs(1 + 2 * L);
-  if (need_x) outputs[0] = at::empty({M, widths[0]}, x.options());
+  if (need_x) outputs[0] = cpu::empty_output({M, widths[0]}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const Network<scalar_t> net(widths, weights, {});

@@ -95,7 +95,7 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = cpu::empty_output({M, N}, x.options());
   if (cpu::use_small_linear(M, N, K)) {
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), b = has_bias ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
@@ -149,8 +149,8 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
   if (cpu::use_small_linear(M, N, x.size(1))) {
     const int64_t K = x.size(1);
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-    if (need_x) grad_x = at::empty({M, K}, x.options());
-    if (need_weight) grad_weight = at::empty({N, K}, x.options());
+    if (need_x) grad_x = cpu::empty_output({M, K}, x.options());
+    if (need_weight) grad_weight = cpu::empty_output({N, K}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {
         cpu::small_linear_backward<decltype(a)::value>(
@@ -164,7 +164,7 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
   }
   if (act != Activation::kNone) {
     const at::Tensor grad_y = grad_z;
-    grad_z = at::empty({M, N}, grad_y.options());
+    grad_z = cpu::empty_output({M, N}, grad_y.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {
         activation_grad_with_column_sum<decltype(a)::value>(
@@ -177,8 +177,15 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
       cpu::sum_rows(grad_bias.data_ptr<scalar_t>(), grad_z.const_data_ptr<scalar_t>(), M, N, N, acc_t<scalar_t>(1));
     });
   }
-  if (need_x) grad_x = at::mm(grad_z, weight);
-  if (need_weight) grad_weight = at::mm(grad_z.t(), x);
+  const int64_t K = x.size(1);
+  if (need_x) {
+    grad_x = cpu::empty_output({M, K}, x.options());
+    at::mm_out(grad_x, grad_z, weight);
+  }
+  if (need_weight) {
+    grad_weight = cpu::empty_output({N, K}, x.options());
+    at::mm_out(grad_weight, grad_z.t(), x);
+  }
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -4,7 +4,6 @@
 // Formulas: mse_loss_math / mse_loss_grad_math in common/math.h.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include "cpu/elementwise.h"
@@ -30,7 +29,7 @@ at::Tensor mse_loss_forward_cpu(const at::Tensor& input, const at::Tensor& targe
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* y = target.const_data_ptr<scalar_t>();
     if (red == Reduction::None) {
-      out = at::empty_like(input);
+      out = cpu::empty_output(input.sizes(), input.options());
       cpu::map_acc(out.data_ptr<scalar_t>(), n, loss, x, y);
     } else {
       acc_t<scalar_t> total = cpu::sum_acc<scalar_t>(n, loss, x, y);
@@ -51,7 +50,7 @@ std::vector<at::Tensor> mse_loss_backward_cpu(const at::Tensor& grad_loss, const
   const int64_t n = input.numel();
   at::Tensor grad_input, grad_target;
   if (!need_input && !need_target) return {grad_input, grad_target};
-  at::Tensor grad = at::empty_like(input);
+  at::Tensor grad = cpu::empty_output(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mse_loss_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -67,7 +66,7 @@ std::vector<at::Tensor> mse_loss_backward_cpu(const at::Tensor& grad_loss, const
                    [scale](auto xv, auto yv) { return mse_loss_grad_math(xv, yv, decltype(xv)(scale)); }, x, y);
     }
     if (need_target) {
-      grad_target = need_input ? at::empty_like(input) : grad;
+      grad_target = need_input ? cpu::empty_output(input.sizes(), input.options()) : grad;
       cpu::map_acc(grad_target.data_ptr<scalar_t>(), n, [](auto gv) { return decltype(gv)(0) - gv; },
                    grad.const_data_ptr<scalar_t>());
     }
