@@ -142,10 +142,10 @@ def compiled_autograd(tensor):
     traces (it needs the Python Functions to reach torch.ops.pyengine) and under torch.func transforms (which
     take only Python Functions, and raise a clear error for them). The C++ Functions build the same graph node
     without the ~8 us per call that a Python Function costs forward and again backward; this check runs on every
-    op call, hence the shortcut for the usual case (no backend forced, a CPU tensor)."""
+    op call, hence the shortcut for the usual case (a CPU tensor, no backend or 'cpp' forced)."""
     if _AUTOGRAD is None or _is_compiling() or _functorch_active():
         return None
-    if _chosen.get() is None and _env_backend is None and tensor.device.type == "cpu":
+    if (_chosen.get() or _env_backend) in (None, "cpp") and tensor.device.type == "cpu":
         return _AUTOGRAD
     return None if select(tensor.device) == "python" else _AUTOGRAD
 
