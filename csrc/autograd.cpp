@@ -138,6 +138,35 @@ struct LinearFunction : torch::autograd::Function<LinearFunction> {
   }
 };
 
+// out = input + alpha * other, broadcast (one dtype and device: the functional form promotes the rest). Its
+// backward sums dout over each operand's broadcast dims; input's gradient is dout itself when input was not
+// broadcast (no copy: autograd copies before it stores a gradient somebody else holds), as torch's add does.
+struct AddFunction : torch::autograd::Function<AddFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& other, double alpha) {
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["input_shape"] = input.sizes().vec();
+    ctx->saved_data["other_shape"] = other.sizes().vec();
+    return pyengine::add_forward(input, other, at::Scalar(alpha));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const std::vector<int64_t> input_shape = ctx->saved_data["input_shape"].toIntVector();
+    const std::vector<int64_t> other_shape = ctx->saved_data["other_shape"].toIntVector();
+    const bool recording = at::GradMode::is_enabled();
+    auto reduce = [&](const std::vector<int64_t>& shape, double scale) {
+      return recording ? call_reference("add_backward", grad, shape, scale)[0]
+                       : pyengine::add_backward(grad, shape, at::Scalar(scale));
+    };
+    at::Tensor grad_input, grad_other;
+    if (ctx->needs_input_grad(0)) {
+      grad_input = !recording && grad.sizes() == at::IntArrayRef(input_shape) ? grad : reduce(input_shape, 1.0);
+    }
+    if (ctx->needs_input_grad(1)) grad_other = reduce(other_shape, alpha);
+    return {grad_input, grad_other, {}};
+  }
+};
+
 // Losses over input and target of one shape and dtype (the functional form broadcast them); the kernels take
 // contiguous tensors. The inputs themselves are saved, so that double backward reaches them.
 struct MSELossFunction : torch::autograd::Function<MSELossFunction> {
@@ -197,6 +226,9 @@ at::Tensor sigmoid(const at::Tensor& x) { return OutputSavingFunction<Sigmoid>::
 at::Tensor tanh(const at::Tensor& x) { return OutputSavingFunction<Tanh>::apply(x); }
 at::Tensor leaky_relu(const at::Tensor& x, double negative_slope) {
   return LeakyReLUFunction::apply(x, negative_slope);
+}
+at::Tensor add(const at::Tensor& input, const at::Tensor& other, double alpha) {
+  return AddFunction::apply(input, other, alpha);
 }
 at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
   return MSELossFunction::apply(input, target, reduction);

@@ -16,6 +16,7 @@ at::Tensor relu(const at::Tensor& x);
 at::Tensor sigmoid(const at::Tensor& x);
 at::Tensor tanh(const at::Tensor& x);
 at::Tensor leaky_relu(const at::Tensor& x, double negative_slope);
+at::Tensor add(const at::Tensor& input, const at::Tensor& other, double alpha);
 at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction);
 at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
                                             const c10::optional<at::Tensor>& weight,

@@ -27,11 +27,12 @@ at::Scalar to_scalar(const pybind11::object& obj, const char* name) {
                              std::string(pybind11::str(pybind11::type::handle_of(obj).attr("__name__"))));
 }
 
-at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const pybind11::object& alpha) {
-  PE_ROUTE(input, add_forward, input, other, to_scalar(alpha, "alpha"));
+// add's kernels as Python sees them: alpha and scale any Python number
+at::Tensor add_forward_number(const at::Tensor& input, const at::Tensor& other, const pybind11::object& alpha) {
+  return add_forward(input, other, to_scalar(alpha, "alpha"));
 }
-at::Tensor add_backward(const at::Tensor& grad, std::vector<int64_t> shape, const pybind11::object& scale) {
-  PE_ROUTE(grad, add_backward, grad, shape, to_scalar(scale, "scale"));
+at::Tensor add_backward_number(const at::Tensor& grad, std::vector<int64_t> shape, const pybind11::object& scale) {
+  return add_backward(grad, shape, to_scalar(scale, "scale"));
 }
 
 bool with_cuda() {
@@ -186,8 +187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_backward", &relu_backward, py::arg("grad_y"), py::arg("y"));
   m.def("sigmoid_forward", &sigmoid_forward, py::arg("x"));
   m.def("sigmoid_backward", &sigmoid_backward, py::arg("grad_y"), py::arg("y"));
-  m.def("add_forward", &add_forward, py::arg("input"), py::arg("other"), py::arg("alpha") = 1);
-  m.def("add_backward", &add_backward, py::arg("grad"), py::arg("shape"), py::arg("scale") = 1);
+  m.def("add_forward", &add_forward_number, py::arg("input"), py::arg("other"), py::arg("alpha") = 1);
+  m.def("add_backward", &add_backward_number, py::arg("grad"), py::arg("shape"), py::arg("scale") = 1);
   m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("logits"), py::arg("target"),
         py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
         py::arg("label_smoothing") = 0.0);
@@ -236,6 +237,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("sigmoid", &autograd::sigmoid, py::arg("x"));
   ag.def("tanh", &autograd::tanh, py::arg("x"));
   ag.def("leaky_relu", &autograd::leaky_relu, py::arg("x"), py::arg("negative_slope") = 0.01);
+  ag.def("add", &autograd::add, py::arg("input"), py::arg("other"), py::arg("alpha") = 1.0);
   ag.def("mse_loss", &autograd::mse_loss, py::arg("input"), py::arg("target"), py::arg("reduction") = 1);
   ag.def("binary_cross_entropy_with_logits", &autograd::binary_cross_entropy_with_logits, py::arg("input"),
          py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),

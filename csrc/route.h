@@ -51,6 +51,13 @@ inline at::Tensor sigmoid_backward(const at::Tensor& grad_y, const at::Tensor& y
   PE_ROUTE(y, sigmoid_backward, grad_y, y);
 }
 
+inline at::Tensor add_forward(const at::Tensor& input, const at::Tensor& other, const at::Scalar& alpha) {
+  PE_ROUTE(input, add_forward, input, other, alpha);
+}
+inline at::Tensor add_backward(const at::Tensor& grad, at::IntArrayRef shape, const at::Scalar& scale) {
+  PE_ROUTE(grad, add_backward, grad, shape, scale);
+}
+
 inline std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                      const OptTensor& weight, int64_t ignore_index, int64_t reduction,
                                                      double label_smoothing) {

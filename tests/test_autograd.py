@@ -9,8 +9,8 @@ import torch
 
 import pyengine.functional as PF
 from pyengine import _backend
-from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, LeakyReLUFunction, LinearFunction, MSELossFunction,
-                          ReLUFunction, SigmoidFunction, TanhFunction)
+from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, LeakyReLUFunction,
+                          LinearFunction, MSELossFunction, ReLUFunction, SigmoidFunction, TanhFunction)
 from pyengine.ops.linear import ACTIVATIONS
 from utils import COMPILED_DEVICES, make, on
 
@@ -69,6 +69,11 @@ CASES = {
     "tanh": _unary(PF.tanh, TanhFunction),
     "leaky_relu": ((lambda dtype, device: [make((6, 35), dtype, device, requires_grad=True)]),
                    lambda x: PF.leaky_relu(x, 0.2), lambda x: LeakyReLUFunction.apply(x, 0.2)),
+    **{f"add_{name}": ((lambda dtype, device, a=a, b=b: [make(a, dtype, device, requires_grad=True),
+                                                          make(b, dtype, device, requires_grad=True)]),
+                       lambda x, y: PF.add(x, y, alpha=1.5), lambda x, y: BroadcastAddFunction.apply(x, y, 1.5))
+       for name, a, b in [("same", (6, 35), (6, 35)), ("row", (6, 35), (35,)), ("column_both_ways", (6, 1), (1, 35)),
+                          ("0dim", (6, 35), ())]},
     **{f"mse_loss_{r}": _loss("mse_loss", r) for r in REDUCTIONS},
     **{f"bce_{r}": _loss("bce", r) for r in REDUCTIONS},
     "bce_weights": _loss("bce", "mean", weights=True),

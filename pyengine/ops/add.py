@@ -118,4 +118,10 @@ def add(input, other, *, alpha=1):
         input = input.to(dtype)
     if other.dtype != dtype:
         other = other.to(dtype)
+    compiled = _backend.compiled_autograd(input)
+    if (compiled is not None and dtype.is_floating_point and input.device == other.device
+            and isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)):
+        if not _broadcastable(input.shape, other.shape):
+            torch.broadcast_shapes(input.shape, other.shape)  # raises torch's own message
+        return compiled.add(input, other, alpha)
     return BroadcastAddFunction.apply(input, other, alpha)
