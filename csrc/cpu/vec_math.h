@@ -30,6 +30,26 @@ template <typename T> at::vec::Vectorized<T> pe_exp(const at::vec::Vectorized<T>
 template <typename T> at::vec::Vectorized<T> pe_log(const at::vec::Vectorized<T>& x) { return x.log(); }
 template <typename T> at::vec::Vectorized<T> pe_log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
 template <typename T> at::vec::Vectorized<T> pe_tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+// float tanh without Sleef's tanh, which ran 4-5x slower than torch's (MKL's) here (1M floats, 2 cores: 1.27-1.64
+// ms against 0.26-0.38 ms; now ~1.5x torch's time). |x| < 0.55: the odd Taylor series x - x^3/3 + 2x^5/15 - ...
+// through x^17 (the first term left out is below 6e-9 of the result); above: 1 - 2 / (exp(2|x|) + 1) with x's
+// sign, where the fraction is below 0.5, so the subtraction loses no digits; exp overflowing to inf gives 1.
+// At most 2.4e-7 relative error against float64 (torch's float32 tanh: 6e-8), from exp_u20's faster exp.
+inline at::vec::Vectorized<float> pe_tanh(const at::vec::Vectorized<float>& x) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec ax = x.abs(), x2 = x * x;
+  Vec p(6404582.0f / 10854718875.0f);
+  for (const float c : {-929569.0f / 638512875.0f, 21844.0f / 6081075.0f, -1382.0f / 155925.0f, 62.0f / 2835.0f,
+                        -17.0f / 315.0f, 2.0f / 15.0f, -1.0f / 3.0f}) {
+    p = at::vec::fmadd(p, x2, Vec(c));
+  }
+  const Vec series = at::vec::fmadd(x * x2, p, x);
+  const Vec one(1.0f), two(2.0f);
+  const Vec large = one - two / ((ax * two).exp_u20() + one);
+  const Vec signed_large = Vec::blendv(large, Vec(0.0f) - large, x < Vec(0.0f));
+  const Vec result = Vec::blendv(signed_large, series, ax < Vec(0.55f));
+  return Vec::blendv(result, x, x.isnan());  // exp_u20 does not carry NaN through
+}
 template <typename T> at::vec::Vectorized<T> pe_abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
 template <typename T>
 at::vec::Vectorized<T> pe_select_positive(const at::vec::Vectorized<T>& c, const at::vec::Vectorized<T>& a,
