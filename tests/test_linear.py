@@ -19,15 +19,20 @@ SHAPES = [((5, 3), 4), ((1, 1), 1), ((7,), 3), ((2, 3, 17), 9), ((2, 2, 2, 8), 5
 @pytest.mark.parametrize("x_shape,n", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_forward_backward_match_torch(backend, device, dtype, x_shape, n, bias):
+    check_against_torch(backend, device, dtype, x_shape, n, bias, activation=None)
+
+
+def check_against_torch(backend, device, dtype, x_shape, n, bias, activation):
+    """PF.linear(..., activation=activation) and its gradients against torch's F.linear (then the activation)."""
     k = x_shape[-1]
     x = make(x_shape, dtype, device, requires_grad=True)
     w = make((n, k), dtype, device, requires_grad=True)
     b = make((n,), dtype, device, requires_grad=True) if bias else None
     inputs = [x, w] + ([b] if bias else [])
     with on(backend):
-        y = PF.linear(x, w, b)
+        y = PF.linear(x, w, b, activation=activation)
         ours, gy = grads(y, inputs)
-    y_ref = F.linear(x, w, b)
+    y_ref = F.linear(x, w, b) if activation is None else torch_linear_act(x, w, b, activation)
     ref, _ = grads(y_ref, inputs, gy)
     assert_close(y, y_ref)
     for g, g_ref in zip(ours, ref):
@@ -163,19 +168,7 @@ def torch_linear_act(x, w, b, activation):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("activation", ACTS)
 def test_activation_matches_torch_composition(backend, device, dtype, x_shape, n, bias, activation):
-    k = x_shape[-1]
-    x = make(x_shape, dtype, device, requires_grad=True)
-    w = make((n, k), dtype, device, requires_grad=True)
-    b = make((n,), dtype, device, requires_grad=True) if bias else None
-    inputs = [x, w] + ([b] if bias else [])
-    with on(backend):
-        y = PF.linear(x, w, b, activation=activation)
-        ours, gy = grads(y, inputs)
-    y_ref = torch_linear_act(x, w, b, activation)
-    ref, _ = grads(y_ref, inputs, gy)
-    assert_close(y, y_ref)
-    for g, g_ref in zip(ours, ref):
-        assert_close(g, g_ref)
+    check_against_torch(backend, device, dtype, x_shape, n, bias, activation)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
