@@ -7,6 +7,8 @@
 #include <c10/util/Optional.h>
 #include <pybind11/pybind11.h>
 
+#include <vector>
+
 namespace pyengine {
 namespace autograd {
 
@@ -21,6 +23,11 @@ at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t r
 at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction);
+// The whole MLP, its parameters as lists or packed in one tensor (per layer W_l row-major, then b_l).
+at::Tensor fused_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                     const std::vector<at::Tensor>& biases, int64_t activation, int64_t output_activation);
+at::Tensor fused_mlp_packed(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
+                            int64_t activation, int64_t output_activation);
 
 // The python backend's kernels (pyengine._backend.REFERENCE), which a backward runs while autograd records it.
 void set_reference(pybind11::object kernels);

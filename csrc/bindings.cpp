@@ -242,6 +242,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("binary_cross_entropy_with_logits", &autograd::binary_cross_entropy_with_logits, py::arg("input"),
          py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
          py::arg("reduction") = 1);
+  ag.def("fused_mlp", &autograd::fused_mlp, py::arg("x"), py::arg("weights"), py::arg("biases"),
+         py::arg("activation") = 1, py::arg("output_activation") = 0);
+  ag.def("fused_mlp_packed", &autograd::fused_mlp_packed, py::arg("x"), py::arg("params"), py::arg("widths"),
+         py::arg("activation") = 1, py::arg("output_activation") = 0);
   ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
          "Registers the python backend's kernels, which a backward runs while autograd records it");
 

@@ -7,6 +7,8 @@ in place without touching its parameters (an optimizer built on them keeps worki
 import torch
 
 from . import functional as F
+from .ops.fused_mlp import activation_code as mlp_activation_code
+from .ops.fused_mlp import check_sizes, fused_mlp_packed, unpack
 from .ops.linear import activation_code
 
 
@@ -69,43 +71,96 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-class FusedMLP(torch.nn.Sequential):
+class FusedMLP(torch.nn.Module):
     """A whole MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp):
     FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
-    nn.Sequential(Linear(8, 6), Sigmoid(), Linear(6, 4), Sigmoid(), Linear(4, 1)) does, and holds exactly those
-    modules, so initialization, parameters, their order and the state_dict keys are that Sequential's: weights
-    load either way. sizes: input, hidden..., output widths, each 1..128. activation: 'relu', 'sigmoid' or None
-    between layers; output_activation: the same after the last layer (default None: raw outputs). The layers
-    are fixed at construction; a slice gives the plain, unfused torch.nn.Sequential of those modules."""
+    nn.Sequential(Linear(8, 6), Sigmoid(), Linear(6, 4), Sigmoid(), Linear(4, 1)) does.
+
+    sizes: input, hidden..., output widths, each 1..128. activation: 'relu', 'sigmoid' or None between layers;
+    output_activation: the same after the last layer (default None: raw outputs).
+
+    Its parameters are one tensor, `params`: each layer's weight (out, in) row by row, then its bias, layer after
+    layer (as tiny-cuda-nn keeps them). A training step then accumulates one gradient and updates one parameter,
+    not two per layer, which at small sizes costs more than the layers' arithmetic (benchmarks/NOTES.md).
+    Everything elementwise (SGD, Adam, weight decay, clipping by norm) behaves as over the separate tensors;
+    per-layer optimizer settings need the unfused Sequential. `weights` and `biases` are views of `params`.
+
+    Initialization and state_dict are the Sequential's: the same random draws in the same order (same seed,
+    same weights), and state_dict keys '0.weight', '0.bias', '2.weight', ... so weights load either way
+    (loading copies into `params`). `to_sequential()` gives that Sequential, with copies of the weights."""
 
     def __init__(self, sizes, activation="relu", output_activation=None, device=None, dtype=None):
-        from .ops.fused_mlp import activation_code, check_sizes
-
-        sizes = check_sizes(sizes)
-        codes = activation_code(activation), activation_code(output_activation, "output_activation")
-        kinds = {1: torch.nn.ReLU, 2: torch.nn.Sigmoid}
-        layers = []
-        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-            layers.append(torch.nn.Linear(n_in, n_out, device=device, dtype=dtype))
-            code = codes[0] if i < len(sizes) - 2 else codes[1]
-            if code:
-                layers.append(kinds[code]())
-        super().__init__(*layers)
+        super().__init__()
+        self.sizes = tuple(check_sizes(sizes))
         self.activation, self.output_activation = activation, output_activation
+        self._codes = (mlp_activation_code(activation),
+                       mlp_activation_code(output_activation, "output_activation"))
+        layers = [torch.nn.Linear(n_in, n_out, device=device, dtype=dtype)
+                  for n_in, n_out in zip(self.sizes, self.sizes[1:])]
+        self.params = torch.nn.Parameter(torch.cat([t.detach().reshape(-1) for m in layers
+                                                    for t in (m.weight, m.bias)]))
 
     def forward(self, input):
-        # weight and bias of each Linear in turn (the activations hold none), read straight from the modules'
-        # parameter dicts: the step's per-call Python cost is what this module exists to cut
-        params = [p for m in self._modules.values() for p in m._parameters.values()]
-        return F.fused_mlp(input, params[0::2], params[1::2], self.activation, self.output_activation)
+        return fused_mlp_packed(input, self.params, self.sizes, *self._codes)
 
-    def __getitem__(self, idx):
-        if isinstance(idx, slice):
-            return torch.nn.Sequential(*list(self._modules.values())[idx])
-        return super().__getitem__(idx)
+    @property
+    def weights(self):
+        return unpack(self.params, self.sizes)[0]
+
+    @property
+    def biases(self):
+        return unpack(self.params, self.sizes)[1]
+
+    def _sequential_keys(self):
+        """(state_dict key, view of params) per tensor, keyed as in the Sequential, whose activation modules
+        between the Linear layers take an index each."""
+        step = 2 if self._codes[0] else 1
+        weights, biases = unpack(self.params, self.sizes)
+        for layer, (w, b) in enumerate(zip(weights, biases)):
+            yield f"{layer * step}.weight", w
+            yield f"{layer * step}.bias", b
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, view in self._sequential_keys():
+            destination[prefix + key] = view if keep_vars else view.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = dict(self._sequential_keys())
+        for key, view in expected.items():
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+                continue
+            value = state_dict[prefix + key]
+            if not torch.is_tensor(value):
+                error_msgs.append(f'While copying the parameter named "{prefix + key}", expected torch.Tensor or '
+                                  f"Tensor-like object from checkpoint but received {type(value)}")
+            elif value.shape != view.shape:
+                error_msgs.append(f"size mismatch for {prefix + key}: copying a param with shape {value.shape} from "
+                                  f"checkpoint, the shape in current model is {view.shape}.")
+            else:
+                with torch.no_grad():
+                    view.copy_(value)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected)
+
+    def to_sequential(self):
+        """The unfused torch.nn.Sequential(Linear, act, ..., Linear[, output_activation]) with a copy of the
+        weights."""
+        kinds = {1: torch.nn.ReLU, 2: torch.nn.Sigmoid}
+        layers = []
+        for i, (n_in, n_out) in enumerate(zip(self.sizes, self.sizes[1:])):
+            layers.append(torch.nn.Linear(n_in, n_out, device=self.params.device, dtype=self.params.dtype))
+            code = self._codes[0] if i < len(self.sizes) - 2 else self._codes[1]
+            if code:
+                layers.append(kinds[code]())
+        sequential = torch.nn.Sequential(*layers)
+        sequential.load_state_dict(self.state_dict())
+        return sequential
 
     def extra_repr(self):
-        return f"activation={self.activation!r}, output_activation={self.output_activation!r}"
+        return (f"sizes={list(self.sizes)}, activation={self.activation!r}, "
+                f"output_activation={self.output_activation!r}")
 
 
 _SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid, torch.nn.Tanh: Tanh,

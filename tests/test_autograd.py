@@ -9,8 +9,10 @@ import torch
 
 import pyengine.functional as PF
 from pyengine import _backend
-from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, LeakyReLUFunction,
-                          LinearFunction, MSELossFunction, ReLUFunction, SigmoidFunction, TanhFunction)
+from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, FusedMLPFunction,
+                          LeakyReLUFunction, LinearFunction, MSELossFunction, ReLUFunction, SigmoidFunction,
+                          TanhFunction)
+from pyengine.ops.fused_mlp import fused_mlp_packed, unpack
 from pyengine.ops.linear import ACTIVATIONS
 from utils import COMPILED_DEVICES, make, on
 
@@ -58,6 +60,32 @@ def _loss(name, reduction, weights=False):
     return inputs, compiled, python
 
 
+def _fused_mlp(packed, sizes=(7, 5, 9, 3)):
+    """x (2, 11, 7) through 7 -> 5 -> 9 -> 3 with relu between and a sigmoid on top; packed: the parameters as
+    nn.FusedMLP holds them, against the Python Function over views of them."""
+    def inputs(dtype, device):
+        if packed:
+            count = sum(n_out * (n_in + 1) for n_in, n_out in zip(sizes, sizes[1:]))
+            return [make((2, 11, 7), dtype, device, requires_grad=True), make((count,), dtype, device,
+                                                                                 requires_grad=True)]
+        return [make((2, 11, 7), dtype, device, requires_grad=True)] + [
+            make(shape, dtype, device, requires_grad=True) for shape in
+            [(n_out, n_in) for n_in, n_out in zip(sizes, sizes[1:])] + [(n,) for n in sizes[1:]]]
+
+    def split(params):
+        return unpack(params[0], sizes) if packed else (params[:3], params[3:])
+
+    def compiled(x, *params):
+        return (fused_mlp_packed(x, params[0], sizes, 1, 2) if packed
+                else PF.fused_mlp(x, params[:3], params[3:], "relu", "sigmoid"))
+
+    def python(x, *params):
+        weights, biases = split(params)
+        return FusedMLPFunction.apply(x, 1, 2, *weights, *biases)
+
+    return inputs, compiled, python
+
+
 CASES = {
     "linear": _linear((5, 7), 4, True, None),
     "linear_nobias_3d": _linear((2, 3, 7), 4, False, None),
@@ -77,7 +105,10 @@ CASES = {
     **{f"mse_loss_{r}": _loss("mse_loss", r) for r in REDUCTIONS},
     **{f"bce_{r}": _loss("bce", r) for r in REDUCTIONS},
     "bce_weights": _loss("bce", "mean", weights=True),
+    "fused_mlp": _fused_mlp(packed=False),
+    "fused_mlp_packed": _fused_mlp(packed=True),
 }
+FIRST_ORDER_ONLY = {"fused_mlp", "fused_mlp_packed"}
 
 
 def _run(fn, inputs, grad_out=None):
@@ -113,6 +144,13 @@ def test_gradcheck_and_gradgradcheck(backend, device, case):
     inputs = make_inputs(torch.float64, device)
     with on(backend):
         assert torch.autograd.gradcheck(compiled, inputs)
+        if case in FIRST_ORDER_ONLY:  # as the Python Function: the gradients are there, their derivatives raise
+            grads = torch.autograd.grad(compiled(*inputs).sum(), inputs, create_graph=True)
+            assert all(g.requires_grad for g in grads)
+            for grad in grads:
+                with pytest.raises(RuntimeError, match="pyengine.fused_mlp has no double backward"):
+                    torch.autograd.grad(grad.sum(), inputs, allow_unused=True)  # the weights are linked to it
+            return
         # the second derivative runs the python reference inside the C++ node's backward
         assert torch.autograd.gradgradcheck(compiled, inputs)
 

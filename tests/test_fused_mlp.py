@@ -208,13 +208,63 @@ def test_module_is_the_torch_composition():
     torch.manual_seed(0)
     theirs = _torch_twin([8, 6, 4, 1], "sigmoid", "sigmoid")
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    for (name, p), (name_t, q) in zip(ours.named_parameters(), theirs.named_parameters()):
-        assert name == name_t and torch.equal(p, q)  # same initialization, same order
-    theirs.load_state_dict(ours.state_dict())
-    ours.load_state_dict(theirs.state_dict())
-    assert isinstance(ours[:2], torch.nn.Sequential) and not isinstance(ours[:2], pnn.FusedMLP)
-    assert "sigmoid" in repr(ours)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key  # same initialization: same draws, same order
+    x = torch.randn(9, 8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    unfused = ours.to_sequential()
+    assert type(unfused) is torch.nn.Sequential and str(unfused) == str(theirs)
+    torch.testing.assert_close(unfused(x), theirs(x), rtol=0, atol=0)
+    assert "sigmoid" in repr(ours) and "[8, 6, 4, 1]" in repr(ours)
     assert pnn.FusedMLP([3, 2], dtype=torch.float64).state_dict()["0.weight"].dtype == torch.float64
+    # no activation between layers: the Linear layers are the Sequential's 0, 1, 2
+    assert list(pnn.FusedMLP([3, 4, 5, 2], activation=None).state_dict()) == [
+        f"{i}.{name}" for i in range(3) for name in ("weight", "bias")]
+
+
+def test_module_parameters_are_one_packed_tensor():
+    """params: per layer the weight row by row, then the bias; weights and biases are live views of it."""
+    torch.manual_seed(1)
+    ours = pnn.FusedMLP([8, 6, 4, 1], activation="relu")
+    (name, params), = ours.named_parameters()
+    assert name == "params" and params.shape == (6 * 9 + 4 * 7 + 1 * 5,)
+    theirs = _torch_twin([8, 6, 4, 1], "relu", None)
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(params.detach(), torch.cat([p.detach().reshape(-1) for p in theirs.parameters()]))
+    assert [tuple(w.shape) for w in ours.weights] == [(6, 8), (4, 6), (1, 4)]
+    assert [tuple(b.shape) for b in ours.biases] == [(6,), (4,), (1,)]
+    with torch.no_grad():
+        params[0] = 5.0
+    assert ours.weights[0][0, 0] == 5.0 and ours.state_dict()["0.weight"][0, 0] == 5.0
+    assert ours.state_dict()["0.weight"].data_ptr() == params.data_ptr()  # views, as torch's state_dict holds
+    # gradients land in params.grad, laid out like params
+    x = torch.randn(30, 8)
+    ours(x).sum().backward()
+    theirs.load_state_dict(ours.state_dict())
+    theirs(x).sum().backward()
+    torch.testing.assert_close(params.grad, torch.cat([p.grad.reshape(-1) for p in theirs.parameters()]))
+    # moved and cast as one tensor, still unpacked correctly
+    double = pnn.FusedMLP([8, 6, 4, 1]).double()
+    assert double.params.dtype == torch.float64 and double.weights[2].dtype == torch.float64
+
+
+def test_module_state_dict_errors_are_torch_s():
+    ours = pnn.FusedMLP([8, 6, 1])
+    theirs = _torch_twin([8, 6, 1], "relu", None)
+    state = theirs.state_dict()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "2.bias"'):
+        ours.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "3.weight"'):
+        ours.load_state_dict({**state, "3.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        ours.load_state_dict({**state, "0.weight": torch.zeros(6, 7)})
+    fresh = pnn.FusedMLP([8, 6, 1])
+    result = fresh.load_state_dict({k: v for k, v in state.items() if k != "2.bias"}, strict=False)
+    assert result.missing_keys == ["2.bias"] and torch.equal(fresh.weights[1], state["2.weight"])
+    # inside a bigger model the keys carry its prefix
+    outer = torch.nn.Sequential(torch.nn.Identity(), pnn.FusedMLP([8, 6, 1]))
+    outer.load_state_dict({f"1.{k}": v for k, v in state.items()})
+    torch.testing.assert_close(outer[1].weights[0], state["0.weight"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -236,5 +286,5 @@ def test_module_matches_torch_and_sgd_reduces_the_loss(backend, device):
             if model is ours:
                 losses.append(loss.item())
     assert losses[-1] < losses[0]
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        assert_close(p, q)
+    for key, value in theirs.state_dict().items():  # one packed tensor against six: elementwise, the same steps
+        assert_close(ours.state_dict()[key], value)

@@ -154,5 +154,32 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
         raise RuntimeError("fused_mlp: input must be at least 1-D")
     if len(weights) != len(biases):  # the Function tells weights from biases by position: check before it splits
         raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
-    return FusedMLPFunction.apply(input, activation_code(activation),
-                                  activation_code(output_activation, "output_activation"), *weights, *biases)
+    codes = activation_code(activation), activation_code(output_activation, "output_activation")
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        return compiled.fused_mlp(input, list(weights), list(biases), *codes)
+    return FusedMLPFunction.apply(input, *codes, *weights, *biases)
+
+
+def unpack(params, sizes):
+    """pyengine.nn.FusedMLP's packed parameters as views: ([W_0 (n_1, n_0), ...], [b_0 (n_1), ...]). Per layer
+    the weight row by row, then the bias (csrc/autograd.cpp unpack_mlp_params reads the same layout)."""
+    weights, biases, at = [], [], 0
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        weights.append(params[at:at + n_out * n_in].view(n_out, n_in))
+        biases.append(params[at + n_out * n_in:at + n_out * (n_in + 1)])
+        at += n_out * (n_in + 1)
+    return weights, biases
+
+
+def fused_mlp_packed(input, params, sizes, activation, output_activation):
+    """fused_mlp with the parameters packed as unpack() reads them and the activations as codes: one autograd
+    node whose gradient is one tensor like params (in C++ when the compiled kernels run eagerly; else the
+    Function over views of params, which autograd sums back into params' gradient)."""
+    compiled = _backend.compiled_autograd(input)
+    if compiled is not None:
+        return compiled.fused_mlp_packed(input, params, sizes, activation, output_activation)
+    if input.dim() < 1:
+        raise RuntimeError("fused_mlp: input must be at least 1-D")
+    weights, biases = unpack(params, sizes)
+    return FusedMLPFunction.apply(input, activation, output_activation, *weights, *biases)
