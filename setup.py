@@ -117,7 +117,7 @@ def extension():
         cxx.append(f"-march={march}")
     if cap != "DEFAULT":
         cxx += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/autograd.cpp", "csrc/bindings.cpp"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     info = dict(torch_version=torch.__version__, cpu_arch=march, simd_level=cap, cuda_archs="")
     if not want_cuda():

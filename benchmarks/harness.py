@@ -57,6 +57,10 @@ def calls(kind, name, size, impl, inputs):
     net, loss_fn = entry.build(entry.sizes[size][1], LIBS["torch" if impl == "torch" else "pyengine"])
     net.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None).load_state_dict(state)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    if impl != "torch" and entry.pyengine_step is not None:  # e.g. FusedMLP.training_step: the same SGD in one call
+        step = entry.pyengine_step(net, x, y, 1e-3)
+        step()
+        return {"step": step}
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -138,9 +142,13 @@ def _results(kind, name, size, impl, inputs):
     state, x, y = inputs
     net, loss_fn = entry.build(entry.sizes[size][1], LIBS["pyengine" if impl not in ("torch", "float64") else "torch"])
     net.to(device=x.device, dtype=x.dtype).load_state_dict(state)
-    loss = loss_fn(net(x), y)
-    loss.backward()
-    return [loss] + [p.grad for p in net.parameters()]
+    if impl not in ("torch", "float64") and entry.pyengine_step is not None:
+        loss = entry.pyengine_step(net, x, y, 0.0)()  # lr 0: the step's loss and gradient, parameters kept
+    else:
+        loss = loss_fn(net(x), y)
+        loss.backward()
+    # one pooled gradient: FusedMLP's packed parameters are the Sequential's, concatenated in order
+    return [loss, torch.cat([p.grad.reshape(-1) for p in net.parameters()])]
 
 
 def _to64(t):

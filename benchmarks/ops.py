@@ -211,6 +211,8 @@ class Model:
     sizes: dict  # size name -> (batch, layer widths)
     build: Callable  # (widths, lib) -> (torch.nn.Module, loss module)
     data: Callable  # (batch, widths, dtype, device) -> (x, y)
+    # (net, x, y, lr) -> pyengine's step, where it is not the usual zero_grad / loss.backward() / SGD step
+    pyengine_step: Callable = None
 
     def describe(self, p):
         return f"{p[0]}x" + "->".join(map(str, p[1]))
@@ -264,6 +266,8 @@ MODELS = {
     for m in [
         Model("mlp_notes", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp, _binary_data),
         Model("mlp_notes_fused", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp_fused, _binary_data),
+        Model("mlp_notes_fused_step", {"tiny": (TINY_ROWS, (8, 6, 4, 1))}, _notes_mlp_fused, _binary_data,
+              lambda net, x, y, lr: lambda: net.training_step(x, y, lr, loss="bce_with_logits")),
         Model("mlp_classifier", {"tiny": (64, (64, 32, 10)), "medium": (256, (784, 512, 10)),
                                  "large": (4096, (1024, 1024, 1000))}, _classifier, _class_data),
     ]

@@ -11,13 +11,11 @@
 #include "autograd.h"
 
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
-#include <string>
 #include <utility>
 
-#include "common/fused_mlp.h"
+#include "autograd_common.h"
 #include "route.h"
 
 namespace pyengine {
@@ -49,31 +47,6 @@ variable_list call_reference(const char* name, Args&&... args) {
 
 c10::optional<at::Tensor> as_optional(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-}
-
-// The gradients of an op with no double backward, when autograd records its backward (create_graph=True), as
-// pyengine/ops/_function.py first_order_only gives the Python Functions: attached to a node that raises
-// `op has no double backward` when differentiated, with the saved tensors that want gradients linked to it too,
-// so that a gradient asked of them raises instead of finding them unused.
-variable_list link_to_error(variable_list grads, const variable_list& saved, const char* op, const char* instead) {
-  const size_t count = grads.size();
-  for (at::Tensor& g : grads) {
-    if (g.defined()) g = g.detach().requires_grad_();
-  }
-  for (const at::Tensor& t : saved) {
-    if (t.defined() && t.requires_grad()) grads.push_back(t);
-  }
-  const std::string message = std::string("pyengine.") + op + " has no double backward (its backward is not " +
-                              "differentiable); use " + instead + " where a second derivative is needed";
-  auto error = std::make_shared<torch::autograd::DelayedError>(message, static_cast<int64_t>(grads.size()));
-  variable_list linked = (*error)(std::move(grads));
-  linked.resize(count);
-  return linked;
-}
-
-// (M, K) with M the product of the leading dims (not numel / K: K may be 0)
-at::Tensor as_matrix(const at::Tensor& x) {
-  return x.dim() == 2 ? x : x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), x.size(-1)});
 }
 
 }  // namespace
@@ -241,137 +214,6 @@ struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCr
   }
 };
 
-namespace {
-
-constexpr const char* kUnfusedMLP = "an unfused torch.nn.Sequential of Linear and activation layers";
-
-// fused_mlp's forward for both nodes below: x (*, n_0) runs as (M, n_0), y comes back viewed as (*, n_L). Saves
-// {x (M, n_0), y (M, n_L), a_1 .. a_{L-1}, then `parameters`}: what the backward reads besides the weights, and
-// the tensors that want gradients (the weights, or the packed parameters they are views of).
-at::Tensor fused_mlp_forward_saving(AutogradContext* ctx, const at::Tensor& x, const variable_list& weights,
-                                    const variable_list& biases, int64_t activation, int64_t output_activation,
-                                    const variable_list& parameters) {
-  TORCH_CHECK(x.dim() >= 1, "fused_mlp: input must be at least 1-D");
-  const at::Tensor x2 = as_matrix(x);
-  variable_list outputs = pyengine::fused_mlp_forward(x2, weights, biases, activation, output_activation);
-  at::Tensor y = outputs[0];
-  outputs[0] = x2;
-  outputs.insert(outputs.begin() + 1, y);
-  outputs.insert(outputs.end(), parameters.begin(), parameters.end());
-  ctx->save_for_backward(outputs);
-  ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
-  ctx->saved_data["activation"] = activation;
-  ctx->saved_data["output_activation"] = output_activation;
-  ctx->saved_data["x_shape"] = x.sizes().vec();
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = y.size(1);
-  return y.view(shape);
-}
-
-// {dx, dW_0 .. dW_{L-1}, db_0 .. db_{L-1}} (undefined where not needed) from the saved tensors and the weights.
-variable_list fused_mlp_backward_saved(AutogradContext* ctx, const variable_list& saved, const variable_list& weights,
-                                       const at::Tensor& grad, bool need_x, bool need_weights, bool need_biases) {
-  const int64_t layers = ctx->saved_data["layers"].toInt();
-  const at::Tensor &x2 = saved[0], &y = saved[1];
-  const variable_list hidden(saved.begin() + 2, saved.begin() + 1 + layers);
-  variable_list grads = pyengine::fused_mlp_backward(
-      grad.reshape(y.sizes()), x2, weights, hidden, y, ctx->saved_data["activation"].toInt(),
-      ctx->saved_data["output_activation"].toInt(), need_x, need_weights, need_biases);
-  if (grads[0].defined()) grads[0] = grads[0].reshape(ctx->saved_data["x_shape"].toIntVector());
-  return grads;
-}
-
-// pyengine.nn.FusedMLP.params: per layer W_l (n_{l+1}, n_l) row-major, then b_l (n_{l+1}) -- the layout the CPU
-// kernel keeps its network in. Unpacked as views, no copies.
-std::pair<variable_list, variable_list> unpack_mlp_params(const at::Tensor& params, const std::vector<int64_t>& widths) {
-  TORCH_CHECK_VALUE(widths.size() >= 2 && widths.size() <= fused_mlp::kMaxLayers + 1, "fused_mlp: needs 2 to ",
-                    fused_mlp::kMaxLayers + 1, " widths (input, hidden..., output), got ", widths.size());
-  int64_t count = 0;
-  for (size_t l = 0; l < widths.size(); ++l) {
-    TORCH_CHECK_VALUE(widths[l] >= 1 && widths[l] <= fused_mlp::kMaxWidth, "fused_mlp: every width must be 1 to ",
-                      fused_mlp::kMaxWidth, ", got widths ", at::IntArrayRef(widths));
-    if (l > 0) count += widths[l] * (widths[l - 1] + 1);
-  }
-  TORCH_CHECK(params.dim() == 1 && params.numel() == count, "fused_mlp: the packed parameters of widths ",
-              at::IntArrayRef(widths), " are ", count, " numbers in a 1-D tensor, got shape ", params.sizes());
-  variable_list weights, biases;
-  int64_t at = 0;
-  for (size_t l = 1; l < widths.size(); ++l) {
-    const int64_t n_in = widths[l - 1], n_out = widths[l];
-    weights.push_back(params.narrow(0, at, n_out * n_in).view({n_out, n_in}));
-    biases.push_back(params.narrow(0, at + n_out * n_in, n_out));
-    at += n_out * (n_in + 1);
-  }
-  return {weights, biases};
-}
-
-}  // namespace
-
-// fused_mlp with lists of weights (n_{l+1}, n_l) and biases (n_{l+1}): pyengine.functional.fused_mlp.
-struct FusedMLPFunction : torch::autograd::Function<FusedMLPFunction> {
-  // TensorList, not std::vector: autograd takes the tensors of an ArrayRef (only) as inputs with gradients
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                            int64_t activation, int64_t output_activation) {
-    return fused_mlp_forward_saving(ctx, x, weights.vec(), biases.vec(), activation, output_activation,
-                                    weights.vec());
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool recording = at::GradMode::is_enabled();
-    const variable_list saved = ctx->get_saved_variables();
-    const int64_t layers = ctx->saved_data["layers"].toInt();
-    const variable_list weights(saved.end() - layers, saved.end());
-    bool need_weights = false, need_biases = false;
-    for (int64_t l = 0; l < layers; ++l) {
-      need_weights |= ctx->needs_input_grad(1 + l);
-      need_biases |= ctx->needs_input_grad(1 + layers + l);
-    }
-    variable_list result;
-    {
-      at::AutoGradMode no_recording(false);
-      result = fused_mlp_backward_saved(ctx, saved, weights, grads[0], ctx->needs_input_grad(0), need_weights,
-                                        need_biases);
-    }
-    result.resize(result.size() + 2);  // the activation codes
-    return recording ? link_to_error(std::move(result), saved, "fused_mlp", kUnfusedMLP) : result;
-  }
-};
-
-// fused_mlp with every weight and bias packed in one tensor (unpack_mlp_params): pyengine.nn.FusedMLP, whose
-// step then has one parameter to accumulate a gradient into and to update, not 2L.
-struct PackedFusedMLPFunction : torch::autograd::Function<PackedFusedMLPFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& params,
-                            const std::vector<int64_t>& widths, int64_t activation, int64_t output_activation) {
-    const auto [weights, biases] = unpack_mlp_params(params, widths);
-    ctx->saved_data["widths"] = widths;
-    return fused_mlp_forward_saving(ctx, x, weights, biases, activation, output_activation, {params});
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool recording = at::GradMode::is_enabled();
-    const variable_list saved = ctx->get_saved_variables();
-    const bool need_params = ctx->needs_input_grad(1);
-    variable_list result;
-    {
-      at::AutoGradMode no_recording(false);
-      const variable_list weights = unpack_mlp_params(saved.back(), ctx->saved_data["widths"].toIntVector()).first;
-      const variable_list g =
-          fused_mlp_backward_saved(ctx, saved, weights, grads[0], ctx->needs_input_grad(0), need_params, need_params);
-      at::Tensor grad_params;
-      if (need_params) {  // back into the packed layout: W_0, b_0, W_1, b_1, ...
-        const size_t layers = weights.size();
-        variable_list pieces;
-        for (size_t l = 0; l < layers; ++l) {
-          pieces.push_back(g[1 + l].view({-1}));
-          pieces.push_back(g[1 + layers + l]);
-        }
-        grad_params = at::cat(pieces);
-      }
-      result = {g[0], grad_params, {}, {}, {}};
-    }
-    return recording ? link_to_error(std::move(result), saved, "fused_mlp", kUnfusedMLP) : result;
-  }
-};
-
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   int64_t activation) {
   return LinearFunction::apply(x, weight, bias, activation);
@@ -392,17 +234,6 @@ at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::T
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
   return BinaryCrossEntropyWithLogitsFunction::apply(input, target, weight, pos_weight, reduction);
-}
-
-at::Tensor fused_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                     const std::vector<at::Tensor>& biases, int64_t activation, int64_t output_activation) {
-  TORCH_CHECK_VALUE(weights.size() == biases.size(), "fused_mlp: one bias per weight, got ", biases.size(),
-                    " biases for ", weights.size(), " weights");
-  return FusedMLPFunction::apply(x, at::TensorList(weights), at::TensorList(biases), activation, output_activation);
-}
-at::Tensor fused_mlp_packed(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
-                            int64_t activation, int64_t output_activation) {
-  return PackedFusedMLPFunction::apply(x, params, widths, activation, output_activation);
 }
 
 void set_reference(pybind11::object kernels) {

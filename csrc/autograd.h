@@ -28,6 +28,10 @@ at::Tensor fused_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights
                      const std::vector<at::Tensor>& biases, int64_t activation, int64_t output_activation);
 at::Tensor fused_mlp_packed(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
                             int64_t activation, int64_t output_activation);
+// FusedMLP's training step: forward, mean loss, backward and params -= lr * grad in one call, no graph.
+at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
+                                   int64_t activation, int64_t output_activation, const at::Tensor& target,
+                                   int64_t loss, double lr);
 
 // The python backend's kernels (pyengine._backend.REFERENCE), which a backward runs while autograd records it.
 void set_reference(pybind11::object kernels);

@@ -246,6 +246,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          py::arg("activation") = 1, py::arg("output_activation") = 0);
   ag.def("fused_mlp_packed", &autograd::fused_mlp_packed, py::arg("x"), py::arg("params"), py::arg("widths"),
          py::arg("activation") = 1, py::arg("output_activation") = 0);
+  ag.def("fused_mlp_training_step", &autograd::fused_mlp_training_step, py::arg("x"), py::arg("params"),
+         py::arg("widths"), py::arg("activation"), py::arg("output_activation"), py::arg("target"), py::arg("loss"),
+         py::arg("lr"));
   ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
          "Registers the python backend's kernels, which a backward runs while autograd records it");
 

@@ -6,6 +6,7 @@ in place without touching its parameters (an optimizer built on them keeps worki
 """
 import torch
 
+from . import _backend
 from . import functional as F
 from .ops.fused_mlp import activation_code as mlp_activation_code
 from .ops.fused_mlp import check_sizes, fused_mlp_packed, unpack
@@ -71,6 +72,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
+_TRAINING_LOSSES = {"mse": 0, "bce_with_logits": 1, "cross_entropy": 2}
+
+
 class FusedMLP(torch.nn.Module):
     """A whole MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp):
     FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
@@ -102,6 +106,50 @@ class FusedMLP(torch.nn.Module):
 
     def forward(self, input):
         return fused_mlp_packed(input, self.params, self.sizes, *self._codes)
+
+    def training_step(self, input, target, lr, loss="bce_with_logits"):
+        """One step of plain SGD on the mean loss, params <- params - lr * grad: what
+
+            self.params.grad = None
+            loss_fn(self(input), target).backward()
+            torch.optim.SGD(self.parameters(), lr).step()
+
+        computes, run as one call without an autograd graph when the compiled kernels run (the python backend
+        takes those three lines). For small networks, where the per-call costs of autograd and torch.optim
+        exceed the network's own arithmetic. loss: 'bce_with_logits' or 'mse' (target shaped like the output),
+        'cross_entropy' (the output's last dim holds the class scores; target: one int64 class index per row,
+        -100 ignored); each the mean, torch's default reduction. Leaves this batch's gradient in params.grad
+        (replacing what was there) and returns the loss, a 0-dim tensor."""
+        code = _TRAINING_LOSSES.get(loss)
+        if code is None:
+            raise ValueError(f"FusedMLP.training_step: loss must be one of {sorted(_TRAINING_LOSSES)}, got {loss!r}")
+        if not lr >= 0:
+            raise ValueError(f"Invalid learning rate: {lr}")  # torch.optim.SGD's words
+        if input.dim() < 1:
+            raise RuntimeError("fused_mlp: input must be at least 1-D")
+        rows = input.shape[:-1]
+        if code == 2:
+            if target.dtype != torch.int64 or target.shape != rows:
+                raise ValueError(f"FusedMLP.training_step: cross_entropy takes one int64 class index per row, a "
+                                 f"target of shape {tuple(rows)}; got {target.dtype} of shape {tuple(target.shape)}")
+        elif target.shape != (*rows, self.sizes[-1]) or target.dtype != input.dtype:
+            raise ValueError(f"FusedMLP.training_step: {loss} takes a target shaped like the output, "
+                             f"{tuple(rows) + (self.sizes[-1],)}, of the input's dtype {input.dtype}; got "
+                             f"{target.dtype} of shape {tuple(target.shape)}")
+        compiled = _backend.compiled_autograd(input)
+        if compiled is not None:
+            return compiled.fused_mlp_training_step(input, self.params, self.sizes, *self._codes, target, code, lr)
+        with torch.enable_grad():
+            out = self(input)
+            if code == 2:  # the classes are the output's last dim, whatever the leading dims
+                value = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+            else:
+                value = (F.mse_loss if code == 0 else F.binary_cross_entropy_with_logits)(out, target)
+            (grad,) = torch.autograd.grad(value, self.params)
+        with torch.no_grad():
+            self.params.sub_(grad, alpha=lr)
+        self.params.grad = grad
+        return value.detach()
 
     @property
     def weights(self):

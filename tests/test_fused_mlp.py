@@ -288,3 +288,70 @@ def test_module_matches_torch_and_sgd_reduces_the_loss(backend, device):
     assert losses[-1] < losses[0]
     for key, value in theirs.state_dict().items():  # one packed tensor against six: elementwise, the same steps
         assert_close(ours.state_dict()[key], value)
+
+
+TRAINING_LOSSES = {"mse": torch.nn.MSELoss(), "bce_with_logits": torch.nn.BCEWithLogitsLoss(),
+                   "cross_entropy": torch.nn.CrossEntropyLoss()}
+
+
+def _training_data(loss, batch, sizes, dtype, device):
+    x = make((*batch, sizes[0]), dtype, device)
+    if loss == "cross_entropy":
+        target = torch.randint(0, sizes[-1], batch, device=device)
+        target.view(-1)[::7] = -100  # ignored rows, as torch's default ignore_index
+        return x, target
+    target = make((*batch, sizes[-1]), dtype, device)
+    return x, (target > 0).to(dtype) if loss == "bce_with_logits" else target
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("loss", TRAINING_LOSSES)
+@pytest.mark.parametrize("sizes,batch,activation,output_activation", [
+    ([8, 6, 4, 1], (759,), "sigmoid", None), ([5, 17, 3], (2, 33), "relu", "sigmoid"), ([3, 9, 4], (1,), None, None)],
+    ids=str)
+def test_training_step_is_zero_grad_backward_and_sgd(backend, device, dtype, loss, sizes, batch, activation,
+                                                    output_activation):
+    """Five training steps against torch's: the same losses, parameters and last gradient."""
+    ours = pnn.FusedMLP(sizes, activation, output_activation, device=device, dtype=dtype)
+    theirs = ours.to_sequential()
+    opt = torch.optim.SGD(theirs.parameters(), lr=0.3)
+    x, target = _training_data(loss, batch, sizes, dtype, device)
+    for _ in range(5):
+        with on(backend):
+            value = ours.training_step(x, target, lr=0.3, loss=loss)
+        opt.zero_grad()
+        out = theirs(x)
+        expected = (TRAINING_LOSSES[loss](out.reshape(-1, sizes[-1]), target.reshape(-1)) if loss == "cross_entropy"
+                    else TRAINING_LOSSES[loss](out, target))
+        expected.backward()
+        opt.step()
+        assert value.shape == () and value.grad_fn is None and not value.requires_grad
+        assert_close(value, expected.detach())
+    for key, param in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], param)
+    assert_close(ours.params.grad, torch.cat([p.grad.reshape(-1) for p in theirs.parameters()]))
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_training_step_bad_arguments_raise(backend, device):
+    ours = pnn.FusedMLP([4, 5, 3], device=device)
+    x = make((6, 4), torch.float32, device)
+    before = ours.params.detach().clone()
+    with on(backend):
+        with pytest.raises(ValueError, match="loss must be one of"):
+            ours.training_step(x, make((6, 3), torch.float32, device), lr=0.1, loss="hinge")
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            ours.training_step(x, make((6, 3), torch.float32, device), lr=-1.0)
+        with pytest.raises(ValueError, match=r"shaped like the output, \(6, 3\)"):
+            ours.training_step(x, make((6, 1), torch.float32, device), lr=0.1, loss="mse")
+        with pytest.raises(ValueError, match="dtype"):
+            ours.training_step(x, make((6, 3), torch.float64, device), lr=0.1)
+        with pytest.raises(ValueError, match=r"one int64 class index per row, a target of shape \(6,\)"):
+            ours.training_step(x, make((6, 3), torch.float32, device), lr=0.1, loss="cross_entropy")
+        with pytest.raises(RuntimeError, match="at least 1-D"):
+            ours.training_step(torch.tensor(1.0, device=device), torch.tensor(1.0, device=device), lr=0.1)
+        with pytest.raises(IndexError, match="out of bounds"):
+            ours.training_step(x, torch.full((6,), 3, device=device), lr=0.1, loss="cross_entropy")
+    assert torch.equal(ours.params.detach(), before)  # nothing was updated by a failed step

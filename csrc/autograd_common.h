@@ -1,0 +1,41 @@
+// Pieces the C++ autograd Functions of autograd.cpp and autograd_fused_mlp.cpp share.
+#pragma once
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+
+#include <string>
+
+namespace pyengine {
+namespace autograd {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The gradients of an op with no double backward, when autograd records its backward (create_graph=True), as
+// pyengine/ops/_function.py first_order_only gives the Python Functions: attached to a node that raises
+// `op has no double backward` when differentiated, with the saved tensors that want gradients linked to it too,
+// so that a gradient asked of them raises instead of finding them unused.
+inline variable_list link_to_error(variable_list grads, const variable_list& saved, const char* op, const char* instead) {
+  const size_t count = grads.size();
+  for (at::Tensor& g : grads) {
+    if (g.defined()) g = g.detach().requires_grad_();
+  }
+  for (const at::Tensor& t : saved) {
+    if (t.defined() && t.requires_grad()) grads.push_back(t);
+  }
+  const std::string message = std::string("pyengine.") + op + " has no double backward (its backward is not " +
+                              "differentiable); use " + instead + " where a second derivative is needed";
+  auto error = std::make_shared<torch::autograd::DelayedError>(message, static_cast<int64_t>(grads.size()));
+  variable_list linked = (*error)(std::move(grads));
+  linked.resize(count);
+  return linked;
+}
+
+// (M, K) with M the product of the leading dims (not numel / K: K may be 0)
+inline at::Tensor as_matrix(const at::Tensor& x) {
+  return x.dim() == 2 ? x : x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), x.size(-1)});
+}
+
+}  // namespace autograd
+}  // namespace pyengine
