@@ -56,7 +56,8 @@ variable_list fused_mlp_backward_saved(AutogradContext* ctx, const variable_list
 
 // pyengine.nn.FusedMLP.params: per layer W_l (n_{l+1}, n_l) row-major, then b_l (n_{l+1}) -- the layout the CPU
 // kernel keeps its network in. Unpacked as views, no copies.
-std::pair<variable_list, variable_list> unpack_mlp_params(const at::Tensor& params, const std::vector<int64_t>& widths) {
+std::pair<variable_list, variable_list> unpack_mlp_params(const at::Tensor& params,
+                                                          const std::vector<int64_t>& widths) {
   TORCH_CHECK_VALUE(widths.size() >= 2 && widths.size() <= fused_mlp::kMaxLayers + 1, "fused_mlp: needs 2 to ",
                     fused_mlp::kMaxLayers + 1, " widths (input, hidden..., output), got ", widths.size());
   int64_t count = 0;

@@ -145,7 +145,7 @@ def compiled_autograd(tensor):
     op call, hence the shortcut for the usual case (a CPU tensor, no backend or 'cpp' forced)."""
     if _AUTOGRAD is None or _is_compiling() or _functorch_active():
         return None
-    if (_chosen.get() or _env_backend) in (None, "cpp") and tensor.device.type == "cpu":
+    if (_chosen.get() or _env_backend) in (None, "cpp") and tensor.is_cpu:  # not .device: that makes an object
         return _AUTOGRAD
     return None if select(tensor.device) == "python" else _AUTOGRAD
 

@@ -15,6 +15,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec_math.h"
@@ -71,8 +73,24 @@ template <typename scalar_t> struct Network {
 };
 
 // Rows r0 .. r0 + rows of a row-major (M, n) tensor into a feature-major block buffer; rows past the end are 0.
+// A whole block of float or double is gathered, a vector of rows (stride n) per feature: a tenth of the
+// instructions of the element-by-element transpose, which dominated the notes' narrow layers.
 template <typename scalar_t, typename acc_t>
 void load_block(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    using Index = at::vec::Vectorized<at::vec::int_same_size_t<acc_t>>;
+    if (rows == kBlockRows && n * kBlockRows <= std::numeric_limits<int32_t>::max()) {
+      const Index lanes = Index::arange(0, n);  // lane i reads row i of its vector of rows
+      for (int64_t v = 0; v < kBlockRows; v += Vec::size()) {
+        const acc_t* rows_v = src + (r0 + v) * n;
+        for (int64_t k = 0; k < n; ++k) {
+          at::vec::gather<sizeof(acc_t)>(rows_v + k, lanes).store(buf + k * kBlockRows + v);
+        }
+      }
+      return;
+    }
+  }
   std::fill(buf, buf + n * kBlockRows, acc_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = src + (r0 + r) * n;
@@ -134,31 +152,46 @@ void load_rows(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* 
 }
 
 // dW[j][k] += sum_r dz[j][r] a[r][k] for a block, a row-major (rows, n_in). For each j, up to 64 columns of dW
-// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums.
+// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums. Rows go four
+// at a time into four sets of sums: a single chain of fused multiply-adds would wait out each one's latency,
+// which is all there is to a layer narrower than a vector (the notes' 8, 6 and 4).
 template <typename acc_t>
 void block_weight_grad(const acc_t* dz, const acc_t* a_rows, int64_t rows, int64_t n_in, int64_t n_out, acc_t* dW) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size();
+  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size(), kRowsAtOnce = 4;
   for (int64_t j = 0; j < n_out; ++j) {
     const acc_t* g = dz + j * kBlockRows;
     for (int64_t k0 = 0; k0 < n_in; k0 += kCols) {
       int64_t count[kVecs];  // columns of each vector inside the layer (0 past its end)
-      Vec acc[kVecs];
+      Vec acc[kRowsAtOnce][kVecs];
       for (int64_t v = 0; v < kVecs; ++v) {
         count[v] = std::clamp<int64_t>(n_in - k0 - v * Vec::size(), 0, Vec::size());
-        acc[v] = Vec(acc_t(0));
+        for (int64_t u = 0; u < kRowsAtOnce; ++u) acc[u][v] = Vec(acc_t(0));
       }
-      for (int64_t r = 0; r < rows; ++r) {
+      int64_t r = 0;
+      for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
+#pragma GCC unroll 4
+        for (int64_t u = 0; u < kRowsAtOnce; ++u) {
+          const Vec c(g[r + u]);
+          const acc_t* row = a_rows + (r + u) * n_in + k0;
+#pragma GCC unroll 4
+          for (int64_t v = 0; v < kVecs; ++v) {
+            if (count[v] > 0) acc[u][v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[u][v]);
+          }
+        }
+      }
+      for (; r < rows; ++r) {  // the last block's odd rows
         const Vec c(g[r]);
         const acc_t* row = a_rows + r * n_in + k0;
+#pragma GCC unroll 4
         for (int64_t v = 0; v < kVecs; ++v) {
-          if (count[v] > 0) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[v]);
+          if (count[v] > 0) acc[0][v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[0][v]);
         }
       }
       for (int64_t v = 0; v < kVecs; ++v) {
         if (count[v] == 0) continue;
         acc_t* out = dW + j * n_in + k0 + v * Vec::size();
-        (acc[v] + Vec::loadu(out, count[v])).store(out, count[v]);
+        ((acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]) + Vec::loadu(out, count[v])).store(out, count[v]);
       }
     }
   }
@@ -286,11 +319,7 @@ std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, cons
                                                bool need_weights, bool need_biases) {
   const char* op = "fused_mlp_backward_cpu";
   check(x_in, "x", op).cpu();
-  // the biases are not read by the backward; their shapes follow from the weights'
-  std::vector<at::Tensor> biases;
-  for (const at::Tensor& w : weights) biases.push_back(at::empty({w.dim() == 2 ? w.size(0) : 0}, x_in.options()));
-  std::vector<int64_t> widths = check_network(x_in, weights, op);
-  check_biases(x_in, biases, widths, op);
+  std::vector<int64_t> widths = check_network(x_in, weights, op);  // the biases are not read by the backward
   check_activation(activation, "activation", op);
   check_activation(output_activation, "output_activation", op);
   const int64_t M = x_in.size(0), L = static_cast<int64_t>(weights.size());
@@ -317,7 +346,7 @@ std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, cons
     backward<scalar_t>(net, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), hidden_ptrs,
                        y.const_data_ptr<scalar_t>(), M, activation, output_activation,
                        need_x ? outputs[0].data_ptr<scalar_t>() : nullptr, need_params, grads);
-    for (int64_t l = 0; l < L && need_params; ++l) {
+    for (int64_t l = 0; l < L && need_params; ++l) {  // separate tensors: an operator's outputs may not alias
       const acc* dW = grads.data() + net.offsets[l];
       const acc* db = dW + net.out(l) * net.in(l);
       if (need_weights) {
