@@ -152,46 +152,50 @@ void load_rows(const scalar_t* src, int64_t n, int64_t r0, int64_t rows, acc_t* 
 }
 
 // dW[j][k] += sum_r dz[j][r] a[r][k] for a block, a row-major (rows, n_in). For each j, up to 64 columns of dW
-// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums. Rows go four
-// at a time into four sets of sums: a single chain of fused multiply-adds would wait out each one's latency,
-// which is all there is to a layer narrower than a vector (the notes' 8, 6 and 4).
+// (4 AVX-512 vectors of float) stay in registers while the rows stream past: no horizontal sums. A layer of at
+// most one vector of columns (the notes' 8, 6 and 4) takes four rows at a time into four sums instead: one
+// chain of fused multiply-adds would wait out each one's latency (measured: wider layers lose by it).
 template <typename acc_t>
 void block_weight_grad(const acc_t* dz, const acc_t* a_rows, int64_t rows, int64_t n_in, int64_t n_out, acc_t* dW) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size(), kRowsAtOnce = 4;
+  if (n_in <= Vec::size()) {
+    for (int64_t j = 0; j < n_out; ++j) {
+      const acc_t* g = dz + j * kBlockRows;
+      Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) {
+        s0 = at::vec::fmadd(Vec(g[r]), Vec::loadu(a_rows + r * n_in, n_in), s0);
+        s1 = at::vec::fmadd(Vec(g[r + 1]), Vec::loadu(a_rows + (r + 1) * n_in, n_in), s1);
+        s2 = at::vec::fmadd(Vec(g[r + 2]), Vec::loadu(a_rows + (r + 2) * n_in, n_in), s2);
+        s3 = at::vec::fmadd(Vec(g[r + 3]), Vec::loadu(a_rows + (r + 3) * n_in, n_in), s3);
+      }
+      for (; r < rows; ++r) s0 = at::vec::fmadd(Vec(g[r]), Vec::loadu(a_rows + r * n_in, n_in), s0);
+      acc_t* out = dW + j * n_in;
+      ((s0 + s1) + (s2 + s3) + Vec::loadu(out, n_in)).store(out, n_in);
+    }
+    return;
+  }
+  constexpr int64_t kVecs = 4, kCols = kVecs * Vec::size();
   for (int64_t j = 0; j < n_out; ++j) {
     const acc_t* g = dz + j * kBlockRows;
     for (int64_t k0 = 0; k0 < n_in; k0 += kCols) {
       int64_t count[kVecs];  // columns of each vector inside the layer (0 past its end)
-      Vec acc[kRowsAtOnce][kVecs];
+      Vec acc[kVecs];
       for (int64_t v = 0; v < kVecs; ++v) {
         count[v] = std::clamp<int64_t>(n_in - k0 - v * Vec::size(), 0, Vec::size());
-        for (int64_t u = 0; u < kRowsAtOnce; ++u) acc[u][v] = Vec(acc_t(0));
+        acc[v] = Vec(acc_t(0));
       }
-      int64_t r = 0;
-      for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
-#pragma GCC unroll 4
-        for (int64_t u = 0; u < kRowsAtOnce; ++u) {
-          const Vec c(g[r + u]);
-          const acc_t* row = a_rows + (r + u) * n_in + k0;
-#pragma GCC unroll 4
-          for (int64_t v = 0; v < kVecs; ++v) {
-            if (count[v] > 0) acc[u][v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[u][v]);
-          }
-        }
-      }
-      for (; r < rows; ++r) {  // the last block's odd rows
+      for (int64_t r = 0; r < rows; ++r) {
         const Vec c(g[r]);
         const acc_t* row = a_rows + r * n_in + k0;
-#pragma GCC unroll 4
         for (int64_t v = 0; v < kVecs; ++v) {
-          if (count[v] > 0) acc[0][v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[0][v]);
+          if (count[v] > 0) acc[v] = at::vec::fmadd(c, Vec::loadu(row + v * Vec::size(), count[v]), acc[v]);
         }
       }
       for (int64_t v = 0; v < kVecs; ++v) {
         if (count[v] == 0) continue;
         acc_t* out = dW + j * n_in + k0 + v * Vec::size();
-        ((acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]) + Vec::loadu(out, count[v])).store(out, count[v]);
+        (acc[v] + Vec::loadu(out, count[v])).store(out, count[v]);
       }
     }
   }
