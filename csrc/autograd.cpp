@@ -214,6 +214,58 @@ struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCr
   }
 };
 
+// cross_entropy of logits (N, C) and class indices (N) (pyengine/ops/cross_entropy.py SoftmaxCrossEntropyFunction,
+// whose Python Function keeps every other case): the kernels see (N, C, 1) and (N, 1). `fused` (a reduced loss
+// whose logits want a gradient, float32/float64): the gradient for an incoming 1 is computed with the loss, in
+// one read of the logits, and the backward only scales it; else the backward recomputes p - y from the saved
+// log-sum-exp. First order only, as the Python Function.
+struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& weight, int64_t ignore_index, int64_t reduction,
+                            double label_smoothing, bool fused) {
+    const at::Tensor logits = input.contiguous().view({input.size(0), input.size(1), 1});
+    const at::Tensor t = target.contiguous().view({target.size(0), 1});
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    if (fused) {
+      const variable_list r = pyengine::cross_entropy_forward_with_grad(logits, t, weight, ignore_index, reduction,
+                                                                        label_smoothing);
+      ctx->save_for_backward({r[1], input});  // input: the double-backward error links to it
+      return r[0];
+    }
+    const variable_list r = pyengine::cross_entropy_forward(logits, t, weight, ignore_index, reduction,
+                                                            label_smoothing);
+    ctx->save_for_backward({logits, t, weight.value_or(at::Tensor()), r[1], r[2], input});
+    return reduction == 0 ? r[0].view({input.size(0)}) : r[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool recording = at::GradMode::is_enabled();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved.back();
+    at::Tensor grad;
+    {
+      at::AutoGradMode no_recording(false);
+      if (ctx->saved_data["fused"].toBool()) {
+        // the usual incoming 1 returns the saved gradient as it is; on a GPU reading it would wait for the device
+        grad = saved[0];
+        if (!grads[0].is_cpu() || grads[0].item<double>() != 1.0) grad = grad * grads[0];
+      } else {
+        const int64_t reduction = ctx->saved_data["reduction"].toInt();
+        const at::Tensor g = reduction == 0 ? grads[0].reshape(saved[3].sizes()).contiguous() : grads[0];
+        grad = pyengine::cross_entropy_backward(g, saved[0], saved[1], as_optional(saved[2]), saved[3], saved[4],
+                                                ctx->saved_data["ignore_index"].toInt(), reduction,
+                                                ctx->saved_data["label_smoothing"].toDouble());
+      }
+      grad = grad.view(input.sizes());
+    }
+    variable_list result{grad, {}, {}, {}, {}, {}, {}};
+    return recording ? link_to_error(std::move(result), {input}, "cross_entropy", "torch.nn.functional.cross_entropy")
+                     : result;
+  }
+};
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   int64_t activation) {
   return LinearFunction::apply(x, weight, bias, activation);
@@ -234,6 +286,13 @@ at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::T
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
   return BinaryCrossEntropyWithLogitsFunction::apply(input, target, weight, pos_weight, reduction);
+}
+
+at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                         int64_t ignore_index, int64_t reduction, double label_smoothing) {
+  const bool fused = at::GradMode::is_enabled() && input.requires_grad() && reduction != 0 &&
+                     (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+  return CrossEntropyFunction::apply(input, target, weight, ignore_index, reduction, label_smoothing, fused);
 }
 
 void set_reference(pybind11::object kernels) {

@@ -242,6 +242,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("binary_cross_entropy_with_logits", &autograd::binary_cross_entropy_with_logits, py::arg("input"),
          py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
          py::arg("reduction") = 1);
+  ag.def("cross_entropy", &autograd::cross_entropy, py::arg("input"), py::arg("target"),
+         py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
+         py::arg("label_smoothing") = 0.0);
   ag.def("fused_mlp", &autograd::fused_mlp, py::arg("x"), py::arg("weights"), py::arg("biases"),
          py::arg("activation") = 1, py::arg("output_activation") = 0);
   ag.def("fused_mlp_packed", &autograd::fused_mlp_packed, py::arg("x"), py::arg("params"), py::arg("widths"),

@@ -11,7 +11,7 @@ import pyengine.functional as PF
 from pyengine import _backend
 from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, FusedMLPFunction,
                           LeakyReLUFunction, LinearFunction, MSELossFunction, ReLUFunction, SigmoidFunction,
-                          TanhFunction)
+                          SoftmaxCrossEntropyFunction, TanhFunction)
 from pyengine.ops.fused_mlp import fused_mlp_packed, unpack
 from pyengine.ops.linear import ACTIVATIONS
 from utils import COMPILED_DEVICES, make, on
@@ -86,6 +86,26 @@ def _fused_mlp(packed, sizes=(7, 5, 9, 3)):
     return inputs, compiled, python
 
 
+def _cross_entropy(reduction, weight=False, smoothing=0.0):
+    """(N, C) logits and class indices, a tenth of them ignored. 'mean' and 'sum' in float32/float64 take the
+    fused path (the gradient computed with the loss), 'none' and bfloat16 the unfused one."""
+    def inputs(dtype, device):
+        target = torch.randint(0, 11, (37,), device=device)
+        target[::10] = -100
+        made = [make((37, 11), dtype, device, requires_grad=True), target]
+        if weight:
+            made.append(make((11,), dtype, device, low=0.2, high=2))
+        return made
+
+    def compiled(x, t, w=None):
+        return PF.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+
+    def python(x, t, w=None):
+        return SoftmaxCrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing)
+
+    return inputs, compiled, python
+
+
 CASES = {
     "linear": _linear((5, 7), 4, True, None),
     "linear_nobias_3d": _linear((2, 3, 7), 4, False, None),
@@ -105,10 +125,12 @@ CASES = {
     **{f"mse_loss_{r}": _loss("mse_loss", r) for r in REDUCTIONS},
     **{f"bce_{r}": _loss("bce", r) for r in REDUCTIONS},
     "bce_weights": _loss("bce", "mean", weights=True),
+    **{f"cross_entropy_{r}": _cross_entropy(r) for r in REDUCTIONS},
+    "cross_entropy_weight_smoothing_ignored": _cross_entropy("mean", weight=True, smoothing=0.2),
     "fused_mlp": _fused_mlp(packed=False),
     "fused_mlp_packed": _fused_mlp(packed=True),
 }
-FIRST_ORDER_ONLY = {"fused_mlp", "fused_mlp_packed"}
+FIRST_ORDER_ONLY = {"fused_mlp", "fused_mlp_packed", *(name for name in CASES if name.startswith("cross_entropy"))}
 
 
 def _run(fn, inputs, grad_out=None):
@@ -145,11 +167,13 @@ def test_gradcheck_and_gradgradcheck(backend, device, case):
     with on(backend):
         assert torch.autograd.gradcheck(compiled, inputs)
         if case in FIRST_ORDER_ONLY:  # as the Python Function: the gradients are there, their derivatives raise
-            grads = torch.autograd.grad(compiled(*inputs).sum(), inputs, create_graph=True)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = torch.autograd.grad(compiled(*inputs).sum(), wanted, create_graph=True)
             assert all(g.requires_grad for g in grads)
             for grad in grads:
-                with pytest.raises(RuntimeError, match="pyengine.fused_mlp has no double backward"):
-                    torch.autograd.grad(grad.sum(), inputs, allow_unused=True)  # the weights are linked to it
+                op = "fused_mlp" if case.startswith("fused_mlp") else "cross_entropy"
+                with pytest.raises(RuntimeError, match=f"pyengine.{op} has no double backward"):
+                    torch.autograd.grad(grad.sum(), wanted, allow_unused=True)  # the saved inputs are linked to it
             return
         # the second derivative runs the python reference inside the C++ node's backward
         assert torch.autograd.gradgradcheck(compiled, inputs)

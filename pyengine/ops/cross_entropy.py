@@ -222,4 +222,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
     input, target, weight = autocast("float32", input, target, weight)
+    compiled = _backend.compiled_autograd(input)
+    # the common case, (N, C) logits and class indices, as a C++ node; the Python Function checks and runs the rest
+    if (compiled is not None and input.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
+            and input.is_floating_point() and target.shape[0] == input.shape[0] and reduction in REDUCTIONS
+            and label_smoothing <= 1.0 and (weight is None or (weight.dtype == input.dtype
+                                                               and weight.shape == input.shape[1:]))):
+        return compiled.cross_entropy(input, target, weight, ignore_index, REDUCTIONS[reduction],
+                                      float(label_smoothing))
     return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
