@@ -16,7 +16,8 @@ using torch::autograd::variable_list;
 // pyengine/ops/_function.py first_order_only gives the Python Functions: attached to a node that raises
 // `op has no double backward` when differentiated, with the saved tensors that want gradients linked to it too,
 // so that a gradient asked of them raises instead of finding them unused.
-inline variable_list link_to_error(variable_list grads, const variable_list& saved, const char* op, const char* instead) {
+inline variable_list link_to_error(variable_list grads, const variable_list& saved, const char* op,
+                                   const char* instead) {
   const size_t count = grads.size();
   for (at::Tensor& g : grads) {
     if (g.defined()) g = g.detach().requires_grad_();

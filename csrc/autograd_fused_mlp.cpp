@@ -156,6 +156,9 @@ struct PackedFusedMLPFunction : torch::autograd::Function<PackedFusedMLPFunction
 at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
                                    int64_t activation, int64_t output_activation, const at::Tensor& target,
                                    int64_t loss, double lr) {
+  TORCH_CHECK_VALUE(loss >= 0 && loss <= 2, "fused_mlp_training_step: loss must be 0 (mse), 1 (bce with logits) ",
+                    "or 2 (cross_entropy), got ", loss);
+  TORCH_CHECK(x.dim() >= 1, "fused_mlp: input must be at least 1-D");
   at::NoGradGuard no_graph;
   const auto [weights, biases] = unpack_mlp_params(params, widths);
   const at::Tensor x2 = as_matrix(x);
@@ -171,8 +174,6 @@ at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params
     grad_y = r[1].view({M, classes});
   } else {
     const at::Tensor t = target.reshape(y.sizes()).contiguous(), one = at::ones({}, y.options());
-    TORCH_CHECK_VALUE(loss == 0 || loss == 1, "fused_mlp_training_step: loss must be 0 (mse), 1 (bce with logits) ",
-                      "or 2 (cross_entropy), got ", loss);
     if (loss == 0) {
       value = pyengine::mse_loss_forward(y, t, kMean);
       grad_y = pyengine::mse_loss_backward(one, y, t, kMean, true, false)[0];

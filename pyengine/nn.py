@@ -120,7 +120,8 @@ class FusedMLP(torch.nn.Module):
         exceed the network's own arithmetic. loss: 'bce_with_logits' or 'mse' (target shaped like the output),
         'cross_entropy' (the output's last dim holds the class scores; target: one int64 class index per row,
         -100 ignored); each the mean, torch's default reduction. Leaves this batch's gradient in params.grad
-        (replacing what was there) and returns the loss, a 0-dim tensor."""
+        (replacing what was there) and returns the loss, a 0-dim tensor. The one-call path does not go through
+        the module's __call__, so forward hooks do not run in it."""
         code = _TRAINING_LOSSES.get(loss)
         if code is None:
             raise ValueError(f"FusedMLP.training_step: loss must be one of {sorted(_TRAINING_LOSSES)}, got {loss!r}")

@@ -163,7 +163,7 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
 
 def unpack(params, sizes):
     """pyengine.nn.FusedMLP's packed parameters as views: ([W_0 (n_1, n_0), ...], [b_0 (n_1), ...]). Per layer
-    the weight row by row, then the bias (csrc/autograd.cpp unpack_mlp_params reads the same layout)."""
+    the weight row by row, then the bias (csrc/autograd_fused_mlp.cpp unpack_mlp_params reads the same layout)."""
     weights, biases, at = [], [], 0
     for n_in, n_out in zip(sizes, sizes[1:]):
         weights.append(params[at:at + n_out * n_in].view(n_out, n_in))
