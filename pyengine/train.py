@@ -7,6 +7,8 @@
 Every step is the loop of the notes: forward, loss, zero_grad, backward (the chain rule, run by pyengine's
 backward kernels), then w <- w - lr * grad. --compare-torch trains the same model in torch.nn from the same
 initial weights on the same mini-batches; --ddp N runs it in N processes under DistributedDataParallel.
+--fused (mlp, digits) trains a pyengine.nn.FusedMLP instead, whose training_step runs that whole loop body as
+one call: the same numbers, without autograd's and torch.optim's per-call costs.
 """
 import argparse
 import json
@@ -52,6 +54,11 @@ def load_data(name, seed=0):
     return x[train], y[train], x[test], y[test]
 
 
+# --fused: the FusedMLP of each model (its state_dict is the Sequential's) and its training_step loss
+FUSED = {"mlp": (lambda hidden: pnn.FusedMLP([8, 6, 4, 1], activation="sigmoid"), "bce_with_logits"),
+         "digits": (lambda hidden: pnn.FusedMLP([64, hidden, 10], activation="relu"), "cross_entropy")}
+
+
 def build_model(name, lib, hidden=64):
     """The same architecture from torch.nn or pyengine.nn (lib), with its loss."""
     if name == "linear":
@@ -95,7 +102,8 @@ def train(name, lib, init_state, args, rank=0, world=1, show=True):
     each process takes its share of every global mini-batch, and the loss is scaled so that DDP's gradient
     average equals the gradient of the global batch's loss."""
     x, y, x_test, y_test = load_data(name, args.seed)
-    model, criterion = build_model(name, lib, args.hidden)
+    fused = getattr(args, "fused", False) and lib is pnn
+    model, criterion = (FUSED[name][0](args.hidden), None) if fused else build_model(name, lib, args.hidden)
     model.load_state_dict(init_state)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -106,6 +114,10 @@ def train(name, lib, init_state, args, rank=0, world=1, show=True):
         for idx in progress(batches(len(x), args.batch_size, epoch, args.seed), f"epoch {epoch + 1}/{args.epochs}",
                             show and args.epochs <= 100):
             local = idx.tensor_split(world)[rank] if world > 1 else idx
+            if fused:  # forward, loss, zero_grad, backward and w <- w - lr * grad, as one call
+                curve.append(model.training_step(x[local], y[local], args.lr, loss=FUSED[name][1]).item())
+                epoch_loss += curve[-1]
+                continue
             out = model(x[local])
             loss = criterion(out, y[local])
             logged = loss.detach()
@@ -182,7 +194,12 @@ def parse_args(argv):
     p.add_argument("--json", help="write the curves and final metrics here")
     p.add_argument("--ddp", type=int, default=0, metavar="N", help="train in N processes with DDP (gloo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fused", action="store_true",
+                   help="mlp, digits: train a pyengine.nn.FusedMLP with its one-call training_step")
     args = p.parse_args(argv)
+    if args.fused and (args.model not in FUSED or args.ddp > 1):
+        p.error("--fused trains the mlp and digits models in one process (FusedMLP.training_step is plain SGD on "
+                "the mean loss; the linear model's loss is a sum, and DDP needs autograd's gradient hooks)")
     epochs, batch_size, lr = MODELS[args.model]
     args.epochs = args.epochs or epochs
     args.batch_size = args.batch_size or batch_size
@@ -195,7 +212,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     init_state = build_model(args.model, pnn, args.hidden)[0].state_dict()
     print(f"pyengine train --model {args.model}: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-          f"backend {args.backend or 'by device'}{f', DDP x{args.ddp}' if args.ddp > 1 else ''}")
+          f"backend {args.backend or 'by device'}{f', DDP x{args.ddp}' if args.ddp > 1 else ''}"
+          f"{', FusedMLP.training_step' if args.fused else ''}")
     start = time.perf_counter()
     if args.ddp > 1:
         curve, state, acc = train_ddp(args.model, init_state, args)
@@ -203,7 +221,7 @@ def main(argv=None):
         with pyengine.use_backend(args.backend) if args.backend else _nullcontext():
             curve, state, acc = train(args.model, pnn, init_state, args)
     result = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-              "backend": args.backend, "ddp": args.ddp, "seconds": time.perf_counter() - start,
+              "backend": args.backend, "ddp": args.ddp, "fused": args.fused, "seconds": time.perf_counter() - start,
               "pyengine": {"loss": curve, "final_loss": curve[-1], "accuracy": acc}}
     summary = f"final loss {curve[-1]:.6g}" + (f", held-out accuracy {acc:.2%}" if acc is not None else "")
     if args.model == "linear":

@@ -50,3 +50,20 @@ def test_ddp_two_processes_end_with_the_weights_of_one(tmp_path):
     torch.testing.assert_close(torch.tensor(curve2), torch.tensor(curve1), rtol=1e-5, atol=1e-6)
     for k in state1:
         torch.testing.assert_close(state2[k], state1[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["mlp", "digits"])
+def test_fused_training_step_matches_torch_step_by_step(tmp_path, model):
+    """--fused: FusedMLP.training_step for every mini-batch, against torch.nn's zero_grad / backward / SGD."""
+    out = tmp_path / f"{model}.json"
+    train.main(["--model", model, "--epochs", "5", "--fused", "--compare-torch", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["fused"] and result["max_relative_loss_difference"] < 1e-5
+    assert result["pyengine"]["final_loss"] < result["pyengine"]["loss"][0]
+
+
+def test_fused_refuses_what_it_cannot_train():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "linear", "--fused"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "mlp", "--fused", "--ddp", "2"])
