@@ -355,3 +355,39 @@ def test_training_step_bad_arguments_raise(backend, device):
         with pytest.raises(IndexError, match="out of bounds"):
             ours.training_step(x, torch.full((6,), 3, device=device), lr=0.1, loss="cross_entropy")
     assert torch.equal(ours.params.detach(), before)  # nothing was updated by a failed step
+
+
+def _torch_step_gradient(model, x, target, loss):
+    out = model(x)
+    lf = TRAINING_LOSSES[loss]
+    value = lf(out.reshape(-1, out.shape[-1]), target.reshape(-1)) if loss == "cross_entropy" else lf(out, target)
+    value.backward()
+    return value.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("loss", TRAINING_LOSSES)
+def test_training_step_edge_cases(backend, device, loss):
+    """A transposed (non-contiguous) input, an empty batch (NaN mean loss and zero gradients, as torch), and
+    bfloat16 (error against float64 within twice torch's own)."""
+    ours = pnn.FusedMLP([4, 5, 3], device=device)
+    transposed = make((4, 9), torch.float32, device).t()
+    for x in (transposed, make((0, 4), torch.float32, device)):
+        target = (torch.randint(0, 3, x.shape[:1], device=device) if loss == "cross_entropy"
+                  else make((x.shape[0], 3), torch.float32, device, low=0, high=1))
+        theirs = ours.to_sequential()
+        with on(backend):
+            value = ours.training_step(x, target, 0.0, loss=loss)
+        expected, grad = _torch_step_gradient(theirs, x, target, loss)
+        assert_close(value, expected)
+        assert_close(ours.params.grad, grad)
+    half = pnn.FusedMLP([4, 5, 3], device=device, dtype=torch.bfloat16)
+    x = make((33, 4), torch.bfloat16, device)
+    target = (torch.randint(0, 3, (33,), device=device) if loss == "cross_entropy"
+              else make((33, 3), torch.bfloat16, device, low=0, high=1))
+    with on(backend):
+        half.training_step(x, target, 0.0, loss=loss)
+    _, torch_grad = _torch_step_gradient(half.to_sequential(), x, target, loss)
+    exact = half.to_sequential().double()
+    _, grad64 = _torch_step_gradient(exact, x.double(), target if loss == "cross_entropy" else target.double(), loss)
+    assert_half_close(half.params.grad, torch_grad, grad64)
