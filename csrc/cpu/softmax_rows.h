@@ -101,12 +101,14 @@ template <typename acc> Vectorized<acc> softmax_exp(const Vectorized<acc>& v) {
   return Vectorized<acc>::blendv(v.exp_u20(), v, v.isnan());
 }
 
+// Sum and NaN-propagating max of a vector's lanes by halving shuffles (a fixed order: the same result every
+// run): a short row pays these once each, and a lane-by-lane loop of 16 dependent steps was most of its cost.
 template <typename acc> acc hsum(const Vectorized<acc>& v) {
-  acc a[Vectorized<acc>::size()];
-  v.store(a);
-  acc s = 0;
-  for (int64_t i = 0; i < Vectorized<acc>::size(); ++i) s += a[i];
-  return s;
+  return at::vec::vec_reduce_all<acc>([](const Vectorized<acc>& a, const Vectorized<acc>& b) { return a + b; }, v);
+}
+template <typename acc> acc hmax(const Vectorized<acc>& v) {
+  return at::vec::vec_reduce_all<acc>(
+      [](const Vectorized<acc>& a, const Vectorized<acc>& b) { return at::vec::maximum(a, b); }, v);
 }
 
 // The online softmax of common/math.h in vector lanes. Each lane keeps its running max m and, relative to
@@ -167,11 +169,7 @@ template <typename acc> struct RowSoftmax {
 // online_softmax_merge over the lanes of st.
 template <bool kWeighted, typename acc> RowSoftmax<acc> merge_lanes(const LaneSoftmax<acc>& st) {
   using AVec = Vectorized<acc>;
-  acc m[AVec::size()];
-  st.m.store(m);
-  acc row_max = m[0];
-  for (int64_t i = 1; i < AVec::size(); ++i) row_max = pe_max_nan(m[i], row_max);
-  const acc shift = row_shift(row_max);
+  const acc shift = row_shift(hmax(st.m));
   const AVec r = lane_rescale(st.m, AVec(shift));
   RowSoftmax<acc> out{shift, pe_log(hsum(st.s * softmax_exp(r))), acc(0), acc(0)};
   if constexpr (kWeighted) {
