@@ -10,8 +10,11 @@ from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES,
                    assert_raises_like, grads, make, on)
 
 # Input shapes: (C), (N, C) with C = 1, 3, 17, around the vector widths (8, 16, 32) and past 1000,
-# K-dim inputs (N, C, d1[, d2]) with position tiles full, partial and several, and empty batches.
+# K-dim inputs (N, C, d1[, d2]) with position tiles full, partial and several, and empty batches. Rows in
+# blocks of a vector (16 float, 8 double) with at most 16 classes take the CPU's row-per-lane path, the rest
+# of the rows the row-at-a-time one: (37, 10), (16, 16), (40, 1) have both; (33, 17) only the latter.
 SHAPES = [(7,), (1,), (5, 1), (4, 3), (6, 17), (3, 15), (3, 16), (3, 33), (2, 65), (3, 1031), (0, 5),
+          (37, 10), (16, 16), (40, 1), (33, 17),
           (2, 3, 5), (2, 17, 70), (3, 4, 5, 6), (1, 2, 3, 131), (2, 5, 0)]
 REDUCTIONS = ["mean", "sum", "none"]
 SMOOTHING = [0.0, 0.1, 1.0]
@@ -189,14 +192,15 @@ def special_logits(dtype, device):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_nan_inf_and_huge_logits_like_torch(backend, device, dtype, kind, reduction, weighted, smoothing):
-    x = special_logits(dtype, device).requires_grad_()
+@pytest.mark.parametrize("copies", [1, 3], ids=["12rows", "36rows"])  # 36: whole row-per-lane blocks too
+def test_nan_inf_and_huge_logits_like_torch(backend, device, dtype, kind, reduction, weighted, smoothing, copies):
+    x = special_logits(dtype, device).repeat(copies, 1).requires_grad_()
     n, c = x.shape
     if kind == "prob":
         t = prob_target((n, c), dtype, device)
         t[:, 1] = 0  # a zero probability on a -inf logit makes 0 * -inf = NaN, as in torch
     else:
-        t = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1, 2, IGNORE, 0], device=device)
+        t = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1, 2, IGNORE, 0], device=device).repeat(copies)
     w = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=dtype, device=device) if weighted else None
     check_against_torch(backend, x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
     if kind == "index" and reduction == "none" and not weighted:  # every finite row stays finite

@@ -92,9 +92,7 @@ std::vector<at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, cons
       std::vector<acc> row_loss(static_cast<size_t>(rows)), row_w(static_cast<size_t>(rows));
       acc* lse_p = lse.data_ptr<acc>();
       if (a.D == 1) {
-        at::parallel_for(0, a.N, grain_for(a.C), [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) op.forward_row(n, lse_p, row_loss[n], row_w[n]);
-        });
+        op.forward_rows(a.N, grain_for(a.C), lse_p, row_loss.data(), row_w.data(), [](int64_t) {});
       } else {
         const int64_t tiles = (a.D + Op::kTile - 1) / Op::kTile;
         at::parallel_for(0, a.N * tiles, grain_for(a.C * Op::kTile), [&](int64_t i0, int64_t i1) {
@@ -206,12 +204,8 @@ std::vector<at::Tensor> cross_entropy_forward_with_grad_cpu(const at::Tensor& lo
       // 'mean' over no kept rows: every row's coefficients are 0 and g is never used.
       const acc g = a.reduction == Reduction::Mean ? static_cast<acc>(1.0 / den) : acc(1);
       scalar_t* dx_p = dx.data_ptr<scalar_t>();
-      at::parallel_for(0, a.N, grain_for(a.C), [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          op.forward_row(n, lse.data(), row_loss[n], row_w[n]);
-          op.backward_row(n, g, lse[n], dx_p + n * a.C, stream);
-        }
-      });
+      op.forward_rows(a.N, grain_for(a.C), lse.data(), row_loss.data(), row_w.data(),
+                      [&](int64_t n) { op.backward_row(n, g, lse[n], dx_p + n * a.C, stream); });
       denom.data_ptr<acc>()[0] = static_cast<acc>(den);
       const double total = ordered_sum(row_loss);
       loss.data_ptr<scalar_t>()[0] =

@@ -121,6 +121,76 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
     loss = row_loss(rs, n, xr, 1, w_t);
   }
 
+  // Classes few enough for a row per vector lane (forward_lanes); more go a row at a time, classes in lanes.
+  static constexpr int64_t kLaneClasses = 16;
+
+  // D == 1, rows n0 .. n0 + AVec::size() of float or double logits (scalar_t == acc) with at most kLaneClasses
+  // classes, a row per lane: each class gathered across the rows, so the max, the sum of exps and (weighted) b
+  // and vsum are elementwise over the C classes, where forward_row reduces across lanes once per row (most of a
+  // short row's cost). The same statistics as forward_row's, summed in class order; the loss from them as it does.
+  void forward_lanes(int64_t n0, acc* lse, acc* loss, acc* w_t) const {
+    using Index = Vectorized<at::vec::int_same_size_t<acc>>;
+    constexpr int64_t L = AVec::size();
+    const Index lanes = Index::arange(0, C);  // lane i reads row n0 + i
+    const acc* xb = x + n0 * C;
+    AVec xs[kLaneClasses];
+    AVec m(-kInf<acc>);
+    for (int64_t c = 0; c < C; ++c) {
+      xs[c] = at::vec::gather<sizeof(acc)>(xb + c, lanes);
+      m = at::vec::maximum(m, xs[c]);
+    }
+    const AVec shift = lane_shift(m);
+    AVec s(acc(0)), b(acc(0)), vsum(acc(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const AVec d = xs[c] - shift;
+      s = s + softmax_exp(d);
+      if constexpr (kWeighted) {
+        AVec v(weight(c));
+        if constexpr (kTarget == Target::Prob) {
+          const AVec yc = at::vec::gather<sizeof(acc)>(y + n0 * C + c, lanes);
+          v = v * smoothed_probability(yc, AVec(eps), AVec(static_cast<acc>(C)));
+        }
+        b = at::vec::fmadd(v, d, b);
+        vsum = vsum + v;
+      }
+    }
+    acc shift_a[L], log_sum_a[L], b_a[L], vsum_a[L];
+    shift.store(shift_a);
+    pe_log(s).store(log_sum_a);
+    b.store(b_a);
+    vsum.store(vsum_a);
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n = n0 + i;
+      const RowSoftmax<acc> rs{shift_a[i], log_sum_a[i], b_a[i], vsum_a[i]};
+      lse[n] = rs.shift + rs.log_sum;
+      loss[n] = row_loss(rs, n, x + n * C, 1, w_t[n]);
+    }
+  }
+
+  // D == 1: forward_row for rows [0, N) over the threads, each row followed by after(n). With at most
+  // kLaneClasses float or double classes, whole blocks of AVec::size() rows counted from row 0 (so a row takes
+  // the same path for any thread count) go through forward_lanes; the last, partial block row by row.
+  template <typename After>
+  void forward_rows(int64_t N, int64_t grain, acc* lse, acc* loss, acc* w_t, const After& after) const {
+    constexpr int64_t L = AVec::size();
+    const bool in_lanes = std::is_same_v<scalar_t, acc> && D == 1 && C >= 1 && C <= kLaneClasses;
+    const int64_t per = in_lanes ? L : 1;
+    at::parallel_for(0, (N + per - 1) / per, std::max<int64_t>(1, grain / per), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * per, n1 = std::min(N, n0 + per);
+        bool done = false;
+        if constexpr (std::is_same_v<scalar_t, acc>) {  // forward_lanes exists for float and double only
+          if (in_lanes && n1 - n0 == L) {
+            forward_lanes(n0, lse, loss, w_t);
+            done = true;
+          }
+        }
+        for (int64_t n = n0; n < n1 && !done; ++n) forward_row(n, lse, loss[n], w_t[n]);
+        for (int64_t n = n0; n < n1; ++n) after(n);
+      }
+    });
+  }
+
   template <int K>
   void tile_add(LaneSoftmax<acc>* st, const scalar_t* xb, const scalar_t* yb, int64_t c, int64_t nd) const {
     for (int u = 0; u * P::kSize < nd; ++u) {
