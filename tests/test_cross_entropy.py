@@ -366,3 +366,23 @@ def test_cuda_out_of_range_target_is_a_python_error(backend, device):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "raised RuntimeError" in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("shape", [(1001, 10), (301, 40)], ids=str)
+def test_results_do_not_depend_on_the_thread_count(backend, device, shape):
+    """Rows split over threads by the thread count, but each row's path (a row per lane or a row at a time) and
+    every sum's order by the shape alone: the same bits with one thread or two."""
+    x = make(shape, torch.float32, device, requires_grad=True)
+    t = class_target(shape, device, "some")
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with on(backend):
+                loss = PF.cross_entropy(x, t, label_smoothing=0.1)
+                results.append((loss, *torch.autograd.grad(loss, x)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
