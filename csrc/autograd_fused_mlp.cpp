@@ -162,6 +162,14 @@ at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params
   at::NoGradGuard no_graph;
   const auto [weights, biases] = unpack_mlp_params(params, widths);
   const at::Tensor x2 = as_matrix(x);
+  if (x2.is_cpu()) {  // one pass over the rows, nothing saved (cpu/fused_mlp_step.cpp)
+    const at::Tensor t = loss == 2 ? target.reshape({-1}) : target.reshape({x2.size(0), widths.back()});
+    const variable_list r =
+        pyengine::fused_mlp_training_step_cpu(x2, weights, biases, activation, output_activation, t, loss);
+    at::Tensor(params).sub_(r[1], lr);
+    at::Tensor(params).mutable_grad() = r[1];
+    return r[0];
+  }
   const variable_list outputs = pyengine::fused_mlp_forward(x2, weights, biases, activation, output_activation);
   const at::Tensor& y = outputs[0];
   const int64_t M = y.size(0), classes = y.size(1);

@@ -86,6 +86,15 @@ namespace pyengine {
       const std::vector<at::Tensor>& hidden, const at::Tensor& y, int64_t activation, int64_t output_activation, \
       bool need_x, bool need_weights, bool need_biases);
 
+// FusedMLP's training step in one pass over the rows (CPU; CUDA composes the fused_mlp and loss kernels): x, the
+// network as for fused_mlp_forward, loss 0 mse (target (M, n_L)), 1 bce with logits (target (M, n_L)),
+// 2 cross_entropy (target (M) int64, -100 ignored), each the mean -> {loss (0-dim), grad (the parameters packed
+// as pyengine.nn.FusedMLP.params: W_0, b_0, W_1, ...)}.
+std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                                    const std::vector<at::Tensor>& biases, int64_t activation,
+                                                    int64_t output_activation, const at::Tensor& target,
+                                                    int64_t loss);
+
 // linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) int64; reduction 0 none, 1 mean, 2 sum.
 // cross_entropy(x @ weight^T + bias, target) computed over chunks of rows of at most chunk_bytes of logits.
 // forward -> {loss ((N) for none, else 0-dim; x's dtype), lse (N), denom (0-dim: the kept rows' count),

@@ -315,11 +315,12 @@ def test_training_step_is_zero_grad_backward_and_sgd(backend, device, dtype, los
     """Five training steps against torch's: the same losses, parameters and last gradient."""
     ours = pnn.FusedMLP(sizes, activation, output_activation, device=device, dtype=dtype)
     theirs = ours.to_sequential()
-    opt = torch.optim.SGD(theirs.parameters(), lr=0.3)
+    opt = torch.optim.SGD(theirs.parameters(), lr=0.05)  # small enough that no case diverges (which would
+    # magnify rounding differences past any tolerance)
     x, target = _training_data(loss, batch, sizes, dtype, device)
     for _ in range(5):
         with on(backend):
-            value = ours.training_step(x, target, lr=0.3, loss=loss)
+            value = ours.training_step(x, target, lr=0.05, loss=loss)
         opt.zero_grad()
         out = theirs(x)
         expected = (TRAINING_LOSSES[loss](out.reshape(-1, sizes[-1]), target.reshape(-1)) if loss == "cross_entropy"
