@@ -74,5 +74,16 @@ inline void check_biases(const at::Tensor& x, const std::vector<at::Tensor>& bia
   }
 }
 
+// The checks of a call that takes the whole network (x, weights, biases, both activation codes); the widths.
+inline std::vector<int64_t> check_network_call(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                               const std::vector<at::Tensor>& biases, int64_t activation,
+                                               int64_t output_activation, const char* op) {
+  std::vector<int64_t> widths = check_network(x, weights, op);
+  check_biases(x, biases, widths, op);
+  check_activation(activation, "activation", op);
+  check_activation(output_activation, "output_activation", op);
+  return widths;
+}
+
 }  // namespace fused_mlp
 }  // namespace pyengine

@@ -113,10 +113,7 @@ std::vector<at::Tensor> fused_mlp_forward_cpu(const at::Tensor& x_in, const std:
                                               int64_t output_activation) {
   const char* op = "fused_mlp_forward_cpu";
   check(x_in, "x", op).cpu();
-  std::vector<int64_t> widths = check_network(x_in, weights, op);
-  check_biases(x_in, biases, widths, op);
-  check_activation(activation, "activation", op);
-  check_activation(output_activation, "output_activation", op);
+  const std::vector<int64_t> widths = check_network_call(x_in, weights, biases, activation, output_activation, op);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), L = static_cast<int64_t>(weights.size());
   std::vector<at::Tensor> outputs{cpu::empty_output({M, widths.back()}, x.options())};

@@ -160,10 +160,7 @@ std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x_in, cons
                                                     int64_t loss) {
   const char* op = "fused_mlp_training_step_cpu";
   check(x_in, "x", op).cpu();
-  const std::vector<int64_t> widths = check_network(x_in, weights, op);
-  check_biases(x_in, biases, widths, op);
-  check_activation(activation, "activation", op);
-  check_activation(output_activation, "output_activation", op);
+  const std::vector<int64_t> widths = check_network_call(x_in, weights, biases, activation, output_activation, op);
   TORCH_CHECK_VALUE(loss >= 0 && loss <= 2, op, ": loss must be 0 (mse), 1 (bce with logits) or 2 (cross_entropy), ",
                     "got ", loss);
   const int64_t M = x_in.size(0), n_out = widths.back();

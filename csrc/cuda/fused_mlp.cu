@@ -227,10 +227,8 @@ std::vector<at::Tensor> fused_mlp_forward_cuda(const at::Tensor& x_in, const std
                                                int64_t output_activation) {
   const char* op = "fused_mlp_forward_cuda";
   check(x_in, "x", op).cuda();
-  const std::vector<int64_t> widths = check_network(x_in, weights_in, op);
-  check_biases(x_in, biases_in, widths, op);
-  check_activation(activation, "activation", op);
-  check_activation(output_activation, "output_activation", op);
+  const std::vector<int64_t> widths =
+      check_network_call(x_in, weights_in, biases_in, activation, output_activation, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const std::vector<at::Tensor> weights = contiguous_all(weights_in), biases = contiguous_all(biases_in);
