@@ -382,6 +382,16 @@ def test_training_step_edge_cases(backend, device, loss):
         expected, grad = _torch_step_gradient(theirs, x, target, loss)
         assert_close(value, expected)
         assert_close(ours.params.grad, grad)
+    if loss == "cross_entropy":  # an ignored row of NaN outputs: its gradient is NaN * 0, as torch's
+        x = make((20, 4), torch.float32, device)
+        x[3, 1] = float("nan")
+        target = torch.randint(0, 3, (20,), device=device)
+        target[3] = -100
+        with on(backend):
+            ours.training_step(x, target, 0.0, loss=loss)
+        _, grad = _torch_step_gradient(ours.to_sequential(), x, target, loss)
+        assert grad.isnan().any()
+        assert_close(ours.params.grad, grad)
     half = pnn.FusedMLP([4, 5, 3], device=device, dtype=torch.bfloat16)
     x = make((33, 4), torch.bfloat16, device)
     target = (torch.randint(0, 3, (33,), device=device) if loss == "cross_entropy"

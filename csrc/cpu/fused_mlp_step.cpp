@@ -49,14 +49,14 @@ acc block_loss_and_grad(int64_t loss, acc* y, const acc* t, const int64_t* t_ind
       lse.store(lse_a);
       for (int64_t c = 0; c < n; ++c) {
         acc* yc = y + c * kBlockRows + r0;
-        (pe_exp(Vec::loadu(yc) - lse) * Vec(scale)).store(yc);  // softmax, scaled; the target's 1 comes off below
+        pe_exp(Vec::loadu(yc) - lse).store(yc);  // the softmax p
       }
       for (int64_t i = 0; i < Vec::size(); ++i) {
         const int64_t r = r0 + i, tt = r < rows ? t_index[r] : kIgnoreIndex;
-        if (tt == kIgnoreIndex) {
-          for (int64_t c = 0; c < n; ++c) y[c * kBlockRows + r] = 0;
-          continue;
-        }
+        // an ignored row's gradient is p * 0, NaN where p is (as torch's); kept rows (p - onehot) / count
+        const acc row_scale = tt == kIgnoreIndex ? acc(0) : scale;
+        for (int64_t c = 0; c < n; ++c) y[c * kBlockRows + r] *= row_scale;
+        if (tt == kIgnoreIndex) continue;
         total += lse_a[i] - t[tt * kBlockRows + r];
         y[tt * kBlockRows + r] -= scale;
       }
