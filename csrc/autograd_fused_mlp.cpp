@@ -162,7 +162,7 @@ at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params
   at::NoGradGuard no_graph;
   const auto [weights, biases] = unpack_mlp_params(params, widths);
   const at::Tensor x2 = as_matrix(x);
-  if (x2.is_cpu()) {  // one pass over the rows, nothing saved (cpu/fused_mlp_step.cpp)
+  if (x2.is_cpu()) {  // one pass over the rows, nothing saved (cpu/fused_mlp_step.h)
     const at::Tensor t = loss == 2 ? target.reshape({-1}) : target.reshape({x2.size(0), widths.back()});
     const variable_list r =
         pyengine::fused_mlp_training_step_cpu(x2, weights, biases, activation, output_activation, t, loss);

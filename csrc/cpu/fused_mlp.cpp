@@ -20,6 +20,7 @@
 #include "common/fused_mlp.h"
 #include "cpu/allocator.h"
 #include "cpu/fused_mlp_blocks.h"
+#include "cpu/fused_mlp_step.h"
 #include "ops.h"
 
 namespace pyengine {
@@ -176,6 +177,51 @@ std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, cons
     }
   });
   return outputs;
+}
+
+std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
+                                                    const std::vector<at::Tensor>& biases, int64_t activation,
+                                                    int64_t output_activation, const at::Tensor& target_in,
+                                                    int64_t loss) {
+  const char* op = "fused_mlp_training_step_cpu";
+  check(x_in, "x", op).cpu();
+  const std::vector<int64_t> widths = check_network_call(x_in, weights, biases, activation, output_activation, op);
+  TORCH_CHECK_VALUE(loss >= 0 && loss <= 2, op, ": loss must be 0 (mse), 1 (bce with logits) or 2 (cross_entropy), ",
+                    "got ", loss);
+  const int64_t M = x_in.size(0), n_out = widths.back();
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor target = target_in.contiguous();
+  double count = static_cast<double>(M * n_out);
+  if (loss == 2) {
+    check(target, "target", op).same_device(x).sizes({M});
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
+                target.scalar_type());
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    count = 0;
+    for (int64_t r = 0; r < M; ++r) {  // before any work, as torch raises before it computes
+      if (t[r] == kIgnoreIndex) continue;
+      TORCH_CHECK_INDEX(t[r] >= 0 && t[r] < n_out, "Target ", t[r], " is out of bounds.");
+      count += 1;
+    }
+  } else {
+    check(target, "target", op).same_device(x).same_dtype(x).sizes({M, n_out});
+  }
+  at::Tensor value = at::empty({}, x.options()), grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_training_step_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const Network<scalar_t> net(widths, weights, biases);
+    std::vector<acc> grads;
+    double total = 0;
+    // 1 / count: inf for an empty batch or every target ignored, where no row contributes and the loss is
+    // 0 / 0 = NaN, as torch's mean of nothing
+    training_step<scalar_t>(net, x.const_data_ptr<scalar_t>(), loss == 2 ? nullptr : target.const_data_ptr<scalar_t>(),
+                            loss == 2 ? target.const_data_ptr<int64_t>() : nullptr, M, activation, output_activation,
+                            loss, static_cast<acc>(1.0 / count), grads, total);
+    value.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total / count);
+    grad = at::empty({static_cast<int64_t>(grads.size())}, x.options());
+    std::copy(grads.begin(), grads.end(), grad.data_ptr<scalar_t>());
+  });
+  return {value, grad};
 }
 
 }  // namespace pyengine

@@ -1,4 +1,4 @@
-// The block machinery of the CPU fused_mlp kernels (fused_mlp.cpp: forward and backward as ops; fused_mlp_step.cpp:
+// The block machinery of the CPU fused_mlp kernels (fused_mlp.cpp: forward and backward as ops; fused_mlp_step.h:
 // a whole training step): the network's parameters in the accumulation type, and the per-block helpers that move
 // 64 rows at a time between row-major tensors and feature-major block buffers and run a layer over a block.
 #pragma once

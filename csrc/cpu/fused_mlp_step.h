@@ -1,7 +1,8 @@
-// FusedMLP's training step on the CPU in one pass over the rows: per block of 64 rows, the forward through every
-// layer, the loss and its gradient, and the backward, with every activation kept in the block's feature-major
-// buffers (cpu/fused_mlp_blocks.h). Nothing but x, the target and the parameters is read from memory and nothing
-// but the parameter gradient is written: no hidden outputs saved, no output, no loss gradient tensor.
+// FusedMLP's training step on the CPU in one pass over the rows (called by fused_mlp.cpp's
+// fused_mlp_training_step_cpu): per block of 64 rows, the forward through every layer, the loss and its gradient,
+// and the backward, with every activation kept in the block's feature-major buffers (cpu/fused_mlp_blocks.h).
+// Nothing but x, the target and the parameters is read from memory and nothing but the parameter gradient is
+// written: no hidden outputs saved, no output, no loss gradient tensor.
 //
 // loss (mean over the elements, or over the kept rows for cross_entropy), y = the network's output (M, n_L):
 //   0 mse_loss:                        l = (y - t)^2,                          dl/dy = 2 (y - t)
@@ -9,24 +10,16 @@
 //   2 cross_entropy (t: class indices, -100 ignored)  l = lse(y) - y_t,       dl/dy_c = softmax(y)_c - [c == t]
 // then dz = dl/dy / count * out_act'(y) and the backward of fused_mlp.cpp. Partial sums per chunk of rows
 // (the split depends on M alone), added in chunk order: the same result with any number of threads.
-#include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
-
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+#pragma once
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
-#include "common/fused_mlp.h"
 #include "cpu/fused_mlp_blocks.h"
-#include "ops.h"
 
 namespace pyengine {
-namespace {
-
-using namespace fused_mlp_cpu;
+namespace fused_mlp_cpu {
 
 constexpr int64_t kIgnoreIndex = -100;
 
@@ -152,51 +145,5 @@ void training_step(const Network<scalar_t>& net, const scalar_t* x, const scalar
   }
 }
 
-}  // namespace
-
-std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
-                                                    const std::vector<at::Tensor>& biases, int64_t activation,
-                                                    int64_t output_activation, const at::Tensor& target_in,
-                                                    int64_t loss) {
-  const char* op = "fused_mlp_training_step_cpu";
-  check(x_in, "x", op).cpu();
-  const std::vector<int64_t> widths = check_network_call(x_in, weights, biases, activation, output_activation, op);
-  TORCH_CHECK_VALUE(loss >= 0 && loss <= 2, op, ": loss must be 0 (mse), 1 (bce with logits) or 2 (cross_entropy), ",
-                    "got ", loss);
-  const int64_t M = x_in.size(0), n_out = widths.back();
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor target = target_in.contiguous();
-  double count = static_cast<double>(M * n_out);
-  if (loss == 2) {
-    check(target, "target", op).same_device(x).sizes({M});
-    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
-                target.scalar_type());
-    const int64_t* t = target.const_data_ptr<int64_t>();
-    count = 0;
-    for (int64_t r = 0; r < M; ++r) {  // before any work, as torch raises before it computes
-      if (t[r] == kIgnoreIndex) continue;
-      TORCH_CHECK_INDEX(t[r] >= 0 && t[r] < n_out, "Target ", t[r], " is out of bounds.");
-      count += 1;
-    }
-  } else {
-    check(target, "target", op).same_device(x).same_dtype(x).sizes({M, n_out});
-  }
-  at::Tensor value = at::empty({}, x.options()), grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_training_step_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const Network<scalar_t> net(widths, weights, biases);
-    std::vector<acc> grads;
-    double total = 0;
-    // 1 / count: inf for an empty batch or every target ignored, where no row contributes and the loss is
-    // 0 / 0 = NaN, as torch's mean of nothing
-    training_step<scalar_t>(net, x.const_data_ptr<scalar_t>(), loss == 2 ? nullptr : target.const_data_ptr<scalar_t>(),
-                            loss == 2 ? target.const_data_ptr<int64_t>() : nullptr, M, activation, output_activation,
-                            loss, static_cast<acc>(1.0 / count), grads, total);
-    value.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(total / count);
-    grad = at::empty({static_cast<int64_t>(grads.size())}, x.options());
-    std::copy(grads.begin(), grads.end(), grad.data_ptr<scalar_t>());
-  });
-  return {value, grad};
-}
-
+}  // namespace fused_mlp_cpu
 }  // namespace pyengine
