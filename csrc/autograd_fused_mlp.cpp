@@ -90,6 +90,49 @@ at::Tensor pack_mlp_grads(const variable_list& g) {
   return at::cat(pieces);
 }
 
+// FusedMLP.training_step's loss and packed parameter gradient, on the CPU in one pass over the rows.
+std::pair<at::Tensor, at::Tensor> training_step_in_one_pass(const at::Tensor& x2, const variable_list& weights,
+                                                            const variable_list& biases, int64_t activation,
+                                                            int64_t output_activation, const at::Tensor& target,
+                                                            int64_t loss) {
+  const at::Tensor t = loss == 2 ? target.reshape({-1}) : target.reshape({x2.size(0), weights.back().size(0)});
+  const variable_list r =
+      pyengine::fused_mlp_training_step_cpu(x2, weights, biases, activation, output_activation, t, loss);
+  return {r[0], r[1]};
+}
+
+// The same from the fused_mlp and loss kernels in turn (any device).
+std::pair<at::Tensor, at::Tensor> training_step_composed(const at::Tensor& x2, const variable_list& weights,
+                                                         const variable_list& biases, int64_t activation,
+                                                         int64_t output_activation, const at::Tensor& target,
+                                                         int64_t loss) {
+  const variable_list outputs = pyengine::fused_mlp_forward(x2, weights, biases, activation, output_activation);
+  const at::Tensor& y = outputs[0];
+  const int64_t M = y.size(0), classes = y.size(1);
+  constexpr int64_t kMean = 1;
+  at::Tensor value, grad_y;
+  if (loss == 2) {
+    const variable_list r = pyengine::cross_entropy_forward_with_grad(
+        y.view({M, classes, 1}), target.reshape({M, 1}).contiguous(), c10::nullopt, -100, kMean, 0.0);
+    value = r[0];
+    grad_y = r[1].view({M, classes});
+  } else {
+    const at::Tensor t = target.reshape(y.sizes()).contiguous(), one = at::ones({}, y.options());
+    if (loss == 0) {
+      value = pyengine::mse_loss_forward(y, t, kMean);
+      grad_y = pyengine::mse_loss_backward(one, y, t, kMean, true, false)[0];
+    } else {
+      value = pyengine::binary_cross_entropy_with_logits_forward(y, t, c10::nullopt, c10::nullopt, kMean);
+      grad_y = pyengine::binary_cross_entropy_with_logits_backward(one, y, t, c10::nullopt, c10::nullopt, kMean, true,
+                                                                   false)[0];
+    }
+  }
+  const variable_list hidden(outputs.begin() + 1, outputs.end());
+  const variable_list g = pyengine::fused_mlp_backward(grad_y, x2, weights, hidden, y, activation, output_activation,
+                                                       false, true, true);
+  return {value, pack_mlp_grads(g)};
+}
+
 }  // namespace
 
 // fused_mlp with lists of weights (n_{l+1}, n_l) and biases (n_{l+1}): pyengine.functional.fused_mlp.
@@ -149,8 +192,9 @@ struct PackedFusedMLPFunction : torch::autograd::Function<PackedFusedMLPFunction
 // One step of plain SGD on a mean loss over FusedMLP's packed parameters: what
 //   params.grad = None; loss_fn(mlp(x), target).backward(); torch.optim.SGD([params], lr).step()
 // computes, as one call with no autograd graph (pyengine/nn.py FusedMLP.training_step checks the arguments):
-//   y = mlp(x) (M, n_L);  loss, dloss/dy from the loss kernels (mean over every element or row);
-//   dparams from the backward kernel;  params -= lr * dparams;  params.grad = dparams.
+//   y = mlp(x) (M, n_L);  the loss and dloss/dy;  dparams by backpropagation;  params -= lr * dparams;
+//   params.grad = dparams.
+// On the CPU one pass over the rows (cpu/fused_mlp_step.h); elsewhere the fused_mlp and loss kernels in turn.
 // loss: 0 mse_loss, 1 binary_cross_entropy_with_logits (target like y), 2 cross_entropy (target (M) class
 // indices, ignore_index -100). Returns the loss.
 at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params, const std::vector<int64_t>& widths,
@@ -162,39 +206,10 @@ at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params
   at::NoGradGuard no_graph;
   const auto [weights, biases] = unpack_mlp_params(params, widths);
   const at::Tensor x2 = as_matrix(x);
-  if (x2.is_cpu()) {  // one pass over the rows, nothing saved (cpu/fused_mlp_step.h)
-    const at::Tensor t = loss == 2 ? target.reshape({-1}) : target.reshape({x2.size(0), widths.back()});
-    const variable_list r =
-        pyengine::fused_mlp_training_step_cpu(x2, weights, biases, activation, output_activation, t, loss);
-    at::Tensor(params).sub_(r[1], lr);
-    at::Tensor(params).mutable_grad() = r[1];
-    return r[0];
-  }
-  const variable_list outputs = pyengine::fused_mlp_forward(x2, weights, biases, activation, output_activation);
-  const at::Tensor& y = outputs[0];
-  const int64_t M = y.size(0), classes = y.size(1);
-  constexpr int64_t kMean = 1;
-  at::Tensor value, grad_y;
-  if (loss == 2) {
-    const variable_list r = pyengine::cross_entropy_forward_with_grad(
-        y.view({M, classes, 1}), target.reshape({M, 1}).contiguous(), c10::nullopt, -100, kMean, 0.0);
-    value = r[0];
-    grad_y = r[1].view({M, classes});
-  } else {
-    const at::Tensor t = target.reshape(y.sizes()).contiguous(), one = at::ones({}, y.options());
-    if (loss == 0) {
-      value = pyengine::mse_loss_forward(y, t, kMean);
-      grad_y = pyengine::mse_loss_backward(one, y, t, kMean, true, false)[0];
-    } else {
-      value = pyengine::binary_cross_entropy_with_logits_forward(y, t, c10::nullopt, c10::nullopt, kMean);
-      grad_y = pyengine::binary_cross_entropy_with_logits_backward(one, y, t, c10::nullopt, c10::nullopt, kMean, true,
-                                                                   false)[0];
-    }
-  }
-  const variable_list hidden(outputs.begin() + 1, outputs.end());
-  const variable_list g = pyengine::fused_mlp_backward(grad_y, x2, weights, hidden, y, activation, output_activation,
-                                                       false, true, true);
-  const at::Tensor grad = pack_mlp_grads(g);
+  const auto [value, grad] = x2.is_cpu() ? training_step_in_one_pass(x2, weights, biases, activation,
+                                                                     output_activation, target, loss)
+                                         : training_step_composed(x2, weights, biases, activation, output_activation,
+                                                                  target, loss);
   at::Tensor(params).sub_(grad, lr);  // a leaf that wants gradients: updated in place outside the graph, as SGD does
   at::Tensor(params).mutable_grad() = grad;
   return value;

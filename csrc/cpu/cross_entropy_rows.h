@@ -134,29 +134,23 @@ template <typename scalar_t, Target kTarget> struct CrossEntropyCpu {
     const Index lanes = Index::arange(0, C);  // lane i reads row n0 + i
     const acc* xb = x + n0 * C;
     AVec xs[kLaneClasses];
-    AVec m(-kInf<acc>);
-    for (int64_t c = 0; c < C; ++c) {
-      xs[c] = at::vec::gather<sizeof(acc)>(xb + c, lanes);
-      m = at::vec::maximum(m, xs[c]);
-    }
-    const AVec shift = lane_shift(m);
-    AVec s(acc(0)), b(acc(0)), vsum(acc(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const AVec d = xs[c] - shift;
-      s = s + softmax_exp(d);
-      if constexpr (kWeighted) {
+    for (int64_t c = 0; c < C; ++c) xs[c] = at::vec::gather<sizeof(acc)>(xb + c, lanes);
+    const auto [shift, log_sum] = lanes_softmax<acc>(C, [&](int64_t c) { return xs[c]; });
+    AVec b(acc(0)), vsum(acc(0));
+    if constexpr (kWeighted) {
+      for (int64_t c = 0; c < C; ++c) {
         AVec v(weight(c));
         if constexpr (kTarget == Target::Prob) {
           const AVec yc = at::vec::gather<sizeof(acc)>(y + n0 * C + c, lanes);
           v = v * smoothed_probability(yc, AVec(eps), AVec(static_cast<acc>(C)));
         }
-        b = at::vec::fmadd(v, d, b);
+        b = at::vec::fmadd(v, xs[c] - shift, b);
         vsum = vsum + v;
       }
     }
     acc shift_a[L], log_sum_a[L], b_a[L], vsum_a[L];
     shift.store(shift_a);
-    pe_log(s).store(log_sum_a);
+    log_sum.store(log_sum_a);
     b.store(b_a);
     vsum.store(vsum_a);
     for (int64_t i = 0; i < L; ++i) {

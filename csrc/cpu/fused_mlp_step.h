@@ -13,10 +13,10 @@
 #pragma once
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 #include "cpu/fused_mlp_blocks.h"
+#include "cpu/softmax_rows.h"
 
 namespace pyengine {
 namespace fused_mlp_cpu {
@@ -33,11 +33,9 @@ acc block_loss_and_grad(int64_t loss, acc* y, const acc* t, const int64_t* t_ind
   acc total = 0;
   if (loss == 2) {  // classes in the features, a row per lane: the lanes' softmax over the n classes
     for (int64_t r0 = 0; r0 < kBlockRows; r0 += Vec::size()) {
-      Vec m(-std::numeric_limits<acc>::infinity());
-      for (int64_t c = 0; c < n; ++c) m = at::vec::maximum(m, Vec::loadu(y + c * kBlockRows + r0));
-      Vec s(acc(0));
-      for (int64_t c = 0; c < n; ++c) s = s + pe_exp(Vec::loadu(y + c * kBlockRows + r0) - m);
-      const Vec lse = m + pe_log(s);
+      const auto [shift, log_sum] =
+          lanes_softmax<acc>(n, [&](int64_t c) { return Vec::loadu(y + c * kBlockRows + r0); });
+      const Vec lse = shift + log_sum;
       acc lse_a[Vec::size()];
       lse.store(lse_a);
       for (int64_t c = 0; c < n; ++c) {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 #include "cpu/vec_math.h"
@@ -159,6 +160,20 @@ inline void lane_softmax_add(LaneSoftmax<acc>& st, const Vectorized<acc>* x, con
     }
   }
   st.m = m_new;
+}
+
+// The softmax statistics of a row per lane over n classes, class c's vector of lanes from load(c) (read twice):
+// shift = the lanes' max (0 where it is -inf, as lane_shift) and log_sum = log sum_c exp(x_c - shift), so that
+// lse = shift + log_sum; NaN propagates. For short rows put in lanes (cross_entropy_rows.h forward_lanes,
+// fused_mlp_step.h).
+template <typename acc, typename Load>
+std::pair<Vectorized<acc>, Vectorized<acc>> lanes_softmax(int64_t n, const Load& load) {
+  Vectorized<acc> m(-kInf<acc>);
+  for (int64_t c = 0; c < n; ++c) m = at::vec::maximum(m, load(c));
+  const Vectorized<acc> shift = lane_shift(m);
+  Vectorized<acc> s(acc(0));
+  for (int64_t c = 0; c < n; ++c) s = s + softmax_exp(load(c) - shift);
+  return {shift, pe_log(s)};
 }
 
 // One row's softmax statistics: lse = shift + log_sum; b and vsum as in LaneSoftmax.
