@@ -3,8 +3,10 @@ the `activation` fixture: (pyengine function, torch function)."""
 import pytest
 import torch
 
-from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, grads, make, on)
+from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, grads, magnitude,
+                   make, on, output_gradient_magnitude)
 
+SLOPE_BOUND = 1.5  # the largest |derivative| of relu, sigmoid, tanh and of the leaky_relu slopes tested
 SHAPES = [(), (0,), (1,), (7,), (17,), (3, 33), (2, 0, 5), (5, 4, 3, 2), (70001,)]
 
 
@@ -20,7 +22,9 @@ def test_forward_backward_match_torch(activation, backend, device, dtype, shape)
     y_ref = torch_fn(x)
     (gx_ref,), _ = grads(y_ref, [x], gy)
     assert_close(y, y_ref)
-    assert_close(gx, gx_ref)
+    # the derivatives are at most 1 (leaky_relu: its slope) and computed from the output: tanh's 1 - y^2
+    # cancels near saturation, where it is 0 up to the rounding of terms of size 1
+    assert_close(gx, gx_ref, scale=magnitude(gy) * SLOPE_BOUND)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -38,7 +42,7 @@ def test_half_precision_error_within_twice_torch(activation, backend, device, dt
     y64 = torch_fn(x64)
     (gx64,), _ = grads(y64, [x64], gy.double())
     assert_half_close(y, y_torch, y64)
-    assert_half_close(gx, gx_torch, gx64)
+    assert_half_close(gx, gx_torch, gx64, output_gradient_magnitude(getattr(torch_fn, "__name__", None), y64, gy))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -227,12 +227,18 @@ def test_backward_is_deterministic(backend, device):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_bad_input_raises_like_torch(backend, device):
     x, y = torch.rand(2, 3, device=device), torch.rand(4, device=device)
+    p, q = torch.rand(3, 1, 2, device=device), torch.rand(4, 3, device=device)
     i = torch.ones(3, dtype=torch.int64, device=device)
+    i8, h = i.to(torch.int8), torch.ones(3, dtype=torch.float16, device=device)
+    cases = [  # (a, b, alpha, torch's key phrase)
+        (x, y, 1, r"size of tensor a \(3\) must match the size of tensor b \(4\) at non-singleton dimension 1"),
+        (p, q, 1, r"size of tensor a \(2\) must match the size of tensor b \(3\) at non-singleton dimension 2"),
+        (i, i, 2.5, "alpha must not be a floating point number"),
+        (x, x, True, "Boolean alpha only supported for Boolean results"),
+        (i8, i8, 300, "value cannot be converted to type int8_t without overflow"),
+        (h, h, 70000, r"value cannot be converted to type c10::Half without overflow"),
+    ]
     with on(backend):
-        assert_raises_like(lambda: torch.add(x, y), lambda: PF.add(x, y))
-        assert_raises_like(lambda: torch.add(torch.rand(3, 1, 2), torch.rand(4, 3)),
-                           lambda: PF.add(torch.rand(3, 1, 2), torch.rand(4, 3)))
-        assert_raises_like(lambda: torch.add(i, i, alpha=2.5), lambda: PF.add(i, i, alpha=2.5))
-        assert_raises_like(lambda: torch.add(x, x, alpha=True), lambda: PF.add(x, x, alpha=True))
-        assert_raises_like(lambda: torch.add(i.to(torch.int8), i.to(torch.int8), alpha=300),
-                           lambda: PF.add(i.to(torch.int8), i.to(torch.int8), alpha=300))
+        for a, b, alpha, phrase in cases:
+            assert_raises_like(lambda a=a, b=b, alpha=alpha: torch.add(a, b, alpha=alpha),
+                               lambda a=a, b=b, alpha=alpha: PF.add(a, b, alpha=alpha), phrase)

@@ -98,8 +98,12 @@ def test_module_matches_torch(backend, device):
 def test_bad_input_raises_like_torch(backend, device):
     x = torch.rand(3, device=device)
     with on(backend):
-        for y in (torch.rand(2, 3, device=device), torch.ones(3, dtype=torch.long, device=device)):
-            assert_raises_like(lambda y=y: F.binary_cross_entropy_with_logits(x, y),
-                               lambda y=y: PF.binary_cross_entropy_with_logits(x, y))
+        long = torch.ones(3, dtype=torch.long, device=device)
+        for a, b, phrase in [(x, torch.rand(2, 3, device=device), r"Target size \(torch.Size\(\[2, 3\]\)\) must be"),
+                             (x, long, "result type Float can't be cast to the desired output type Long"),
+                             (long, long, "not implemented for 'Long'")]:
+            assert_raises_like(lambda a=a, b=b: F.binary_cross_entropy_with_logits(a, b),
+                               lambda a=a, b=b: PF.binary_cross_entropy_with_logits(a, b), phrase)
         assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, x, reduction="x"),
-                           lambda: PF.binary_cross_entropy_with_logits(x, x, reduction="x"))
+                           lambda: PF.binary_cross_entropy_with_logits(x, x, reduction="x"),
+                           "x is not a valid value for reduction")

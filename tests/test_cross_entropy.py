@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import pyengine
 import pyengine.functional as PF
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   assert_raises_like, grads, make, on)
+                   assert_raises_like, grads, magnitude, make, on)
 
 # Input shapes: (C), (N, C) with C = 1, 3, 17, around the vector widths (8, 16, 32) and past 1000,
 # K-dim inputs (N, C, d1[, d2]) with position tiles full, partial and several, and empty batches. Rows in
@@ -49,7 +49,21 @@ def check_against_torch(backend, x, target, **kw):
     loss_ref = F.cross_entropy(x, target, **kw)
     (grad_ref,), _ = grads(loss_ref, [x], g)
     assert_close(loss, loss_ref)
-    assert_close(grad, grad_ref)
+    assert_close(grad, grad_ref, scale=gradient_terms(x, target, g, **kw))
+
+
+def gradient_terms(x, target, g, weight=None, reduction="mean", ignore_index=IGNORE, **_):
+    """The size of the terms of a logit's gradient g w (p - y') [/ denominator]: p and y' are at most 1. Where
+    they cancel (one class: p = y' = 1) the gradient is 0 up to their rounding, far below this."""
+    w = 1.0 if weight is None else magnitude(weight)
+    if reduction in ("none", "sum") or reduction is None:
+        return magnitude(g) * w
+    if target.is_floating_point():
+        denom = target.numel() / max(classes(tuple(x.shape)), 1)
+    else:
+        kept = target[target != ignore_index]
+        denom = float(kept.numel() if weight is None else weight.detach()[kept].sum())
+    return magnitude(g) * w / denom if denom else 0.0
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -290,25 +304,40 @@ def test_bad_input_raises_like_torch(backend, device):
     # Out-of-range targets: IndexError on the CPU. On CUDA they trip a device-side assert (torch's and ours),
     # which ends the process's CUDA context, so test_cuda_out_of_range_target_is_a_python_error runs them apart.
     out_of_range = [] if device == "cuda" else [
-        (x, torch.tensor([0, 1, 7, 1], device=device), {}),
-        (x, torch.tensor([0, -1, 2, 1], device=device), {}),
-        (xk, torch.full((2, 5), 3, device=device), {}),
-        (x, torch.tensor([0, 1, 7, IGNORE], device=device), dict(label_smoothing=0.1, reduction="none")),
+        (x, torch.tensor([0, 1, 7, 1], device=device), {}, "Target 7 is out of bounds"),
+        (x, torch.tensor([0, -1, 2, 1], device=device), {}, "Target -1 is out of bounds"),
+        (xk, torch.full((2, 5), 3, device=device), {}, "Target 3 is out of bounds"),
+        (x, torch.tensor([0, 1, 7, IGNORE], device=device), dict(label_smoothing=0.1, reduction="none"),
+         "Target 7 is out of bounds"),
     ]
-    cases = out_of_range + [
-        (x, t.int(), {}),  # int32 target
-        (x, t, dict(reduction="avg")),
-        (x, t, dict(label_smoothing=1.5)),
-        (x, t, dict(weight=torch.ones(4, device=device))),
-        (x, t, dict(weight=torch.ones(2, 3, device=device))),
-        (x, torch.tensor([0, 1, 2], device=device), {}),  # batch mismatch
-        (xk, torch.zeros(2, 4, dtype=torch.long, device=device), {}),  # K-dim target shape mismatch
-        (xk, torch.zeros(2, 5, 1, dtype=torch.long, device=device), {}),
-        (x, torch.rand(4, 2, device=device), {}),  # probability target of the wrong shape
-        (x, torch.rand(4, device=device), {}),
-        (make((3,), torch.float32, device), torch.tensor([1], device=device), {}),
+    long_or_byte = "expected target dtype to be Long or Byte, but got "
+    cases = out_of_range + [  # (input, target, kwargs, torch's key phrase)
+        (x, t.int(), {}, long_or_byte + "Int"),
+        (x, t.int(), dict(label_smoothing=0.1), long_or_byte + "Int"),
+        (x, t, dict(reduction="avg"), "avg is not a valid value for reduction"),
+        (x, t, dict(label_smoothing=1.5), r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
+        (x, torch.rand(4, 3, device=device), dict(label_smoothing=1.5), "label_smoothing must be between"),
+        (x, t, dict(weight=torch.ones(4, device=device)), "weight tensor should be defined either for all 3 classes"),
+        (x, t, dict(weight=torch.ones(2, 3, device=device)), r"but got weight tensor of shape: \[2, 3\]"),
+        (x, torch.rand(4, 3, device=device), dict(weight=torch.ones(5, device=device)),
+         "weight tensor should be defined either for all 3 classes"),
+        (x, torch.tensor([0, 1, 2], device=device), {},  # batch mismatch
+         r"Expected input batch_size \(4\) to match target batch_size \(3\)"),
+        (xk, torch.zeros(2, 4, dtype=torch.long, device=device), {}, r"Expected target size \[2, 5\], got \[2, 4\]"),
+        (xk, torch.zeros(2, 5, 1, dtype=torch.long, device=device), {}, r"Expected target size \[2, 5\]"),
+        (x, torch.rand(4, 2, device=device), {}, "0D or 1D target tensor expected, multi-target not supported"),
+        (x, torch.zeros(4, 2, dtype=torch.long, device=device), dict(weight=torch.ones(5, device=device)),
+         "multi-target not supported"),  # the target's dims are checked before the weight
+        (x, torch.rand(4, device=device), {}, long_or_byte + "Float"),
+        (x, torch.zeros(4, 3, dtype=torch.long, device=device), {},
+         "Expected floating point type for target with class probabilities, got Long"),
+        (make((3,), torch.float32, device), torch.tensor([1, 2], device=device), {},
+         "For 1D input, 1D target must have size 1, but got target size: 2"),
+        (make((3,), torch.float32, device), torch.tensor(0.5, device=device), {}, long_or_byte + "Float"),
+        # torch returns a loss for (C) logits and a (1,) target: the error is backward's, x needs no gradient
+        (make((3,), torch.float32, device), torch.tensor([1], device=device), {}, "does not require grad"),
     ]
-    for inp, target, kw in cases:
+    for inp, target, kw, phrase in cases:
         def ours(inp=inp, target=target, kw=kw):
             with on(backend):
                 PF.cross_entropy(inp, target, **kw).sum().backward()
@@ -316,7 +345,7 @@ def test_bad_input_raises_like_torch(backend, device):
         def theirs(inp=inp, target=target, kw=kw):
             F.cross_entropy(inp, target, **kw).sum().backward()
 
-        assert_raises_like(theirs, ours)
+        assert_raises_like(theirs, ours, phrase)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
@@ -330,19 +359,19 @@ def test_kernels_check_their_arguments(backend, device):
     if device == "cpu":  # on CUDA a bad target is a device-side assert: see the subprocess test below
         bad_t = t.clone()
         bad_t[2, 1] = 4
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="Target 4 is out of bounds"):
             C.cross_entropy_backward(g, x, bad_t, None, lse, denom, IGNORE, 1, 0.0)
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="Target 4 is out of bounds"):
             C.cross_entropy_forward(x, bad_t, None, IGNORE, 1, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[3, 2\], got \[2, 2\]"):
         C.cross_entropy_backward(g, x, t, None, lse[:2], denom, IGNORE, 1, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[3, 2\], got \[3, 3\]"):
         C.cross_entropy_backward(torch.ones(3, 3, device=device), x, t, None, lse, denom, IGNORE, 0, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[4\], got \[5\]"):
         C.cross_entropy_forward(x, t, torch.ones(5, device=device), IGNORE, 1, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="logits must be contiguous"):
         C.cross_entropy_forward(x.transpose(1, 2), t, None, IGNORE, 1, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reduction must be 0 .none., 1 .mean. or 2 .sum., got 3"):
         C.cross_entropy_forward(x, t, None, IGNORE, 3, 0.0)
 
 

@@ -9,7 +9,7 @@ import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   grads, make, on)
+                   grads, make, on, product_magnitudes)
 
 TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
@@ -107,9 +107,12 @@ def test_half_precision_error_within_twice_torch(backend, device, dtype, activat
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     y64 = torch_mlp(inputs64[0], inputs64[1:4], inputs64[4:], activation, output_activation)
     ref, _ = grads(y64, inputs64, gy.double())
-    assert_half_close(y, y_torch, y64)
-    for g, g_torch, g64 in zip(ours, theirs, ref):
-        assert_half_close(g, g_torch, g64)
+    acts = [activation] * (len(weights) - 1) + [output_activation]
+    m_y, layer_m, m_x = product_magnitudes(x, list(zip(weights, biases, acts)), gy)
+    magnitudes = [m_x, *(m_w for m_w, _ in layer_m), *(m_b for _, m_b in layer_m)]
+    assert_half_close(y, y_torch, y64, m_y)
+    for g, g_torch, g64, m in zip(ours, theirs, ref, magnitudes):
+        assert_half_close(g, g_torch, g64, m)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -401,4 +404,29 @@ def test_training_step_edge_cases(backend, device, loss):
     _, torch_grad = _torch_step_gradient(half.to_sequential(), x, target, loss)
     exact = half.to_sequential().double()
     _, grad64 = _torch_step_gradient(exact, x.double(), target if loss == "cross_entropy" else target.double(), loss)
-    assert_half_close(half.params.grad, torch_grad, grad64)
+    magnitude = _step_gradient_magnitudes(exact, x, target, loss)
+    assert_half_close(half.params.grad, torch_grad, grad64, magnitude)
+
+
+def _step_gradient_magnitudes(model64, x, target, loss):
+    """The magnitudes (see utils.product_magnitudes) of a training step's parameter gradient, packed as
+    model.parameters(): the loss gradient's terms (and the error the output's own magnitude carries into them)
+    pushed back through the layers."""
+    names = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid"}
+    mods = list(model64)
+    layers = [(m.weight, m.bias, names.get(type(mods[i + 1])) if i + 1 < len(mods) else None)
+              for i, m in enumerate(mods) if isinstance(m, torch.nn.Linear)]
+    x64 = x.double()
+    y = model64(x64).detach()
+    m_y, _, _ = product_magnitudes(x64, layers, torch.zeros_like(y))
+    if loss == "mse":
+        m_g = 2 * (y.abs() + target.double().abs() + m_y) / y.numel()
+    elif loss == "bce_with_logits":
+        s = torch.sigmoid(y)
+        m_g = (s + target.double() + s * (1 - s) * m_y) / y.numel()
+    else:
+        p = torch.softmax(y, -1)
+        onehot = F.one_hot(target.clamp_min(0), y.shape[-1]).double()
+        m_g = (p + onehot + p * m_y) / max(int((target != -100).sum()), 1)
+    _, layer_m, _ = product_magnitudes(x64, layers, m_g)
+    return torch.cat([t.reshape(-1) for m_w, m_b in layer_m for t in (m_w, m_b)])

@@ -1,140 +1,266 @@
-"""Property tests: hypothesis draws shapes (empty and 0-dim included), strides (transposed, sliced, expanded
-views), dtypes and argument combinations, and every op's output and gradients must match torch's on the
-same inputs, on each CPU backend. A failing draw is shrunk to the smallest example and printed."""
+"""Property tests: hypothesis draws shapes (empty and 0-dim included, sizes across the vector widths), layouts
+(transposed, sliced and expanded views, which reach the kernels as views), dtypes (half precision too) and
+argument combinations, and every op's output and gradients must match torch's on the same inputs, on every
+backend. A failing draw is shrunk to the smallest example and printed.
+
+float64/float32 compare with torch directly (utils.assert_close); float16/bfloat16 compare errors against a
+float64 reference with torch's own error as the bound (utils.assert_half_close). Gradients are taken with
+respect to the tensors the views were made from, so a view's backward (the sum over an expanded dim, the
+scatter into a strided slice) is checked too."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pyengine
 import pyengine.functional as PF
-from utils import assert_close, on
+from test_cross_entropy import gradient_terms
+from utils import (BACKEND_DEVICES, HALF_DTYPES, assert_close, assert_half_close, magnitude, on,
+                   output_gradient_magnitude, product_magnitudes)
 
-BACKENDS = [b for b in ("cpp", "python") if b in pyengine.available_backends()]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-dtypes = st.sampled_from([torch.float64, torch.float32])
-sizes = st.integers(0, 6)
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+dtypes = st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16])
+# Mostly small sizes (empty, 1, odd), sometimes past a vector of float (16 lanes with AVX-512) or of half (32).
+sizes = st.one_of(st.integers(0, 6), st.integers(7, 40))
+MAX_ELEMENTS = 4000
+
+
+def shapes(max_dims=3):
+    return st.lists(sizes, max_size=max_dims).filter(lambda s: _numel(s) <= MAX_ELEMENTS)
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class Drawn:
+    """A tensor to pass to an op: `base` (float64 values) seen through `view` (identity, transpose, slice or
+    expand). Each run makes its own leaf from base in the dtype under test and applies the view to it."""
+
+    def __init__(self, base, view, layout):
+        self.base, self.view, self.layout = base, view, layout
+
+    def leaf(self, dtype, rounded_to=None):
+        """A fresh leaf in dtype; rounded_to: the dtype whose values it holds (the float64 reference of a half
+        run holds the half values)."""
+        return self.base.to(rounded_to or dtype).to(dtype).requires_grad_()
+
+    def value(self):
+        """The view's values as a float64 tensor (for targets and weights, which take no gradient here)."""
+        return self.view(self.base)
+
+    def __repr__(self):
+        return f"{self.layout} {tuple(self.view(self.base).shape)}"
 
 
 @st.composite
-def tensors(draw, shape, dtype, low=-3.0, high=3.0):
+def tensors(draw, shape, low=-3.0, high=3.0):
     """A tensor of `shape` with fresh values, laid out contiguously, transposed, strided or expanded."""
     seed = draw(st.integers(0, 2**31 - 1))
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded"]))
     gen = torch.Generator().manual_seed(seed)
-    make = lambda s: torch.rand(s, generator=gen, dtype=torch.float64).mul(high - low).add(low).to(dtype)  # noqa: E731
+
+    def make(s):
+        return torch.rand(s, generator=gen, dtype=torch.float64).mul(high - low).add(low)
+
+    shape = tuple(shape)
     if layout == "transposed" and len(shape) >= 2:
-        return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
+        return Drawn(make((*shape[:-2], shape[-1], shape[-2])), lambda t: t.transpose(-1, -2), layout)
     if layout == "strided" and len(shape) >= 1:
-        return make((*shape[:-1], 2 * shape[-1]))[..., ::2]
-    if layout == "expanded" and len(shape) >= 1 and shape[0] > 0:
-        return make((1, *shape[1:])).expand(shape)
-    return make(tuple(shape))
+        return Drawn(make((*shape[:-1], 2 * shape[-1])), lambda t: t[..., ::2], layout)
+    if layout == "expanded" and len(shape) >= 1 and shape[0] > 1:
+        return Drawn(make((1, *shape[1:])), lambda t: t.expand(shape), layout)
+    return Drawn(make(shape), lambda t: t, "contiguous")
 
 
-def _compare(backend, ours, theirs, args, dtype):
-    """ours(*args) against theirs(*args): values and the gradient of every floating arg, NaN where torch has it."""
-    leaves = [a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
-              for a in args]
-    twins = [a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.requires_grad else a for a in leaves]
+def _run(fn, drawn, others, dtypes, rounded_to=None):
+    """fn on fresh leaves (in dtypes, one per drawn tensor) seen through their views: (output, leaves, views)."""
+    leaves = [d.leaf(dt, r) for d, dt, r in zip(drawn, dtypes, rounded_to or dtypes)]
+    views = [d.view(leaf) for d, leaf in zip(drawn, leaves)]
+    return fn(*views, *others), leaves, views
+
+
+def _leaf_magnitudes(drawn, view_magnitudes):
+    """Magnitudes of the views' gradients carried back to the leaves through each view's backward (a sum over
+    expanded dims, a scatter into a slice): both are sums of non-negative terms."""
+    out = []
+    for d, m in zip(drawn, view_magnitudes):
+        if m is None:
+            out.append(None)
+            continue
+        leaf = d.base.clone().requires_grad_()
+        (g,) = torch.autograd.grad(d.view(leaf), leaf, m.expand(d.view(leaf).shape))
+        out.append(g)
+    return out
+
+
+def _compare(backend, device, ours, theirs, drawn, dtypes, others=(), magnitudes=None):
+    """ours(*views, *others) against theirs(...): values and the gradient of every drawn tensor (its leaf, the
+    tensor its view was made from), each drawn tensor in its dtype (one dtype for all, or a list).
+    The size of the terms each result element sums, where they can cancel far below it: by default the output's
+    own and, for a leaf's gradient, the sum of the |gradients| of its view's elements (an expanded dim sums them);
+    magnitudes(views64, g64) -> (output magnitude or None, [view-gradient magnitude or None]) overrides them
+    where the op itself cancels. assert_half_close takes them as they are, assert_close their largest as scale."""
+    drawn = [Drawn(d.base.to(device), d.view, d.layout) for d in drawn]
+    dtypes = list(dtypes) if isinstance(dtypes, (list, tuple)) else [dtypes] * len(drawn)
     try:
-        ref = theirs(*twins)
+        ref, ref_leaves, _ = _run(theirs, drawn, others, dtypes)
     except Exception as exc:  # where torch raises, pyengine raises the same type
         with on(backend), pytest.raises(type(exc)):
-            ours(*leaves)
+            _run(ours, drawn, others, dtypes)
         return
     with on(backend):
-        out = ours(*leaves)
-    assert_close(out, ref, dtype)
-    grad_out = torch.randn_like(ref)
-    inputs = [a for a in leaves if torch.is_tensor(a) and a.requires_grad]
-    ref_inputs = [a for a in twins if torch.is_tensor(a) and a.requires_grad]
-    if not inputs:
+        out, leaves, _ = _run(ours, drawn, others, dtypes)
+    dtype, half = ref.dtype, ref.dtype in HALF_DTYPES
+    grad_out = torch.randn_like(ref, dtype=torch.float64).to(ref.dtype)
+    with on(backend):
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out, allow_unused=True)
+    # the float64 reference on the same (rounded) values, and the magnitudes
+    others64 = [o.double() if torch.is_tensor(o) and o.is_floating_point() else o for o in others]
+    exact, exact_leaves, exact_views = _run(theirs, drawn, others64, [torch.float64] * len(drawn), dtypes)
+    g64 = grad_out.double()
+    found = torch.autograd.grad(exact, exact_leaves + exact_views, g64, allow_unused=True)
+    exact_grads, m_views = found[:len(drawn)], [None if v is None else v.abs() for v in found[len(drawn):]]
+    m_out = None
+    if magnitudes is not None:
+        m_out, op_views = magnitudes([v.detach() for v in exact_views], g64)
+        m_views = [m if m is not None else default for m, default in zip(op_views, m_views)]
+    m_grads = _leaf_magnitudes(drawn, m_views)
+    if not half:
+        assert_close(out, ref, scale=None if m_out is None else magnitude(m_out))
+        for g, r, m in zip(grads, ref_grads, m_grads):
+            assert (g is None) == (r is None)
+            if r is None:
+                continue
+            if g.dtype in HALF_DTYPES:  # a half operand of a float32 result: the float32 gradient rounded once
+                eps = torch.finfo(g.dtype).eps
+                torch.testing.assert_close(g, r, rtol=eps, atol=eps * magnitude(m), equal_nan=True)
+            else:  # computed in the result's dtype, cast to the operand's: the less precise of the two
+                computed = max(g.dtype, dtype, key=lambda t: torch.finfo(t).eps)
+                assert_close(g, r, computed, scale=None if m is None else magnitude(m))
         return
-    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out, allow_unused=True)
-    for g, r in zip(grads, ref_grads):
+    assert_half_close(out, ref, exact, m_out)
+    for g, r, e, m in zip(grads, ref_grads, exact_grads, m_grads):
         assert (g is None) == (r is None)
         if r is not None:
-            assert_close(g, r, dtype)
+            assert_half_close(g, r, e, m)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("op", ["relu", "sigmoid", "tanh", "leaky_relu"])
 @SETTINGS
-@given(data=st.data(), shape=st.lists(sizes, max_size=3), dtype=dtypes, slope=st.floats(-2.0, 2.0))
-def test_activations(backend, op, data, shape, dtype, slope):
-    x = data.draw(tensors(shape, dtype))
+@given(data=st.data(), shape=shapes(), dtype=dtypes, slope=st.floats(-2.0, 2.0))
+def test_activations(backend, device, op, data, shape, dtype, slope):
+    x = data.draw(tensors(shape))
+
+    def magnitudes(views, g):  # relu and leaky_relu scale g; sigmoid and tanh cancel near saturation
+        if op in ("relu", "leaky_relu"):
+            return None, [g.abs() * max(1.0, abs(slope))]
+        return None, [output_gradient_magnitude(op, getattr(torch, op)(views[0]), g)]
+
     if op == "leaky_relu":
-        _compare(backend, lambda t: PF.leaky_relu(t, slope), lambda t: F.leaky_relu(t, slope), [x], dtype)
+        _compare(backend, device, lambda t: PF.leaky_relu(t, slope), lambda t: F.leaky_relu(t, slope), [x], dtype,
+                 magnitudes=magnitudes)
     else:
-        _compare(backend, getattr(PF, op), getattr(torch, op), [x], dtype)
+        _compare(backend, device, getattr(PF, op), getattr(torch, op), [x], dtype, magnitudes=magnitudes)
 
 
 @st.composite
 def broadcast_pair(draw):
     """Two shapes that broadcast: the second drops leading dims and sets some of the rest to 1 (or the first)."""
-    shape = draw(st.lists(sizes, max_size=3))
+    shape = draw(shapes())
     keep = draw(st.integers(0, len(shape)))
     other = [1 if draw(st.booleans()) else n for n in shape[len(shape) - keep:]]
     return (shape, other) if draw(st.booleans()) else (other, shape)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @SETTINGS
-@given(data=st.data(), shapes=broadcast_pair(), dtypes_=st.tuples(dtypes, dtypes),
+@given(data=st.data(), shapes_=broadcast_pair(), dtypes_=st.tuples(dtypes, dtypes),
        alpha=st.sampled_from([1, -1, 0.5, 2.5]))
-def test_add(backend, data, shapes, dtypes_, alpha):
-    a, b = data.draw(tensors(shapes[0], dtypes_[0])), data.draw(tensors(shapes[1], dtypes_[1]))
-    dtype = torch.result_type(a, b)  # the dtype the sum is computed in sets the tolerance, for both gradients
-    _compare(backend, lambda x, y: PF.add(x, y, alpha=alpha), lambda x, y: torch.add(x, y, alpha=alpha), [a, b],
-             dtype)
+def test_add(backend, device, data, shapes_, dtypes_, alpha):
+    """Broadcasting, and type promotion between the two operands' dtypes."""
+    a, b = data.draw(tensors(shapes_[0])), data.draw(tensors(shapes_[1]))
+
+    def magnitudes(views, g):  # a sum over broadcast dims cancels: its terms are |g|
+        va, vb = (v.abs().requires_grad_() for v in views)
+        out = torch.add(va, vb, alpha=abs(alpha))
+        return out.detach(), torch.autograd.grad(out, [va, vb], g.abs())
+
+    _compare(backend, device, lambda x, y: PF.add(x, y, alpha=alpha), lambda x, y: torch.add(x, y, alpha=alpha),
+             [a, b], dtypes_, magnitudes=magnitudes)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @SETTINGS
 @given(data=st.data(), lead=st.lists(sizes, max_size=2), k=sizes, n=sizes, bias=st.booleans(), dtype=dtypes)
-def test_linear(backend, data, lead, k, n, bias, dtype):
-    x = data.draw(tensors([*lead, k], dtype))
-    w = data.draw(tensors([n, k], dtype))
-    args = [x, w] + ([data.draw(tensors([n], dtype))] if bias else [])
-    _compare(backend, PF.linear, F.linear, args, dtype)
+def test_linear(backend, device, data, lead, k, n, bias, dtype):
+    if _numel(lead) * max(k, n) > MAX_ELEMENTS:
+        return
+    args = [data.draw(tensors([*lead, k])), data.draw(tensors([n, k]))] + ([data.draw(tensors([n]))] if bias else [])
+
+    def magnitudes(views, g):
+        x, w, b = views[0], views[1], views[2] if bias else None
+        rows = _numel(lead)
+        x2, g2 = x.reshape(rows, k), g.reshape(rows, n)
+        m_y, [(m_w, m_b)], m_x = product_magnitudes(x2, [(w, b, None)], g2)
+        return m_y.reshape(g.shape), [m_x.reshape(x.shape), m_w] + ([m_b] if bias else [])
+
+    _compare(backend, device, PF.linear, F.linear, args, dtype, magnitudes=magnitudes)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @SETTINGS
-@given(data=st.data(), n=sizes, c=st.integers(1, 7), spatial=st.lists(st.integers(0, 3), max_size=2),
-       probabilities=st.booleans(), weighted=st.booleans(), reduction=st.sampled_from(["none", "mean", "sum"]),
-       smoothing=st.sampled_from([0.0, 0.1, 0.7]), ignore=st.booleans(), dtype=dtypes)
-def test_cross_entropy(backend, data, n, c, spatial, probabilities, weighted, reduction, smoothing, ignore, dtype):
-    logits = data.draw(tensors([n, c, *spatial], dtype))
+@given(data=st.data(), n=st.one_of(st.integers(0, 6), st.integers(16, 70)), c=st.integers(1, 40),
+       spatial=st.lists(st.integers(0, 3), max_size=2), probabilities=st.booleans(), weighted=st.booleans(),
+       reduction=st.sampled_from(["none", "mean", "sum"]), smoothing=st.sampled_from([0.0, 0.1, 0.7]),
+       ignore=st.booleans(), dtype=dtypes)
+def test_cross_entropy(backend, device, data, n, c, spatial, probabilities, weighted, reduction, smoothing, ignore,
+                       dtype):
+    """More than 16 classes and rows in whole blocks of a vector reach both CPU paths (a row per vector lane for
+    at most 16 classes, a row at a time past that)."""
+    if n * c * _numel(spatial) > MAX_ELEMENTS:
+        return
+    logits = data.draw(tensors([n, c, *spatial]))
     if probabilities:
-        target = torch.softmax(data.draw(tensors([n, c, *spatial], dtype)), dim=1)
+        target = torch.softmax(data.draw(tensors([n, c, *spatial])).value(), dim=1).to(dtype)
     else:
         seed = data.draw(st.integers(0, 2**31 - 1))
         target = torch.randint(0, c, (n, *spatial), generator=torch.Generator().manual_seed(seed))
         if ignore and target.numel():
             target.view(-1)[::2] = 2  # an ignored class index that is also a real class
-    weight = data.draw(tensors([c], dtype, low=0.1, high=2.0)) if weighted else None
-    kw = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, ignore_index=2 if ignore else -100)
-    _compare(backend, lambda x, t: PF.cross_entropy(x, t, **kw), lambda x, t: F.cross_entropy(x, t, **kw),
-             [logits, target], dtype)
+    target = target.to(device)
+    weight = data.draw(tensors([c], low=0.1, high=2.0)).value().to(device, dtype) if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=smoothing, ignore_index=2 if ignore else -100)
+    x_shape = (n, c, *spatial)
+
+    def terms(g):
+        return gradient_terms(torch.empty(x_shape), target, g, weight, **kw)
+
+    def magnitudes(views, g):  # p - y' cancels to 0 for one class: its terms are g w / denominator
+        return None, [torch.full(x_shape, terms(g), dtype=torch.float64, device=g.device)]
+
+    _compare(backend, device, lambda x, t, w: PF.cross_entropy(x, t, w, **kw),
+             lambda x, t, w: F.cross_entropy(x, t, w, **kw), [logits], dtype, others=(target, weight),
+             magnitudes=magnitudes)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @SETTINGS
-@given(data=st.data(), shape=st.lists(sizes, max_size=3), dtype=dtypes,
-       reduction=st.sampled_from(["none", "mean", "sum"]), weighted=st.booleans(), pos_weighted=st.booleans())
-def test_pointwise_losses(backend, data, shape, dtype, reduction, weighted, pos_weighted):
-    x, y = data.draw(tensors(shape, dtype)), data.draw(tensors(shape, dtype, low=0.0, high=1.0))
-    _compare(backend, lambda a, b: PF.mse_loss(a, b, reduction=reduction),
+@given(data=st.data(), shape=shapes(), dtype=dtypes, reduction=st.sampled_from(["none", "mean", "sum"]),
+       weighted=st.booleans(), pos_weighted=st.booleans())
+def test_pointwise_losses(backend, device, data, shape, dtype, reduction, weighted, pos_weighted):
+    x, y = data.draw(tensors(shape)), data.draw(tensors(shape, low=0.0, high=1.0))
+    _compare(backend, device, lambda a, b: PF.mse_loss(a, b, reduction=reduction),
              lambda a, b: F.mse_loss(a, b, reduction=reduction), [x, y], dtype)
-    kw = dict(reduction=reduction)
-    if weighted:
-        kw["weight"] = data.draw(tensors(shape, dtype, low=0.1, high=2.0))
-    if pos_weighted and shape:
-        kw["pos_weight"] = data.draw(tensors(shape[-1:], dtype, low=0.1, high=3.0))
-    _compare(backend, lambda a, b: PF.binary_cross_entropy_with_logits(a, b, **kw),
-             lambda a, b: F.binary_cross_entropy_with_logits(a, b, **kw), [x, y], dtype)
-
+    weight = data.draw(tensors(shape, low=0.1, high=2.0)).value().to(device, dtype) if weighted else None
+    pos_weight = (data.draw(tensors(shape[-1:], low=0.1, high=3.0)).value().to(device, dtype)
+                  if pos_weighted and shape else None)
+    _compare(backend, device,
+             lambda a, b, w, pw: PF.binary_cross_entropy_with_logits(a, b, w, reduction=reduction, pos_weight=pw),
+             lambda a, b, w, pw: F.binary_cross_entropy_with_logits(a, b, w, reduction=reduction, pos_weight=pw),
+             [x, y], dtype, others=(weight, pos_weight))

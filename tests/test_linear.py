@@ -7,7 +7,7 @@ import pyengine.functional as PF
 import pyengine.nn as pnn
 from pyengine import _backend
 from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
-                   grads, make, on)
+                   grads, make, on, product_magnitudes)
 
 # (x shape, out_features): batch dims of every rank, 1-D input, empty batch, K = 0, N = 1, vector tails
 SHAPES = [((5, 3), 4), ((1, 1), 1), ((7,), 3), ((2, 3, 17), 9), ((2, 2, 2, 8), 5), ((0, 6), 4), ((4, 0), 3),
@@ -52,9 +52,10 @@ def test_half_precision_error_within_twice_torch(backend, device, dtype):
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     y64 = F.linear(x64, w64, b64)
     ref, _ = grads(y64, [x64, w64, b64], gy.double())
-    assert_half_close(y, F.linear(x, w, b), y64)
-    for g, g_torch, g64 in zip(ours, theirs, ref):
-        assert_half_close(g, g_torch, g64)
+    m_y, [(m_w, m_b)], m_x = product_magnitudes(x, [(w, b, None)], gy)
+    assert_half_close(y, F.linear(x, w, b), y64, m_y)
+    for g, g_torch, g64, m in zip(ours, theirs, ref, (m_x, m_w, m_b)):
+        assert_half_close(g, g_torch, g64, m)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -134,21 +135,28 @@ def test_only_needed_gradients_are_computed(backend, device):
     assert_close(w.grad, torch.ones(4, 2, device=device).t() @ x)
 
 
-BAD_INPUTS = {
-    "shapes": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 6, device=d)), {}),
-    "dtypes": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 4, dtype=torch.float64, device=d)), {}),
-    "0-dim input": lambda d: ((torch.tensor(1.0, device=d), torch.rand(3, 1, device=d)), {}),
-    "3-D weight": lambda d: ((torch.rand(3, 4, device=d), torch.rand(2, 5, 4, device=d)), {}),
-    "bias length": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 4, device=d), torch.rand(4, device=d)), {}),
+BAD_INPUTS = {  # (args, kwargs, torch's key phrase)
+    "shapes": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 6, device=d)), {},
+                         r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 6x5\)"),
+    "dtypes": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 4, dtype=torch.float64, device=d)), {},
+                         "have the same dtype"),
+    "0-dim input": lambda d: ((torch.tensor(1.0, device=d), torch.rand(3, 1, device=d)), {},
+                              "both arguments to linear need to be at least 1D, but they are 0D and 2D"),
+    "3-D weight": lambda d: ((torch.rand(3, 4, device=d), torch.rand(2, 5, 4, device=d)), {},
+                             "expects a tensor with <= 2 dimensions, but self is 3D"),
+    "bias length": lambda d: ((torch.rand(3, 4, device=d), torch.rand(5, 4, device=d), torch.rand(4, device=d)), {},
+                              r"The expanded size of the tensor \(5\) must match the existing size \(4\)"),
+    "1-D weight with bias": lambda d: ((torch.rand(3, 4, device=d), torch.rand(4, device=d), torch.rand(1, device=d)),
+                                       {}, "mat2 must be a matrix, got 1-D tensor"),
 }
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=str)
 def test_bad_input_raises_like_torch(backend, device, case):
-    args, kwargs = BAD_INPUTS[case](device)
+    args, kwargs, phrase = BAD_INPUTS[case](device)
     with on(backend):
-        assert_raises_like(lambda: F.linear(*args, **kwargs), lambda: PF.linear(*args, **kwargs))
+        assert_raises_like(lambda: F.linear(*args, **kwargs), lambda: PF.linear(*args, **kwargs), phrase)
 
 
 # linear with a fused activation, against torch's unfused composition
@@ -194,9 +202,10 @@ def test_activation_half_precision_error_within_twice_torch(backend, device, dty
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     y64 = torch_linear_act(x64, w64, b64, activation)
     ref, _ = grads(y64, [x64, w64, b64], gy.double())
-    assert_half_close(y, y_torch, y64)
-    for g, g_torch, g64 in zip(ours, theirs, ref):
-        assert_half_close(g, g_torch, g64)
+    m_y, [(m_w, m_b)], m_x = product_magnitudes(x, [(w, b, activation)], gy)
+    assert_half_close(y, y_torch, y64, m_y)
+    for g, g_torch, g64, m in zip(ours, theirs, ref, (m_x, m_w, m_b)):
+        assert_half_close(g, g_torch, g64, m)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -248,7 +257,7 @@ def test_activation_none_is_plain_linear_and_1d_weight(backend, device):
     w = make((5, 4), torch.float64, device)
     w1 = make((4,), torch.float64, device)
     with on(backend):
-        assert torch.equal(PF.linear(x, w, activation=None), PF.linear(x, w))
+        assert_close(PF.linear(x, w, activation=None), F.linear(x, w))
         assert_close(PF.linear(x, w1, activation="sigmoid"), torch.sigmoid(F.linear(x, w1)))
     xi, wi = torch.randint(-3, 4, (3, 4)), torch.randint(-3, 4, (5, 4))
     torch.testing.assert_close(PF.linear(xi, wi, activation="relu"), F.relu(F.linear(xi, wi)))

@@ -6,7 +6,7 @@ import pyengine
 import pyengine.functional as PF
 from pyengine.ops.linear_cross_entropy import CHUNK_ENV
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   assert_raises_like, grads, make, on)
+                   assert_raises_like, grads, magnitude, make, on)
 
 IGNORE = -100
 REDUCTIONS = ["mean", "sum", "none"]
@@ -47,16 +47,26 @@ def composition(x, w, b, t, **kw):
     return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
 
 
-def check_against_torch(backend, x, w, b, t, chunk_bytes=None, compare=assert_close, **kw):
-    inputs = [p for p in (x, w, b) if p is not None and p.requires_grad]
+def check_against_torch(backend, x, w, b, t, chunk_bytes=None, **kw):
+    params = [p for p in (x, w, b) if p is not None and p.requires_grad]
     with on(backend):
         loss = PF.linear_cross_entropy(x, w, b, t, chunk_bytes=chunk_bytes, **kw)
-        ours, g = grads(loss, inputs)
+        ours, g = grads(loss, params)
     ref = composition(x, w, b, t, **kw)
-    theirs, _ = grads(ref, inputs, g)
-    compare(loss, ref)
-    for a, r in zip(ours, theirs):
-        compare(a, r)
+    theirs, _ = grads(ref, params, g)
+    assert_close(loss, ref)
+    scales = gradient_terms(x, w, t, g, kw.get("reduction", "mean"))
+    for a, r, p in zip(ours, theirs, params):
+        assert_close(a, r, scale=scales[0 if p is x else 1 if p is w else 2])
+
+
+def gradient_terms(x, w, t, g, reduction):
+    """The sizes of the sums of |terms| in dx, dW and db, where each row's logit gradient dz = g (p - y')
+    [/ kept rows] has sum_v |dz_v| <= 2 g: they cancel to 0 up to rounding when p = y' (one class)."""
+    kept = int((t != IGNORE).sum())
+    per_row = 2 * magnitude(g) / (max(kept, 1) if reduction == "mean" else 1)
+    rows = max(t.numel(), 1)
+    return per_row * magnitude(w), per_row * rows * magnitude(x), per_row * rows
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -223,23 +233,24 @@ def test_bad_input_raises_like_torch(backend, device):
     x, w, b = params((4,), 3, 5, torch.float32, device)
     t = torch.tensor([0, 1, 2, 4], device=device)
     out_of_range = [] if device == "cuda" else [  # CUDA: a device-side assert, as torch's (see test_cross_entropy)
-        (x, w, b, torch.tensor([0, 1, 5, 1], device=device), {}),
-        (x, w, b, torch.tensor([0, -1, 2, IGNORE], device=device), dict(reduction="none", label_smoothing=0.1)),
+        (x, w, b, torch.tensor([0, 1, 5, 1], device=device), {}, "Target 5 is out of bounds"),
+        (x, w, b, torch.tensor([0, -1, 2, IGNORE], device=device), dict(reduction="none", label_smoothing=0.1),
+         "Target -1 is out of bounds"),
     ]
-    cases = out_of_range + [
-        (x, w[:, :2], b, t, {}),  # H mismatch
-        (x, w.double(), b, t, {}),
-        (x, w, b.double(), t, {}),
-        (x, w, b[:4], t, {}),
-        (x, w[0], b, t, {}),  # 1-D weight
-        (x, w, b, t.int(), {}),
-        (x, w, b, t.float(), {}),
-        (x, w, b, t[:3], {}),  # batch mismatch
-        (x, w, b, t, dict(reduction="avg")),
-        (x, w, b, t, dict(label_smoothing=1.5)),
-        (x.detach().long(), w.detach().long(), None, t, {}),
+    cases = out_of_range + [  # (x, weight, bias, target, kwargs, torch's key phrase)
+        (x, w[:, :2], b, t, {}, "mat1 and mat2 shapes cannot be multiplied"),  # H mismatch
+        (x, w.double(), b, t, {}, "have the same dtype"),
+        (x, w, b.double(), t, {}, "have the same dtype"),
+        (x, w, b[:4], t, {}, r"The expanded size of the tensor \(5\) must match the existing size \(4\)"),
+        (x, w[0], b, t, {}, "mat2 must be a matrix, got 1-D tensor"),  # 1-D weight
+        (x, w, b, t.int(), {}, "expected target dtype to be Long or Byte, but got Int"),
+        (x, w, b, t.float(), {}, "expected target dtype to be Long or Byte, but got Float"),
+        (x, w, b, t[:3], {}, r"Expected input batch_size \(4\) to match target batch_size \(3\)"),
+        (x, w, b, t, dict(reduction="avg"), "avg is not a valid value for reduction"),
+        (x, w, b, t, dict(label_smoothing=1.5), "label_smoothing must be between 0.0 and 1.0"),
+        (x.detach().long(), w.detach().long(), None, t, {}, "not implemented for 'Long'"),
     ]
-    for xi, wi, bi, ti, kw in cases:
+    for xi, wi, bi, ti, kw, phrase in cases:
         def ours(xi=xi, wi=wi, bi=bi, ti=ti, kw=kw):
             with on(backend):
                 PF.linear_cross_entropy(xi, wi, bi, ti, **kw).sum().backward()
@@ -247,7 +258,7 @@ def test_bad_input_raises_like_torch(backend, device):
         def theirs(xi=xi, wi=wi, bi=bi, ti=ti, kw=kw):
             composition(xi, wi, bi, ti, **kw).sum().backward()
 
-        assert_raises_like(theirs, ours)
+        assert_raises_like(theirs, ours, phrase)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
@@ -259,22 +270,22 @@ def test_kernels_check_their_arguments(backend, device):
     loss, lse, denom, dx, dw, db = C.linear_cross_entropy_forward(x, w, b, t, IGNORE, 0, 0.0, True, True, True, 64)
     assert dx is None and dw is None and db is None  # reduction none: gradients come from the backward
     g = torch.ones(3, device=device)
-    bad = [
-        lambda: C.linear_cross_entropy_forward(x, w[:, :3], b, t),
-        lambda: C.linear_cross_entropy_forward(x, w, b[:4], t),
-        lambda: C.linear_cross_entropy_forward(x, w, b, t[:2]),
-        lambda: C.linear_cross_entropy_forward(x, w, b, t.int()),
-        lambda: C.linear_cross_entropy_forward(x, w.double(), b, t),
-        lambda: C.linear_cross_entropy_forward(x, w, b, t, chunk_bytes=0),
-        lambda: C.linear_cross_entropy_backward(g[:2], x, w, b, t, lse),
-        lambda: C.linear_cross_entropy_backward(g, x, w, b, t, lse[:2]),
-        lambda: C.linear_cross_entropy_backward(g.double(), x, w, b, t, lse),
+    bad = [  # (call, what its message must say)
+        (lambda: C.linear_cross_entropy_forward(x, w[:, :3], b, t), r"weight must have shape \[5, 4\], got \[5, 3\]"),
+        (lambda: C.linear_cross_entropy_forward(x, w, b[:4], t), r"bias must have shape \[5\], got \[4\]"),
+        (lambda: C.linear_cross_entropy_forward(x, w, b, t[:2]), r"target must have shape \[3\], got \[2\]"),
+        (lambda: C.linear_cross_entropy_forward(x, w, b, t.int()), "target must have dtype Long, got Int"),
+        (lambda: C.linear_cross_entropy_forward(x, w.double(), b, t), "weight has dtype Double but the other"),
+        (lambda: C.linear_cross_entropy_forward(x, w, b, t, chunk_bytes=0), "chunk_bytes must be positive, got 0"),
+        (lambda: C.linear_cross_entropy_backward(g[:2], x, w, b, t, lse), r"grad_loss must have shape \[3\]"),
+        (lambda: C.linear_cross_entropy_backward(g, x, w, b, t, lse[:2]), r"lse must have shape \[3\], got \[2\]"),
+        (lambda: C.linear_cross_entropy_backward(g.double(), x, w, b, t, lse), "grad_loss must have dtype Float"),
     ]
-    for call in bad:
-        with pytest.raises(RuntimeError):
+    for call, phrase in bad:
+        with pytest.raises(RuntimeError, match=phrase):
             call()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reduction must be 0 .none., 1 .mean. or 2 .sum., got 3"):
         C.linear_cross_entropy_forward(x, w, b, t, IGNORE, 3)
     if device == "cpu":
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="Target 5 is out of bounds"):
             C.linear_cross_entropy_forward(x, w, b, torch.tensor([0, 5, 1], device=device))

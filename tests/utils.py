@@ -1,5 +1,9 @@
-"""What every op test shares: the backend x device grid, the tolerance table, and torch-parity helpers."""
+"""What every op test shares: the backend x device grid, the tolerance table, and the torch-parity helpers
+(each of which tests/test_suite_catches.py shows rejecting a known-wrong result)."""
 import contextlib
+import gc
+import os
+import re
 
 import pytest
 import torch
@@ -22,16 +26,18 @@ COMPILED_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "python"]
 FLOAT_DTYPES = [torch.float64, torch.float32]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
-# The one tolerance table. float64 and float32 compare with torch directly; float16/bfloat16 compare errors
-# against a float64 reference instead (assert_half_close), since torch's own half result is itself inexact.
+# The one tolerance table. float64 and float32 compare with torch directly (assert_close): |ours - torch| <=
+# atol * M + rtol * |torch| elementwise, where M is the largest finite magnitude in torch's result. atol is scaled
+# by M because sums that cancel lose digits relative to the terms they add, never absolutely: a fixed atol of 1e-5
+# would accept an all-zero gradient whose elements are all about 1e-5.
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),  # atol: sums that cancel lose digits in any order
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
 }
-# In half precision pyengine's error against float64 may be at most HALF_ERROR_FACTOR times torch's own error
-# in that dtype, plus HALF_ATOL (one rounding of a value near 1) for results torch happens to get exactly.
+# float16/bfloat16 compare errors against a float64 reference instead (assert_half_close), since torch's own half
+# result is itself inexact: every element's error relative to its own magnitude is at most HALF_ERROR_FACTOR times
+# torch's largest relative error, and never held below HALF_ERROR_FACTOR roundings to the dtype.
 HALF_ERROR_FACTOR = 2.0
-HALF_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @contextlib.contextmanager
@@ -40,36 +46,139 @@ def on(backend):
         yield
 
 
-def assert_close(actual, expected, dtype=None):
-    """actual against torch's result: exact dtype and shape, values within TOL, NaN where torch has NaN."""
+def magnitude(t):
+    """The largest finite |value| of t as a Python float (0 for an empty or all-non-finite tensor)."""
+    finite = t.detach().double().abs()
+    finite = finite[torch.isfinite(finite)]
+    return finite.max().item() if finite.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype=None, scale=None):
+    """actual against torch's result: exact dtype and shape, values within TOL, NaN and infinities where torch
+    has them. atol is scaled by the largest magnitude in expected, or by `scale` where the caller knows the
+    size of the terms the result sums and they can cancel far below it (one class: p - y is 0 up to the
+    rounding of terms of size 1; tanh's 1 - y^2 near saturation)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     tol = TOL[dtype or expected.dtype]
-    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+    size = magnitude(expected) if scale is None else max(magnitude(expected), float(scale))
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=tol["rtol"], atol=tol["atol"] * size)
 
 
-def assert_half_close(actual, torch_result, reference64):
-    """float16/bfloat16: pyengine's max error against the float64 reference is at most HALF_ERROR_FACTOR
-    times torch's own, plus HALF_ATOL scaled by the reference's magnitude."""
-    assert actual.shape == torch_result.shape and actual.dtype == torch_result.dtype
-    ref = reference64.double()
-    ours = (actual.double() - ref).abs().nan_to_num(posinf=0.0)
-    theirs = (torch_result.double() - ref).abs().nan_to_num(posinf=0.0)
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    torch_worst = theirs.max().item() if theirs.numel() else 0.0
-    bound = HALF_ERROR_FACTOR * torch_worst + HALF_ATOL[actual.dtype] * max(scale, 1.0)
-    worst = ours.max().item() if ours.numel() else 0.0
-    assert worst <= bound, (f"{actual.dtype}: max error {worst:.3g} against float64, bound {bound:.3g} "
-                            f"(torch's error {torch_worst:.3g})")
-    assert torch.equal(actual.isnan(), torch_result.isnan()), "NaN in different places than torch"
+def half_relative_errors(result, reference64, magnitude=None):
+    """|result - reference| / max(magnitude, the dtype's smallest normal) per element, in float64; magnitude
+    defaults to |reference|."""
+    ref = reference64.detach().double()
+    mag = ref.abs() if magnitude is None else magnitude.detach().double().abs()
+    return (result.detach().double() - ref).abs() / mag.clamp_min(torch.finfo(result.dtype).tiny)
 
 
-def assert_raises_like(torch_call, our_call):
-    """Where torch raises, pyengine raises the same exception type (and never crashes or returns)."""
+def assert_half_close(actual, torch_result, reference64, magnitude=None):
+    """float16/bfloat16 against the float64 reference, element by element:
+    - where the reference is not finite, or overflows the dtype, pyengine gives what torch gives (inf of the
+      same sign, NaN);
+    - everywhere else pyengine's error relative to the element's magnitude is at most HALF_ERROR_FACTOR times
+      torch's largest such error among the elements where torch is finite, and never held below that many
+      roundings to the dtype (eps / 2: no result is exacter than its rounding). An element where torch
+      overflows while the reference does not is held to the same bound (torch's error there is infinite).
+    magnitude: the size of the terms each element sums, where a sum can cancel far below them (a matrix
+    product: |A| @ |B|, see product_magnitudes); default |reference|."""
+    assert actual.shape == torch_result.shape, (actual.shape, torch_result.shape)
+    assert actual.dtype == torch_result.dtype, (actual.dtype, torch_result.dtype)
+    ours, theirs, ref = actual.detach().double(), torch_result.detach().double(), reference64.detach().double()
+    special = ~torch.isfinite(ref) | (ref.abs() > torch.finfo(actual.dtype).max)
+    same = (ours == theirs) | (ours.isnan() & theirs.isnan())
+    assert same[special].all(), (
+        f"{actual.dtype}: where the float64 reference is {ref[special & ~same][:5].tolist()} pyengine gives "
+        f"{ours[special & ~same][:5].tolist()} and torch {theirs[special & ~same][:5].tolist()}")
+    judged = ~special
+    torch_finite = judged & torch.isfinite(theirs)
+    our_err = half_relative_errors(actual, ref, magnitude)[judged]
+    torch_err = half_relative_errors(torch_result, ref, magnitude)[torch_finite]
+    torch_worst = torch_err.max().item() if torch_err.numel() else 0.0
+    rounding = torch.finfo(actual.dtype).eps / 2
+    bound = HALF_ERROR_FACTOR * max(torch_worst, rounding)
+    worst = our_err.nan_to_num(nan=float("inf")).max().item() if our_err.numel() else 0.0
+    assert worst <= bound, (f"{actual.dtype}: largest relative error {worst:.3g} against float64 "
+                            f"(element {our_err.nan_to_num(nan=float('inf')).argmax().item()} of those judged), "
+                            f"bound {bound:.3g} (torch's largest {torch_worst:.3g}, one rounding {rounding:.3g})")
+
+
+# The size of the terms of an activation's gradient dy * f'(x) where the backward computes it from the saved
+# output y: sigmoid's y (1 - y) and tanh's 1 - y^2 cancel where y saturates, and there the output's own rounding
+# sets their error. (relu and leaky_relu scale dy and need none.)
+OUTPUT_GRADIENT_TERMS = {"sigmoid": lambda y: y.abs() + y * y, "tanh": lambda y: 1 + y * y}
+
+
+def output_gradient_magnitude(op, y64, grad_out):
+    """assert_half_close's magnitude for the input gradient of activation `op` (None: its own magnitude)."""
+    terms = OUTPUT_GRADIENT_TERMS.get(op)
+    return None if terms is None else grad_out.detach().double().abs() * terms(y64.detach().double())
+
+
+def product_magnitudes(x, layers, grad_out):
+    """The magnitudes assert_half_close takes for a stack of linear layers y = act(h @ W^T + b), computed in
+    float64 from the float64 reference's values: x (M, K0); layers a list of (W, b or None, act name or None);
+    grad_out (M, N_last). Each output element of a product is a sum whose terms have the size |A| @ |B|; its
+    rounding error scales with that, however far the sum cancels. An activation carries its input's error on
+    (times |act'|) beside its own rounding. Returns (output magnitude, [per layer: (dW, db) magnitudes],
+    input-gradient magnitude)."""
+    act_fns = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+    h, m_h, saved = x.detach().double(), x.detach().double().abs(), []
+    for w, b, act in layers:
+        w64 = w.detach().double()
+        z = h @ w64.T + (0 if b is None else b.detach().double())
+        m_z = m_h @ w64.abs().T + (0 if b is None else b.detach().double().abs())
+        y = act_fns[act](z)
+        d_act = torch.ones_like(z) if act is None else (z > 0).double() if act == "relu" else y * (1 - y)
+        saved.append((m_h, w64, d_act))
+        h, m_h = y, y.abs() + d_act * m_z
+    m_g, grads = grad_out.detach().double().abs(), []
+    for m_in, w64, d_act in reversed(saved):
+        m_dz = m_g * d_act
+        grads.append((m_dz.T @ m_in, m_dz.sum(0)))
+        m_g = m_dz @ w64.abs()
+    return m_h, grads[::-1], m_g
+
+
+def assert_raises_like(torch_call, our_call, match):
+    """Where torch raises, pyengine raises the same exception type with torch's key phrase: `match` is a regular
+    expression that torch's own message must match (so it is torch's phrase) and pyengine's message too. Never a
+    crash, never a return."""
     with pytest.raises(Exception) as torch_exc:
         torch_call()
-    with pytest.raises(type(torch_exc.value)):
+    assert re.search(match, str(torch_exc.value)), (
+        f"torch's {type(torch_exc.value).__name__} no longer says {match!r}: {torch_exc.value}")
+    with pytest.raises(type(torch_exc.value), match=match):
         our_call()
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_growth_per_call(call, device="cpu", calls=4000, windows=3):
+    """Bytes the process keeps per call of `call` once warmed up: the smallest growth over `windows` runs of
+    `calls` calls each (resident memory on the CPU, torch's allocated bytes on CUDA). A leak grows in every
+    window; allocator noise (an arena growing once, a page kept) does not, so the smallest window tells."""
+    def measure():
+        gc.collect()
+        return torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
+
+    for _ in range(calls // 4):
+        call()
+    growth = []
+    for _ in range(windows):
+        before = measure()
+        for _ in range(calls):
+            call()
+        growth.append((measure() - before) / calls)
+    return min(growth)
+
+
+# A leak of the smallest output the memory test keeps, (16, 8) float32, costs more than 512 bytes per call.
+MAX_GROWTH_PER_CALL = 64
 
 
 def make(shape, dtype, device, requires_grad=False, low=-3.0, high=3.0, noncontiguous=False):

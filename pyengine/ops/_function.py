@@ -122,3 +122,32 @@ def result_type(*operands):
                      else torch.get_default_dtype() if isinstance(x, float) else torch.complex64)
         found[slot] = dtype if found[slot] is None else torch.promote_types(found[slot], dtype)
     return _combine(found[0], _combine(found[1], found[2]))
+
+
+# torch's names of dtypes in its messages: c10's ScalarType names ("expected ... but got Float") and the C++
+# types of its checked conversions ("value cannot be converted to type int8_t without overflow").
+SCALAR_TYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+                     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                     torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                     torch.complex128: "ComplexDouble"}
+C_TYPE_NAMES = {torch.float64: "double", torch.float32: "float", torch.float16: "c10::Half",
+                torch.bfloat16: "c10::BFloat16", torch.int64: "int64_t", torch.int32: "int", torch.int16: "int16_t",
+                torch.int8: "int8_t", torch.uint8: "uint8_t"}
+
+
+def scalar_type_name(dtype):
+    """The name torch's messages give dtype: 'Float' for torch.float32, 'Long' for torch.int64."""
+    return SCALAR_TYPE_NAMES.get(dtype, str(dtype))
+
+
+def not_differentiable(op, **arguments):
+    """Raises torch's error when a tensor argument that torch cannot differentiate requires grad while grad mode
+    is on (a class weight, pos_weight): silently leaving its .grad at None would hide a model that never learns
+    it. `op` is the name torch's message gives the function."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in arguments.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"The function '{op}' is not differentiable with respect to argument '{name}'. "
+                               "This input cannot have requires_grad True.")
+

@@ -13,7 +13,7 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, result_type
+from ._function import acc_dtype, autocast, not_differentiable, result_type, scalar_type_name
 from .mse_loss import REDUCTIONS, _check_reduction, _reduce
 
 
@@ -70,6 +70,10 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             if t is not None and (t.shape != input.shape or t.dtype != input.dtype):
                 raise RuntimeError(f"BinaryCrossEntropyWithLogitsFunction: {name} must have the input's shape "
                                    f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise RuntimeError("The function 'binary_cross_entropy_with_logits' is not differentiable with respect "
+                               f"to argument '{'weight' if ctx.needs_input_grad[2] else 'pos_weight'}'. This input "
+                               "cannot have requires_grad True.")
         ctx.kernels = _backend.kernels(input.device)
         ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
         ctx.save_for_backward(input, target, weight, pos_weight)  # the inputs themselves, for double backward
@@ -94,9 +98,14 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     input, target, weight, pos_weight = autocast("float32", input, target, weight, pos_weight)
     if target.shape != input.shape:
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if not input.is_floating_point() or not target.is_floating_point():
-        raise RuntimeError(f"binary_cross_entropy_with_logits: expected floating-point input and target, got "
-                           f"{input.dtype} and {target.dtype}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"binary_cross_entropy_with_logits\" not implemented for "
+                                  f"'{scalar_type_name(input.dtype)}': the input must hold floating-point logits")
+    if not target.is_floating_point():
+        raise RuntimeError(f"result type {scalar_type_name(result_type(input, target))} can't be cast to the desired "
+                           f"output type {scalar_type_name(target.dtype)} (binary_cross_entropy_with_logits takes a "
+                           "floating-point target)")
+    not_differentiable("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
     dtype = result_type(input, target)
     input, target = input.to(dtype), target.to(dtype)
     if weight is not None:

@@ -14,7 +14,7 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, first_order_only
+from ._function import acc_dtype, autocast, first_order_only, not_differentiable, scalar_type_name
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -110,39 +110,57 @@ def cross_entropy_forward_with_grad(logits, target, weight=None, ignore_index=-1
 
 
 def _flatten(input, target, weight, label_smoothing):
-    """Checks the arguments as torch does and views them as (N, C, D) logits and (N, D) or (N, C, D) targets."""
+    """Checks the arguments in torch's order, with torch's messages, and views them as (N, C, D) logits and (N, D)
+    class indices or (N, C, D) probabilities. As in torch, a target of the input's own shape holds class
+    probabilities, any other a class index per row."""
     if not input.is_floating_point():
         raise RuntimeError(f"cross_entropy: input must be a floating-point tensor of logits, got {input.dtype}")
-    if input.dim() == 0:
-        raise RuntimeError("cross_entropy: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ...)")
+    c = 1 if input.dim() == 0 else input.shape[0] if input.dim() == 1 else input.shape[1]
+    if target.shape == input.shape:
+        if not target.is_floating_point():
+            raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                               f"{scalar_type_name(target.dtype)}")
+        if input.dim() == 0:
+            raise RuntimeError("cross_entropy: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ...)")
+        if label_smoothing > 1.0:
+            raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        _check_weight(weight, c, "cross_entropy: ")
+        logits = _view_logits(input, c)
+        return logits, target.reshape(logits.shape)
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    c = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if weight is not None:
-        if weight.dim() != 1 or weight.numel() != c:
-            raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes but got "
-                               f"weight tensor of shape: {list(weight.shape)}")
-    d = 1
-    for size in input.shape[2:]:
-        d *= size
-    logits = input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, d)  # not -1: N may be 0
-    if target.is_floating_point():
-        if target.shape != input.shape:
-            raise RuntimeError(f"cross_entropy: class-probability target must have the input's shape "
-                               f"{list(input.shape)}, got {list(target.shape)}")
-        return logits, target.reshape(logits.shape)
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ...)")
     if input.dim() == 1:
-        if target.dim() != 0:
-            raise RuntimeError(f"cross_entropy: for input of shape (C) the target is a 0-dim class index, "
-                               f"got shape {list(target.shape)}")
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+    elif input.dim() == 2 and target.dim() > 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     elif target.dim() == 0 or target.shape[0] != input.shape[0]:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
                          f"({target.shape[0] if target.dim() else 0}).")
     elif target.shape != input.shape[:1] + input.shape[2:]:
         raise RuntimeError(f"Expected target size {list(input.shape[:1] + input.shape[2:])}, got {list(target.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
+    _check_weight(weight, c, "")
+    logits = _view_logits(input, c)
     return logits, target.reshape(logits.shape[0], logits.shape[2]).to(torch.int64)
+
+
+def _check_weight(weight, c, prefix):
+    if weight is not None and (weight.dim() != 1 or weight.numel() != c):
+        raise RuntimeError(f"{prefix}weight tensor should be defined either for all {c} classes or no classes but got "
+                           f"weight tensor of shape: {list(weight.shape)}")
+
+
+def _view_logits(input, c):
+    d = 1
+    for size in input.shape[2:]:
+        d *= size
+    return input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, d)  # not -1: N may be 0
 
 
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
@@ -154,6 +172,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         logits, tgt = _flatten(input, target, weight, label_smoothing)
+        if ctx.needs_input_grad[2] and not tgt.is_floating_point():
+            not_differentiable("nll_loss_forward", weight=weight)
         if tgt.is_floating_point() and ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         ctx.target_dtype = target.dtype
@@ -172,7 +192,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # for float16/bfloat16, whose saved gradient would be rounded twice when the incoming one is not 1.
         # Not while torch.compile traces (the backward reads the incoming gradient on the host), nor when the
         # probabilities of the target want a gradient too.
-        ctx.fused = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and reduction != "none"
+        ctx.fused = (ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3]) and reduction != "none"
                      and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
         if ctx.fused:
             loss, grad, _ = ctx.kernels.cross_entropy_forward_with_grad(logits, tgt, weight, *ctx.args)
@@ -210,7 +230,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 g = g / denom
             w = 1.0 if weight is None else weight.to(lse.dtype).view(1, -1, 1)
             grad_target = (-(1.0 - smoothing) * w * log_p * g).reshape(ctx.input_shape).to(ctx.target_dtype)
-        return grad, grad_target, None, None, None, None
+        grad_weight = None
+        if ctx.needs_input_grad[2]:  # probability targets (torch differentiates their weight): d loss / d w_c
+            _, reduction, smoothing = ctx.args  # = sum over rows of g y'_c (lse - x_c) [/ denom]
+            c = logits.shape[1]
+            y = tgt.to(lse.dtype) * (1.0 - smoothing) + smoothing / c
+            g = grad_loss.reshape(lse.shape).unsqueeze(1) if reduction == 0 else grad_loss
+            if reduction == 1:
+                g = g / denom
+            grad_weight = (y * (lse.unsqueeze(1) - logits.to(lse.dtype)) * g).sum(dim=(0, 2)).to(weight.dtype)
+        return grad, grad_target, grad_weight, None, None, None
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -222,6 +251,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
     input, target, weight = autocast("float32", input, target, weight)
+    if weight is not None and torch.is_tensor(target) and target.shape != input.shape:  # class indices: torch
+        not_differentiable("nll_loss_forward", weight=weight)  # refuses a weight that requires grad
     compiled = _backend.compiled_autograd(input)
     # the common case, (N, C) logits and class indices, as a C++ node; the Python Function checks and runs the rest
     if (compiled is not None and input.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64

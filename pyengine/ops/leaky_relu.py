@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ._function import acc_dtype
+from ._function import acc_dtype, scalar_type_name
 
 
 @_backend.reference
@@ -46,7 +46,8 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     if not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"leaky_relu(): negative_slope must be a number, got {type(negative_slope).__name__}")
     if not input.is_floating_point():
-        raise NotImplementedError(f"\"leaky_relu\" not implemented for {input.dtype}: pass a floating-point tensor")
+        raise NotImplementedError(f"\"leaky_relu\" not implemented for '{scalar_type_name(input.dtype)}': pass a "
+                                  "floating-point tensor")
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.leaky_relu(input, float(negative_slope))

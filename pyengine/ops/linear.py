@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._function import autocast
+from ._function import acc_dtype, autocast
 
 
 # The activation codes of the kernels' `activation` argument.
@@ -27,25 +27,31 @@ RELU, SIGMOID = ACTIVATIONS["relu"], ACTIVATIONS["sigmoid"]
 
 @_backend.reference
 def linear_forward(x, weight, bias=None, activation=0):
-    y = x @ weight.T
+    # in float for float16/bfloat16 (the kernels' acc_t), rounded once at the end, as torch's addmm does;
+    # integers stay integers (and sigmoid makes them float, as torch.sigmoid does)
+    acc = acc_dtype(x.dtype) if x.is_floating_point() else x.dtype
+    z = x.to(acc) @ weight.to(acc).T
     if bias is not None:
-        y = y + bias
+        z = z + bias.to(acc)
     if activation == RELU:
-        return torch.relu(y)
-    if activation == SIGMOID:
-        return torch.sigmoid(y)
-    return y
+        z = torch.relu(z)
+    elif activation == SIGMOID:
+        z = torch.sigmoid(z)
+    return z.to(x.dtype) if x.is_floating_point() else z
 
 
 @_backend.reference
 def linear_backward(grad_y, x, weight, need_x=True, need_weight=True, need_bias=True, activation=0, y=None):
+    acc = acc_dtype(x.dtype)
+    grad_z = grad_y.to(acc)
     if activation == RELU:  # y <= 0 selects the zeros, so a NaN output passes its gradient on
-        grad_y = torch.where(y <= 0, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device), grad_y)
+        grad_z = torch.where(y <= 0, torch.zeros((), dtype=acc, device=grad_z.device), grad_z)
     elif activation == SIGMOID:
-        grad_y = grad_y * y * (1 - y)
-    grad_x = grad_y @ weight if need_x else None
-    grad_weight = grad_y.T @ x if need_weight else None
-    grad_bias = grad_y.sum(0) if need_bias else None
+        y = y.to(acc)
+        grad_z = grad_z * y * (1 - y)
+    grad_x = (grad_z @ weight.to(acc)).to(x.dtype) if need_x else None
+    grad_weight = (grad_z.T @ x.to(acc)).to(x.dtype) if need_weight else None
+    grad_bias = grad_z.sum(0).to(x.dtype) if need_bias else None
     return grad_x, grad_weight, grad_bias
 
 
@@ -57,18 +63,27 @@ def activation_code(activation):
     return ACTIVATIONS[activation]
 
 
-def _check(x, weight, bias):
-    if x.dim() < 1 or weight.dim() != 2:
-        raise RuntimeError(f"linear: input must be at least 1-D and weight 2-D, got {x.dim()}-D and {weight.dim()}-D")
+def check_linear_args(x, weight, bias):
+    """torch's checks of F.linear's arguments, in its order and with its messages (linear_cross_entropy's
+    linear part runs them too). A 1-D weight must have been made (1, in) before; bias must be (out,)."""
+    if x.dim() < 1 or weight.dim() < 1:
+        raise RuntimeError(f"both arguments to linear need to be at least 1D, but they are {x.dim()}D and "
+                           f"{weight.dim()}D")
+    if weight.dim() > 2:
+        raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D (linear's weight "
+                           "is (out_features, in_features))")
     if x.shape[-1] != weight.shape[1]:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{x.shape[-1]} and "
                            f"{weight.shape[1]}x{weight.shape[0]})")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise RuntimeError(f"linear: input, weight and bias must have the same dtype, got {x.dtype}, "
+        raise RuntimeError(f"linear: expected input, weight and bias to have the same dtype, but got {x.dtype}, "
                            f"{weight.dtype} and {None if bias is None else bias.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise RuntimeError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        out = [*x.shape[:-1], weight.shape[0]]
+        raise RuntimeError(f"The expanded size of the tensor ({weight.shape[0]}) must match the existing size "
+                           f"({bias.shape[-1] if bias.dim() else 1}) at non-singleton dimension {len(out) - 1}.  "
+                           f"Target sizes: {out}.  Tensor sizes: {list(bias.shape)} (linear's bias is (out_features,))")
 
 
 class LinearFunction(torch.autograd.Function):
@@ -77,7 +92,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias=None, activation=0):
-        _check(x, weight, bias)
+        check_linear_args(x, weight, bias)
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
         # explicit sizes: -1 is ambiguous when K = 0
@@ -113,19 +128,17 @@ def linear(input, weight, bias=None, activation=None):
     dtype, as torch's linear does."""
     act = activation_code(activation)
     input, weight, bias = autocast("lower", input, weight, bias)
-    if weight.dim() == 1:
+    if weight.dim() == 1 and input.dim() >= 1:
         if bias is not None:
-            raise RuntimeError("linear: a 1-D weight takes no bias (torch: mat2 must be a matrix)")
+            raise RuntimeError("mat2 must be a matrix, got 1-D tensor (linear: a 1-D weight takes no bias)")
         return linear(input, weight.unsqueeze(0), activation=activation).squeeze(-1)
     if not input.is_floating_point():
-        if input.dtype != weight.dtype:
-            raise RuntimeError(f"linear: input and weight must have the same dtype, got {input.dtype} and "
-                               f"{weight.dtype}")
+        check_linear_args(input, weight, bias)
         return linear_forward(input, weight, bias, act)  # integer matmul: torch supports it, nothing to differentiate
     if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.shape[0] != 1:
         bias = bias.reshape(1).expand(weight.shape[0])
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
-        _check(input, weight, bias)
+        check_linear_args(input, weight, bias)
         return compiled.linear(input, weight, bias, act)
     return LinearFunction.apply(input, weight, bias, act)

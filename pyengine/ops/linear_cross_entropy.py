@@ -23,8 +23,9 @@ import os
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, first_order_only
+from ._function import acc_dtype, first_order_only, scalar_type_name
 from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
+from .linear import check_linear_args
 
 DEFAULT_CHUNK_BYTES = 128 << 20
 CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
@@ -109,27 +110,18 @@ def _accumulate(dz, xc, w, rows, dx, dw, db):
 
 def _flatten(input, weight, bias, target, label_smoothing):
     """Checks the arguments as torch's linear + cross_entropy would and views them as x (N, H), target (N)."""
-    if input.dim() < 1 or weight.dim() != 2:
-        raise RuntimeError(f"linear: input must be at least 1-D and weight 2-D, got {input.dim()}-D and "
-                           f"{weight.dim()}-D")
-    h, v = input.shape[-1], weight.shape[0]
-    if weight.shape[1] != h:
-        rows = input.numel() // h if h else 0
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{h} and {weight.shape[1]}x{v})")
+    if weight.dim() == 1 and input.dim() >= 1:
+        raise RuntimeError("mat2 must be a matrix, got 1-D tensor (linear_cross_entropy's weight is (V, H))")
+    if bias is not None and bias.dim() <= 1 and bias.numel() == 1 and weight.dim() == 2:
+        bias = bias.reshape(1).expand(weight.shape[0])  # one element broadcasts, as torch's linear allows
+    check_linear_args(input, weight, bias)
     if not input.is_floating_point():
-        raise NotImplementedError(f"linear_cross_entropy: not implemented for {input.dtype} input (torch: "
-                                  f"log_softmax is not implemented for integer types)")
-    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
-        raise RuntimeError(f"linear: input, weight and bias must have the same dtype, got {input.dtype}, "
-                           f"{weight.dtype} and {None if bias is None else bias.dtype}")
-    if bias is not None:
-        if bias.dim() > 1 or bias.numel() not in (1, v):
-            raise RuntimeError(f"linear: bias must have shape ({v},), got {tuple(bias.shape)}")
-        bias = bias.reshape(-1).expand(v)  # one element broadcasts, as torch's linear allows
+        raise NotImplementedError(f"\"linear_cross_entropy\" not implemented for '{scalar_type_name(input.dtype)}' "
+                                  "(torch: log_softmax is not implemented for integer types)")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
     if input.dim() == 1 and target.dim() != 0:
         raise RuntimeError(f"cross_entropy: for input of shape (H) the target is a 0-dim class index, "
                            f"got shape {list(target.shape)}")
@@ -137,7 +129,7 @@ def _flatten(input, weight, bias, target, label_smoothing):
         raise ValueError(f"Expected input batch_size ({math.prod(input.shape[:-1])}) to match target batch_size "
                          f"({target.numel()}): target must have shape {list(input.shape[:-1])}, got "
                          f"{list(target.shape)}")
-    n = math.prod(input.shape[:-1])
+    n, h = math.prod(input.shape[:-1]), input.shape[-1]
     return input.reshape(n, h).contiguous(), bias, target.reshape(n).to(torch.int64).contiguous()
 
 
@@ -163,7 +155,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.red == 0:
             ctx.save_for_backward(x, weight, b, t, lse)
             return loss.reshape(input.shape[:-1])
-        ctx.save_for_backward(dx, dw, db, denom)
+        # the inputs too, unused by the backward: the double-backward error node links to them, so a second
+        # derivative asked of them raises instead of finding them unused
+        ctx.save_for_backward(dx, dw, db, denom, input, weight, bias)
         return loss
 
     @staticmethod
@@ -175,7 +169,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             g = grad_loss.reshape(-1).to(lse.dtype).contiguous()
             dx, dw, db = ctx.kernels.linear_cross_entropy_backward(g, x, weight, b, t, lse, *ctx.args, *ctx.flags)
         else:
-            dx, dw, db, denom = ctx.saved_tensors
+            dx, dw, db, denom = ctx.saved_tensors[:4]
             scale = grad_loss.to(denom.dtype)
             if ctx.red == 1:  # every row ignored: the saved gradients are 0 and stay 0, as torch's
                 scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
