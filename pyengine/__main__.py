@@ -21,7 +21,7 @@ def _benchmarks():
         return importlib.import_module("benchmarks")
 
 
-def info():
+def info(check=False):
     from . import _backend
 
     c = _backend._C
@@ -49,19 +49,32 @@ def info():
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
+    if not check:
+        return 0
+    problems = [f"backend {name!r} is expected ({_backend.EXPECT_ENV}) but not built: {why}"
+                for name, why in _backend.missing_expected_backends()]
+    if c is None and not problems:
+        problems.append(f"the compiled extension pyengine._C does not import ({_backend._C_IMPORT_ERROR})")
+    for p in problems:
+        print(f"pyengine info --check: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyengine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="torch version, backends built, CUDA architectures, CPU threads and SIMD level")
+    info_parser = sub.add_parser("info", help="torch version, backends built, CUDA architectures, CPU threads and "
+                                              "SIMD level")
+    info_parser.add_argument("--check", action="store_true",
+                             help="exit 1 when pyengine._C does not import, or a backend named in "
+                                  "PYENGINE_EXPECT_BACKENDS (e.g. cpp,cuda) is not built")
     sub.add_parser("bench", help="benchmark every op against native torch (see --help)", add_help=False)
     sub.add_parser("train", help="train the origin notes' models on pyengine (see --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
+        return info(args.check)
     if args.command == "bench":
         return _benchmarks().main(rest)
     if args.command == "train":

@@ -24,8 +24,11 @@ try:
     from . import _C
 except ImportError as exc:  # no compiled extension: everything still works on the python backend
     _C = None
-    _C_IMPORT_ERROR = exc
-    warnings.warn(f"pyengine: the compiled extension pyengine._C is not available ({exc}); "
+    # without the file, Python's own message ("partially initialized module ... circular import") misleads
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    _C_IMPORT_ERROR = (exc if any(f.startswith("_C.") for f in os.listdir(_HERE))
+                       else ImportError(f"the extension is not built: no pyengine/_C*.so in {_HERE}"))
+    warnings.warn(f"pyengine: the compiled extension pyengine._C is not available ({_C_IMPORT_ERROR}); "
                   f"falling back to the python backend. To get the C++/CUDA kernels, {BUILD_HINT}.",
                   RuntimeWarning, stacklevel=2)
 else:
@@ -84,6 +87,24 @@ def use_backend(name):
 def current_backend():
     """The backend forced by use_backend or PYENGINE_BACKEND, or None when the device decides."""
     return _chosen.get() or _env_backend
+
+
+EXPECT_ENV = "PYENGINE_EXPECT_BACKENDS"
+
+
+def missing_expected_backends(expected=None):
+    """The backends named in PYENGINE_EXPECT_BACKENDS (or `expected`, comma-separated) that this installation
+    does not have built, each with why: CI sets it to what it built, so an extension that fails to import fails
+    the run instead of leaving the python fallback to pass every test."""
+    expected = os.environ.get(EXPECT_ENV, "") if expected is None else expected
+    missing = []
+    for name in (n.strip() for n in expected.split(",") if n.strip()):
+        _check_name(name)
+        if name not in built_backends():
+            why = (f"importing pyengine._C failed ({_C_IMPORT_ERROR})" if _C is None
+                   else "pyengine._C was built without CUDA kernels")
+            missing.append((name, why))
+    return missing
 
 
 def _require_built(name):

@@ -20,3 +20,17 @@ def _seed(request):
     torch.manual_seed(seed)
     random.seed(seed)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests skipped, and why, apart from those that need a GPU: on a CPU machine with everything built
+    that count is 0, so a skip for another reason (an extension that did not build, a missing tool) shows."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    other = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(word in reason for word in ("GPU", "CUDA", "cuda")):
+            other[reason] = other.get(reason, 0) + 1
+    terminalreporter.write_sep("-", f"skips: {len(skipped)} in all, {sum(other.values())} not for want of a GPU")
+    for reason, count in sorted(other.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {count:5d}  {reason}")

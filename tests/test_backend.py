@@ -39,6 +39,34 @@ def test_use_backend_nests_and_restores():
     assert pyengine.current_backend() is None
 
 
+def test_expected_backends_are_built():
+    """CI names what it built (PYENGINE_EXPECT_BACKENDS=cpp,cuda): a missing one fails here instead of its tests
+    skipping or falling back to python."""
+    assert not _backend.missing_expected_backends(), _backend.missing_expected_backends()
+
+
+def test_expectation_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_C_IMPORT_ERROR", ImportError("no pyengine/_C*.so"))
+    assert _backend.missing_expected_backends("cpp, python") == [
+        ("cpp", "importing pyengine._C failed (no pyengine/_C*.so)")]
+    with pytest.raises(ValueError, match="unknown pyengine backend 'gpu'"):
+        _backend.missing_expected_backends("gpu")
+
+
+def test_info_check_fails_when_an_expected_backend_is_missing(monkeypatch, capsys):
+    from pyengine.__main__ import main
+
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_C_IMPORT_ERROR", ImportError("no pyengine/_C*.so"))
+    monkeypatch.setenv(_backend.EXPECT_ENV, "cpp")
+    assert main(["info", "--check"]) == 1
+    assert "backend 'cpp' is expected (PYENGINE_EXPECT_BACKENDS) but not built" in capsys.readouterr().err
+    monkeypatch.setenv(_backend.EXPECT_ENV, "python")
+    assert main(["info", "--check"]) == 1  # the extension itself does not import
+    assert main(["info"]) == 0
+
+
 def test_default_picks_by_device():
     expected = "cpp" if "cpp" in pyengine.built_backends() else "python"
     assert _backend.select(torch.device("cpu")) == expected
