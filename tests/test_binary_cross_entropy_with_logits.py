@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
@@ -107,3 +108,24 @@ def test_bad_input_raises_like_torch(backend, device):
         assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, x, reduction="x"),
                            lambda: PF.binary_cross_entropy_with_logits(x, x, reduction="x"),
                            "x is not a valid value for reduction")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("argument", ["weight", "pos_weight"])
+def test_weight_that_requires_grad_raises_like_torch(backend, device, argument):
+    """torch cannot differentiate weight or pos_weight: a learnable one raises rather than silently keeping a
+    None .grad; without grad mode both return the loss."""
+    x = make((4, 3), torch.float32, device, requires_grad=True)
+    y = make((4, 3), torch.float32, device, low=0, high=1)
+    kw = {argument: make((3,), torch.float32, device, low=0.5, high=2, requires_grad=True)}
+    phrase = f"not differentiable with respect to argument '{argument}'"
+    with on(backend):
+        assert_raises_like(lambda: F.binary_cross_entropy_with_logits(x, y, **kw),
+                           lambda: PF.binary_cross_entropy_with_logits(x, y, **kw), phrase)
+        full = {k: v.expand(4, 3) for k, v in kw.items()}
+        with pytest.raises(RuntimeError, match=phrase):
+            pyengine.autograd.BinaryCrossEntropyWithLogitsFunction.apply(  # applied directly: at the backward
+                x, y, full.get("weight"), full.get("pos_weight")).backward()
+        with torch.no_grad():
+            assert_close(PF.binary_cross_entropy_with_logits(x, y, **kw),
+                         F.binary_cross_entropy_with_logits(x, y, **kw))

@@ -418,3 +418,37 @@ def test_results_do_not_depend_on_the_thread_count(backend, device, shape):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2)], ids=str)
+def test_class_weight_that_requires_grad_like_torch(backend, device, shape):
+    """A learnable class weight: torch refuses it for class-index targets (a silent None .grad would hide a
+    weight that never learns) and differentiates it for probability targets; so does pyengine."""
+    x = make(shape, torch.float64, device, requires_grad=True)
+    w = make((shape[1],), torch.float64, device, low=0.1, high=2.0, requires_grad=True)
+    t = class_target(shape, device, "some")
+    phrase = "not differentiable with respect to argument 'weight'"
+    with on(backend):
+        assert_raises_like(lambda: F.cross_entropy(x, t, weight=w), lambda: PF.cross_entropy(x, t, weight=w), phrase)
+        assert_raises_like(lambda: F.cross_entropy(x.detach(), t, weight=w),
+                           lambda: PF.cross_entropy(x.detach(), t, weight=w), phrase)
+        with pytest.raises(RuntimeError, match=phrase):  # applied directly: when the gradient is asked for
+            pyengine.autograd.SoftmaxCrossEntropyFunction.apply(x, t, w).backward()
+        with torch.no_grad():
+            assert_close(PF.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w))
+    y = prob_target(shape, torch.float64, device)
+    for reduction in REDUCTIONS:
+        for smoothing in (0.0, 0.2):
+            kw = dict(weight=w, reduction=reduction, label_smoothing=smoothing)
+            with on(backend):
+                loss = PF.cross_entropy(x, y, **kw)
+                ours, g = grads(loss, [x, w])
+            ref = F.cross_entropy(x, y, **kw)
+            theirs, _ = grads(ref, [x, w], g)
+            assert_close(loss, ref)
+            for a, b in zip(ours, theirs):
+                assert_close(a, b)
+            with on(backend):
+                assert torch.autograd.gradcheck(
+                    lambda wt, kw=kw: PF.cross_entropy(x.detach(), y, **{**kw, "weight": wt}), (w,))

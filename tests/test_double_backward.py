@@ -99,6 +99,25 @@ def test_cross_entropy_first_derivative_under_create_graph_then_a_clear_error(ba
         torch.autograd.grad(g.pow(2).sum(), logits)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_second_derivative_is_a_clear_error(backend, device, reduction):
+    """For every input and reduction (mean and sum save only the gradients), never "appears to not have been used
+    in the graph", never a silent None with allow_unused=True."""
+    x, w, b = _r(5, 4, device=device), _r(7, 4, device=device), _r(7, device=device)
+    target = torch.randint(0, 7, (5,), device=device)
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, b, target, reduction=reduction).sum()
+    first = torch.autograd.grad(loss, [x, w, b], create_graph=True)
+    expected = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), target, reduction=reduction).sum(), [x, w, b])
+    for g, g_ref in zip(first, expected):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    for wrt in (x, w, b):
+        for g in first:
+            with pytest.raises(RuntimeError, match="pyengine.linear_cross_entropy has no double backward"):
+                torch.autograd.grad(g.pow(2).sum(), wrt, retain_graph=True, allow_unused=True)
+
+
 @pytest.mark.skipif("cpp" not in pyengine.built_backends(), reason="pyengine._C is not built")
 def test_registered_cross_entropy_double_backward_raises():
     logits = _r(4, 6, device="cpu")

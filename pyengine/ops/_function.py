@@ -140,6 +140,10 @@ def scalar_type_name(dtype):
     return SCALAR_TYPE_NAMES.get(dtype, str(dtype))
 
 
+NOT_DIFFERENTIABLE = ("The function '{op}' is not differentiable with respect to argument '{name}'. This input "
+                      "cannot have requires_grad True.")
+
+
 def not_differentiable(op, **arguments):
     """Raises torch's error when a tensor argument that torch cannot differentiate requires grad while grad mode
     is on (a class weight, pos_weight): silently leaving its .grad at None would hide a model that never learns
@@ -148,6 +152,5 @@ def not_differentiable(op, **arguments):
         return
     for name, t in arguments.items():
         if t is not None and t.requires_grad:
-            raise RuntimeError(f"The function '{op}' is not differentiable with respect to argument '{name}'. "
-                               "This input cannot have requires_grad True.")
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(op=op, name=name))
 

@@ -13,7 +13,7 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, not_differentiable, result_type, scalar_type_name
+from ._function import NOT_DIFFERENTIABLE, acc_dtype, autocast, not_differentiable, result_type, scalar_type_name
 from .mse_loss import REDUCTIONS, _check_reduction, _reduce
 
 
@@ -70,10 +70,6 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             if t is not None and (t.shape != input.shape or t.dtype != input.dtype):
                 raise RuntimeError(f"BinaryCrossEntropyWithLogitsFunction: {name} must have the input's shape "
                                    f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            raise RuntimeError("The function 'binary_cross_entropy_with_logits' is not differentiable with respect "
-                               f"to argument '{'weight' if ctx.needs_input_grad[2] else 'pos_weight'}'. This input "
-                               "cannot have requires_grad True.")
         ctx.kernels = _backend.kernels(input.device)
         ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
         ctx.save_for_backward(input, target, weight, pos_weight)  # the inputs themselves, for double backward
@@ -84,6 +80,9 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
         need_input, need_target = ctx.needs_input_grad[:2]
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the Function applied directly (the functional
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(  # raises in the forward, as torch)
+                op="binary_cross_entropy_with_logits", name="weight" if ctx.needs_input_grad[2] else "pos_weight"))
         kernels = _backend.backward_kernels(ctx.kernels)
         grad_input, grad_target = kernels.binary_cross_entropy_with_logits_backward(
             grad_loss.contiguous(), input, target, weight, pos_weight, ctx.reduction, need_input, need_target)

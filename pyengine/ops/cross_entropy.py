@@ -14,7 +14,7 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, first_order_only, not_differentiable, scalar_type_name
+from ._function import NOT_DIFFERENTIABLE, acc_dtype, autocast, first_order_only, not_differentiable, scalar_type_name
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -172,8 +172,6 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         logits, tgt = _flatten(input, target, weight, label_smoothing)
-        if ctx.needs_input_grad[2] and not tgt.is_floating_point():
-            not_differentiable("nll_loss_forward", weight=weight)
         if tgt.is_floating_point() and ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         ctx.target_dtype = target.dtype
@@ -231,6 +229,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             w = 1.0 if weight is None else weight.to(lse.dtype).view(1, -1, 1)
             grad_target = (-(1.0 - smoothing) * w * log_p * g).reshape(ctx.input_shape).to(ctx.target_dtype)
         grad_weight = None
+        if ctx.needs_input_grad[2] and not tgt.is_floating_point():  # the Function applied directly (the functional
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(op="nll_loss_forward", name="weight"))  # raises before)
         if ctx.needs_input_grad[2]:  # probability targets (torch differentiates their weight): d loss / d w_c
             _, reduction, smoothing = ctx.args  # = sum over rows of g y'_c (lse - x_c) [/ denom]
             c = logits.shape[1]

@@ -152,8 +152,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.shapes = (input.shape, input.dtype, None if bias is None else bias.shape)
         loss, lse, denom, dx, dw, db = ctx.kernels.linear_cross_entropy_forward(
             x, weight, b, t, ignore_index, ctx.red, float(label_smoothing), *ctx.flags)
-        if ctx.red == 0:
-            ctx.save_for_backward(x, weight, b, t, lse)
+        if ctx.red == 0:  # input too: x is a view made without grad, which the double-backward error can't reach
+            ctx.save_for_backward(x, weight, b, t, lse, input)
             return loss.reshape(input.shape[:-1])
         # the inputs too, unused by the backward: the double-backward error node links to them, so a second
         # derivative asked of them raises instead of finding them unused
@@ -165,7 +165,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         input_shape, dtype, bias_shape = ctx.shapes
         if ctx.red == 0:
-            x, weight, b, t, lse = ctx.saved_tensors
+            x, weight, b, t, lse = ctx.saved_tensors[:5]
             g = grad_loss.reshape(-1).to(lse.dtype).contiguous()
             dx, dw, db = ctx.kernels.linear_cross_entropy_backward(g, x, weight, b, t, lse, *ctx.args, *ctx.flags)
         else:
