@@ -225,14 +225,34 @@ def test_compile_with_inductor_trains_like_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _mlp_params(x):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(5, 4, generator=g).to(x.dtype), torch.randn(2, 5, generator=g).to(x.dtype)], [
+        torch.randn(5, generator=g).to(x.dtype), torch.randn(2, generator=g).to(x.dtype)]
+
+
+def _torch_mlp(x):
+    (w1, w2), (b1, b2) = _mlp_params(x)
+    return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+
+
+_T = torch.tensor([0, 1, 3])
+# op: (pyengine's call, torch's) on a (3, 4) input
 AUTOCAST_CASES = {
-    "linear": lambda lib, x: lib.linear(x, x.new_ones(3, 4), x.new_ones(3)),
-    "relu": lambda lib, x: lib.relu(x),
-    "sigmoid": lambda lib, x: lib.sigmoid(x),
-    "add": lambda lib, x: lib.add(x, x.float()),
-    "cross_entropy": lambda lib, x: lib.cross_entropy(x, torch.tensor([0, 1, 3])),
-    "mse_loss": lambda lib, x: lib.mse_loss(x, x.float()),
-    "binary_cross_entropy_with_logits": lambda lib, x: lib.binary_cross_entropy_with_logits(x, x.sigmoid()),
+    "linear": (lambda x: PF.linear(x, x.new_ones(3, 4), x.new_ones(3)),
+               lambda x: F.linear(x, x.new_ones(3, 4), x.new_ones(3))),
+    "relu": (PF.relu, torch.relu),
+    "sigmoid": (PF.sigmoid, torch.sigmoid),
+    "tanh": (PF.tanh, torch.tanh),
+    "leaky_relu": (lambda x: PF.leaky_relu(x, 0.2), lambda x: F.leaky_relu(x, 0.2)),
+    "add": (lambda x: PF.add(x, x.float()), lambda x: torch.add(x, x.float())),
+    "cross_entropy": (lambda x: PF.cross_entropy(x, _T), lambda x: F.cross_entropy(x, _T)),
+    "mse_loss": (lambda x: PF.mse_loss(x, x.float()), lambda x: F.mse_loss(x, x.float())),
+    "binary_cross_entropy_with_logits": (lambda x: PF.binary_cross_entropy_with_logits(x, x.sigmoid()),
+                                         lambda x: F.binary_cross_entropy_with_logits(x, x.sigmoid())),
+    "linear_cross_entropy": (lambda x: PF.linear_cross_entropy(x, x.new_ones(5, 4), x.new_ones(5), _T),
+                             lambda x: F.cross_entropy(F.linear(x, x.new_ones(5, 4), x.new_ones(5)), _T)),
+    "fused_mlp": (lambda x: PF.fused_mlp(x, *_mlp_params(x), "relu"), _torch_mlp),
 }
 
 
@@ -240,13 +260,11 @@ AUTOCAST_CASES = {
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("op", sorted(AUTOCAST_CASES))
 def test_autocast_gives_torchs_dtypes(op, input_dtype, autocast_dtype):
-    fn = AUTOCAST_CASES[op]
+    ours, theirs = AUTOCAST_CASES[op]
     x = torch.randn(3, 4, dtype=input_dtype, requires_grad=True)
-    torch_lib = type("torch_lib", (), {"__getattr__": lambda self, name: getattr(
-        torch if name in ("relu", "sigmoid", "add") else F, name)})()
     with torch.autocast("cpu", dtype=autocast_dtype):
-        expected = fn(torch_lib, x)
-        actual = fn(PF, x)
+        expected = theirs(x)
+        actual = ours(x)
     assert actual.dtype == expected.dtype
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
     (gx,) = torch.autograd.grad(actual.float().sum(), x)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, first_order_only
+from ._function import acc_dtype, autocast, first_order_only
 
 MAX_WIDTH = 128  # csrc/common/fused_mlp.h kMaxWidth: a block of rows keeps every layer's activations on chip
 MAX_LAYERS = 16  # kMaxLayers: the CUDA kernels take the layer table as a fixed-size kernel argument
@@ -155,6 +155,9 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
     if len(weights) != len(biases):  # the Function tells weights from biases by position: check before it splits
         raise ValueError(f"fused_mlp: one bias per weight, got {len(biases)} biases for {len(weights)} weights")
     codes = activation_code(activation), activation_code(output_activation, "output_activation")
+    # under torch.autocast: the dtype torch's Linear layers take (and so their activations)
+    input, *params = autocast("lower", input, *weights, *biases)
+    weights, biases = params[:len(weights)], params[len(weights):]
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.fused_mlp(input, list(weights), list(biases), *codes)
@@ -176,6 +179,7 @@ def fused_mlp_packed(input, params, sizes, activation, output_activation):
     """fused_mlp with the parameters packed as unpack() reads them and the activations as codes: one autograd
     node whose gradient is one tensor like params (in C++ when the compiled kernels run eagerly; else the
     Function over views of params, which autograd sums back into params' gradient)."""
+    input, params = autocast("lower", input, params)
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.fused_mlp_packed(input, params, sizes, activation, output_activation)

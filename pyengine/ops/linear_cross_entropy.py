@@ -23,7 +23,7 @@ import os
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, first_order_only, scalar_type_name
+from ._function import acc_dtype, autocast, first_order_only, scalar_type_name
 from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
 from .linear import check_linear_args
 
@@ -184,6 +184,12 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index=-100, reducti
                          chunk_bytes=None):
     """cross_entropy(linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...) for input (*, H),
     weight (V, H), bias (V) or None, target (*) class indices; 'none' gives the loss in target's shape. The
-    logits are computed chunk by chunk, at most chunk_bytes of them at a time (default: see the module doc)."""
-    return LinearCrossEntropyFunction.apply(input, weight, bias, target, ignore_index, reduction, label_smoothing,
+    logits are computed chunk by chunk, at most chunk_bytes of them at a time (default: see the module doc).
+    Under torch.autocast it takes the dtypes of torch's composition: the products in the autocast dtype, the loss
+    in float32."""
+    autocasting = torch.is_tensor(input) and torch.is_autocast_enabled(input.device.type)
+    if autocasting:
+        input, weight, bias = autocast("lower", input, weight, bias)
+    loss = LinearCrossEntropyFunction.apply(input, weight, bias, target, ignore_index, reduction, label_smoothing,
                                             chunk_bytes)
+    return loss.float() if autocasting and loss.dtype in (torch.float16, torch.bfloat16) else loss
