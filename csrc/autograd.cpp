@@ -229,21 +229,24 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["label_smoothing"] = label_smoothing;
+    // input, for the double-backward error to link to: kept outside the saved variables (no version check), since
+    // the fused backward does not read it and torch's cross_entropy does not fail when the logits change in place
+    ctx->saved_data["input"] = input;
     if (fused) {
       const variable_list r = pyengine::cross_entropy_forward_with_grad(logits, t, weight, ignore_index, reduction,
                                                                         label_smoothing);
-      ctx->save_for_backward({r[1], input});  // input: the double-backward error links to it
+      ctx->save_for_backward({r[1]});
       return r[0];
     }
     const variable_list r = pyengine::cross_entropy_forward(logits, t, weight, ignore_index, reduction,
                                                             label_smoothing);
-    ctx->save_for_backward({logits, t, weight.value_or(at::Tensor()), r[1], r[2], input});
+    ctx->save_for_backward({logits, t, weight.value_or(at::Tensor()), r[1], r[2]});
     return reduction == 0 ? r[0].view({input.size(0)}) : r[0];
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool recording = at::GradMode::is_enabled();
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved.back();
+    const at::Tensor input = ctx->saved_data["input"].toTensor();
     at::Tensor grad;
     {
       at::AutoGradMode no_recording(false);

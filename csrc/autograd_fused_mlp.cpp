@@ -19,7 +19,10 @@ constexpr const char* kUnfusedMLP = "an unfused torch.nn.Sequential of Linear an
 
 // fused_mlp's forward for both nodes below: x (*, n_0) runs as (M, n_0), y comes back viewed as (*, n_L). Saves
 // {x (M, n_0), y (M, n_L), a_1 .. a_{L-1}, then `parameters`}: what the backward reads besides the weights, and
-// the tensors that want gradients (the weights, or the packed parameters they are views of).
+// the tensors that want gradients (the weights, or the packed parameters they are views of). Without an output
+// activation the backward does not read y's values: then y stays out of the saved variables (an alias in
+// saved_data, whose version autograd does not check), so changing the output in place does not fail the
+// backward, as it does not fail torch's last Linear.
 at::Tensor fused_mlp_forward_saving(AutogradContext* ctx, const at::Tensor& x, const variable_list& weights,
                                     const variable_list& biases, int64_t activation, int64_t output_activation,
                                     const variable_list& parameters) {
@@ -30,6 +33,10 @@ at::Tensor fused_mlp_forward_saving(AutogradContext* ctx, const at::Tensor& x, c
   outputs[0] = x2;
   outputs.insert(outputs.begin() + 1, y);
   outputs.insert(outputs.end(), parameters.begin(), parameters.end());
+  if (output_activation == 0) {  // no output activation
+    ctx->saved_data["y"] = y.detach();
+    outputs[1] = at::Tensor();
+  }
   ctx->save_for_backward(outputs);
   ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
   ctx->saved_data["activation"] = activation;
@@ -45,7 +52,8 @@ at::Tensor fused_mlp_forward_saving(AutogradContext* ctx, const at::Tensor& x, c
 variable_list fused_mlp_backward_saved(AutogradContext* ctx, const variable_list& saved, const variable_list& weights,
                                        const at::Tensor& grad, bool need_x, bool need_weights, bool need_biases) {
   const int64_t layers = ctx->saved_data["layers"].toInt();
-  const at::Tensor &x2 = saved[0], &y = saved[1];
+  const at::Tensor& x2 = saved[0];
+  const at::Tensor y = saved[1].defined() ? saved[1] : ctx->saved_data["y"].toTensor();
   const variable_list hidden(saved.begin() + 2, saved.begin() + 1 + layers);
   variable_list grads = pyengine::fused_mlp_backward(
       grad.reshape(y.sizes()), x2, weights, hidden, y, ctx->saved_data["activation"].toInt(),

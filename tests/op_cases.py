@@ -43,6 +43,27 @@ def _bce(device, dtype, shape):
         _t(shape, dtype, device), _t(shape, dtype, device, low=0.0, high=1.0))
 
 
+def _fused_mlp(device, dtype, shape):
+    """A 2-layer MLP over the last dim (shape's last dim in, 6 hidden, 3 out), relu between."""
+    k = shape[-1] if shape else 1
+    x = _t(shape if shape else (k,), dtype, device)
+    params = (_t((6, k), dtype, device), _t((3, 6), dtype, device), _t((6,), dtype, device), _t((3,), dtype, device))
+    return ((lambda x, w1, w2, b1, b2: PF.fused_mlp(x, [w1, w2], [b1, b2], "relu")),
+            (lambda x, w1, w2, b1, b2: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)), (x, *params))
+
+
+def _linear_cross_entropy(device, dtype, shape):
+    """shape's rows (all but the last dim) of H = the last dim into 11 classes; every 3rd target ignored."""
+    h = shape[-1] if shape else 1
+    lead = shape[:-1] if len(shape) > 1 else (4,)
+    target = torch.randint(0, 11, lead, device=device)
+    target.view(-1)[::3] = -100
+    return ((lambda x, w, b, t: PF.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)),
+            (lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b).reshape(-1, 11), t.reshape(-1),
+                                                label_smoothing=0.1)),
+            (_t((*lead, h), dtype, device), _t((11, h), dtype, device), _t((11,), dtype, device), target))
+
+
 def _unary(ours, theirs):
     return lambda device, dtype, shape: (ours, theirs, (_t(shape, dtype, device),))
 
@@ -57,6 +78,8 @@ OPS = {
     "cross_entropy": _cross_entropy,
     "mse_loss": _mse,
     "binary_cross_entropy_with_logits": _bce,
+    "fused_mlp": _fused_mlp,
+    "linear_cross_entropy": _linear_cross_entropy,
 }
 
 

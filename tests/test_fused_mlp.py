@@ -1,4 +1,5 @@
 """fused_mlp and nn.FusedMLP against the unfused torch composition: nn.Sequential(Linear, act, ..., Linear)."""
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   grads, make, on, product_magnitudes)
+                   grads, magnitude, make, on, product_magnitudes)
 
 TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
@@ -331,10 +332,12 @@ def test_training_step_is_zero_grad_backward_and_sgd(backend, device, dtype, los
         expected.backward()
         opt.step()
         assert value.shape == () and value.grad_fn is None and not value.requires_grad
-        assert_close(value, expected.detach())
+        loss_scale, grad_magnitude = _step_scales(theirs, x, target, loss)
+        assert_close(value, expected.detach(), scale=loss_scale)
     for key, param in theirs.state_dict().items():
         assert_close(ours.state_dict()[key], param)
-    assert_close(ours.params.grad, torch.cat([p.grad.reshape(-1) for p in theirs.parameters()]))
+    assert_close(ours.params.grad, torch.cat([p.grad.reshape(-1) for p in theirs.parameters()]),
+                 scale=magnitude(grad_magnitude))
     assert torch.is_grad_enabled()
 
 
@@ -408,25 +411,53 @@ def test_training_step_edge_cases(backend, device, loss):
     assert_half_close(half.params.grad, torch_grad, grad64, magnitude)
 
 
+def _step_scales(model, x, target, loss):
+    """assert_close's scales for a training step of `model` (evaluated in float64 at its current parameters): the
+    loss moves by about sum |dloss/dy| m_y when the outputs y move by their magnitudes m_y (a fitted output, with
+    y - t far below y, makes the loss tiny and its rounding relatively large), and the gradient's magnitudes."""
+    model64 = copy.deepcopy(model).double()
+    x64, y, m_y = _outputs(model64, x)
+    y.requires_grad_()
+    (dy,) = torch.autograd.grad(TRAINING_LOSSES[loss](*_loss_args(y, target, loss)), y)
+    return (dy.abs() * m_y).sum().item(), _step_gradient_magnitudes(model64, x, target, loss)
+
+
+def _layers(model64):
+    """The Sequential's Linear layers as product_magnitudes takes them: (weight, bias, the activation after it)."""
+    names = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid"}
+    mods = list(model64)
+    return [(m.weight, m.bias, names.get(type(mods[i + 1])) if i + 1 < len(mods) else None)
+            for i, m in enumerate(mods) if isinstance(m, torch.nn.Linear)]
+
+
+def _outputs(model64, x):
+    """x as float64 rows, the model's outputs y on them, and the outputs' magnitudes m_y."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    y = model64(x64).detach()
+    m_y, _, _ = product_magnitudes(x64, _layers(model64), torch.zeros_like(y))
+    return x64, y, m_y
+
+
+def _loss_args(out, target, loss):
+    if loss == "cross_entropy":
+        return out, target.reshape(-1)
+    return out, target.double().reshape(out.shape)
+
+
 def _step_gradient_magnitudes(model64, x, target, loss):
     """The magnitudes (see utils.product_magnitudes) of a training step's parameter gradient, packed as
     model.parameters(): the loss gradient's terms (and the error the output's own magnitude carries into them)
     pushed back through the layers."""
-    names = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid"}
-    mods = list(model64)
-    layers = [(m.weight, m.bias, names.get(type(mods[i + 1])) if i + 1 < len(mods) else None)
-              for i, m in enumerate(mods) if isinstance(m, torch.nn.Linear)]
-    x64 = x.double()
-    y = model64(x64).detach()
-    m_y, _, _ = product_magnitudes(x64, layers, torch.zeros_like(y))
+    x64, y, m_y = _outputs(model64, x)
+    t = _loss_args(y, target, loss)[1]
     if loss == "mse":
-        m_g = 2 * (y.abs() + target.double().abs() + m_y) / y.numel()
+        m_g = 2 * (y.abs() + t.abs() + m_y) / y.numel()
     elif loss == "bce_with_logits":
         s = torch.sigmoid(y)
-        m_g = (s + target.double() + s * (1 - s) * m_y) / y.numel()
+        m_g = (s + t + s * (1 - s) * m_y) / y.numel()
     else:
         p = torch.softmax(y, -1)
-        onehot = F.one_hot(target.clamp_min(0), y.shape[-1]).double()
-        m_g = (p + onehot + p * m_y) / max(int((target != -100).sum()), 1)
-    _, layer_m, _ = product_magnitudes(x64, layers, m_g)
+        onehot = F.one_hot(t.clamp_min(0), y.shape[-1]).double()
+        m_g = (p + onehot + p * m_y) / max(int((t != -100).sum()), 1)
+    _, layer_m, _ = product_magnitudes(x64, _layers(model64), m_g)
     return torch.cat([t.reshape(-1) for m_w, m_b in layer_m for t in (m_w, m_b)])

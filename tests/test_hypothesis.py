@@ -264,3 +264,74 @@ def test_pointwise_losses(backend, device, data, shape, dtype, reduction, weight
              lambda a, b, w, pw: PF.binary_cross_entropy_with_logits(a, b, w, reduction=reduction, pos_weight=pw),
              lambda a, b, w, pw: F.binary_cross_entropy_with_logits(a, b, w, reduction=reduction, pos_weight=pw),
              [x, y], dtype, others=(weight, pos_weight))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@SETTINGS
+@given(data=st.data(), lead=st.lists(sizes, max_size=2), widths=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+       activation=st.sampled_from(["relu", "sigmoid", None]), output_activation=st.sampled_from(["sigmoid", None]),
+       dtype=dtypes)
+def test_fused_mlp(backend, device, data, lead, widths, activation, output_activation, dtype):
+    if _numel(lead) * max(widths) > MAX_ELEMENTS:
+        return
+    layers = len(widths) - 1
+    drawn = [data.draw(tensors([*lead, widths[0]]))]
+    drawn += [data.draw(tensors([widths[i + 1], widths[i]], low=-1, high=1)) for i in range(layers)]
+    drawn += [data.draw(tensors([widths[i + 1]], low=-1, high=1)) for i in range(layers)]
+    acts = [activation] * (layers - 1) + [output_activation]
+    torch_act = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+    def theirs(x, *params):
+        for w, b, act in zip(params[:layers], params[layers:], acts):
+            x = torch_act[act](F.linear(x, w, b))
+        return x
+
+    def ours(x, *params):
+        return PF.fused_mlp(x, list(params[:layers]), list(params[layers:]), activation, output_activation)
+
+    def magnitudes(views, g):
+        rows = _numel(lead)
+        x, params = views[0].reshape(rows, widths[0]), views[1:]
+        m_y, layer_m, m_x = product_magnitudes(x, list(zip(params[:layers], params[layers:], acts)),
+                                               g.reshape(rows, widths[-1]))
+        return m_y.reshape(g.shape), [m_x.reshape(views[0].shape), *(m for m, _ in layer_m), *(m for _, m in layer_m)]
+
+    _compare(backend, device, ours, theirs, drawn, dtype, magnitudes=magnitudes)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@SETTINGS
+@given(data=st.data(), lead=st.lists(sizes, max_size=2), h=st.integers(1, 40), v=st.integers(1, 40),
+       bias=st.booleans(), reduction=st.sampled_from(["none", "mean", "sum"]), smoothing=st.sampled_from([0.0, 0.1]),
+       ignore=st.booleans(), chunk_rows=st.integers(1, 8), dtype=dtypes)
+def test_linear_cross_entropy(backend, device, data, lead, h, v, bias, reduction, smoothing, ignore, chunk_rows,
+                              dtype):
+    """Against torch's cross_entropy(linear(...)); chunks of a few rows, so that several chunks and a ragged last
+    one are the rule."""
+    if _numel(lead) * max(h, v) > MAX_ELEMENTS:
+        return
+    drawn = [data.draw(tensors([*lead, h])), data.draw(tensors([v, h], low=-1, high=1))]
+    drawn += [data.draw(tensors([v]))] if bias else []
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    target = torch.randint(0, v, lead, generator=torch.Generator().manual_seed(seed)).to(device)
+    if ignore and target.numel():
+        target.view(-1)[::3] = -100
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    chunk = chunk_rows * v * (8 if dtype == torch.float64 else 4)
+
+    def ours(x, w, b=None):
+        return PF.linear_cross_entropy(x, w, b, target, chunk_bytes=chunk, **kw)
+
+    def theirs(x, w, b=None):
+        loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, v), target.reshape(-1), **kw)
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    def magnitudes(views, g):  # a row's logit gradient g (p - y') [/ kept rows] sums to at most 2 |g| over V
+        rows = _numel(lead)
+        kept = max(int((target != -100).sum()), 1)
+        g_rows = g.abs().reshape(-1).expand(rows) if reduction == "none" else g.abs().expand(rows)
+        m_dz = (2 * g_rows / (kept if reduction == "mean" else 1)).unsqueeze(1).expand(rows, v)
+        x, w = views[0].reshape(rows, h), views[1]
+        return None, [(m_dz @ w.abs()).reshape(views[0].shape), m_dz.T @ x.abs()] + ([m_dz.sum(0)] if bias else [])
+
+    _compare(backend, device, ours, theirs, drawn, dtype, magnitudes=magnitudes)

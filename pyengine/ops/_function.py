@@ -65,9 +65,11 @@ def first_order_only(op, instead=None):
                 return outputs
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             marked = [None if o is None else o.detach().requires_grad_() for o in outputs]
-            # the saved inputs join the error node too, so a gradient asked of them runs it (and raises)
-            # instead of finding them unused
-            saved = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            # the saved inputs (and ctx.error_links: inputs kept outside the saved tensors, whose versions autograd
+            # does not check) join the error node too, so a gradient asked of them runs it (and raises) instead of
+            # finding them unused
+            saved = [t for t in (*ctx.saved_tensors, *getattr(ctx, "error_links", ()))
+                     if t is not None and t.requires_grad]
             linked = _functions.DelayedError(message, len(marked) + len(saved))(*marked, *saved)
             linked = linked if isinstance(linked, tuple) else (linked,)
             return tuple(linked[:len(marked)]) if len(marked) > 1 else linked[0]

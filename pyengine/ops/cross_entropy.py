@@ -192,13 +192,15 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # probabilities of the target want a gradient too.
         ctx.fused = (ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3]) and reduction != "none"
                      and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+        # input, for the double-backward error to link to: not saved (no version check), since the fused backward
+        # does not read it and torch's cross_entropy does not fail when the logits change in place
+        ctx.error_links = (input,)
         if ctx.fused:
             loss, grad, _ = ctx.kernels.cross_entropy_forward_with_grad(logits, tgt, weight, *ctx.args)
-            ctx.save_for_backward(grad, input)  # input: the double-backward error links to it
+            ctx.save_for_backward(grad)
             return loss
         loss, lse, denom = ctx.kernels.cross_entropy_forward(logits, tgt, weight, *ctx.args)
-        # input too (a view of the same memory unless it was copied): the double-backward error links to it
-        ctx.save_for_backward(logits, tgt, weight, lse, denom, input)
+        ctx.save_for_backward(logits, tgt, weight, lse, denom)
         if reduction == "none":
             loss = loss.reshape(() if input.dim() == 1 else input.shape[:1] + input.shape[2:])
         return loss
@@ -207,13 +209,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @first_order_only("cross_entropy")
     def backward(ctx, grad_loss):
         if ctx.fused:
-            grad, _ = ctx.saved_tensors
+            (grad,) = ctx.saved_tensors
             # The usual incoming 1 returns the saved gradient as it is (on the CPU reading it costs nothing; on a
             # GPU it would wait for the device, so there it is always multiplied).
             if grad_loss.device.type != "cpu" or grad_loss.item() != 1:
                 grad = grad * grad_loss
             return grad.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None, None, None
-        logits, tgt, weight, lse, denom, _ = ctx.saved_tensors
+        logits, tgt, weight, lse, denom = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
             g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss

@@ -126,13 +126,17 @@ class FusedMLPFunction(torch.autograd.Function):
         flat = x.dim() != 2
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x  # not -1: ambiguous with 0 rows
         y, *hidden = ctx.kernels.fused_mlp_forward(x2, weights, biases, activation, output_activation)
-        ctx.save_for_backward(x2, y, *weights, *hidden)
+        # without an output activation the backward does not read y's values: an alias outside the saved tensors
+        # (no version check), so changing the output in place does not fail the backward, as for torch's Linear
+        ctx.y_alias = y.detach() if output_activation == 0 else None
+        ctx.save_for_backward(x2, None if output_activation == 0 else y, *weights, *hidden)
         return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
 
     @staticmethod
     @first_order_only("fused_mlp", instead="an unfused torch.nn.Sequential of Linear and activation layers")
     def backward(ctx, grad_y):
         x2, y, *rest = ctx.saved_tensors
+        y = ctx.y_alias if y is None else y
         layers = (len(rest) + 1) // 2
         weights, hidden = rest[:layers], rest[layers:]
         need_w = any(ctx.needs_input_grad[3:3 + layers])
