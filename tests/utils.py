@@ -1,8 +1,8 @@
 """What every op test shares: the backend x device grid, the tolerance table, and the torch-parity helpers
 (each of which tests/test_suite_catches.py shows rejecting a known-wrong result)."""
 import contextlib
+import ctypes
 import gc
-import os
 import re
 
 import pytest
@@ -153,18 +153,28 @@ def assert_raises_like(torch_call, our_call, match):
         our_call()
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_bytes():
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2: in-use chunks plus mmap'd blocks). Not
+    the resident size: a process that freed memory before reuses it without growing, so a leak would not show."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def memory_growth_per_call(call, device="cpu", calls=4000, windows=3):
     """Bytes the process keeps per call of `call` once warmed up: the smallest growth over `windows` runs of
-    `calls` calls each (resident memory on the CPU, torch's allocated bytes on CUDA). A leak grows in every
-    window; allocator noise (an arena growing once, a page kept) does not, so the smallest window tells."""
+    `calls` calls each (malloc's bytes in use on the CPU, torch's allocated bytes on CUDA). A leak grows in every
+    window; allocator noise (a cache filling once) does not, so the smallest window tells."""
     def measure():
         gc.collect()
-        return torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
+        return torch.cuda.memory_allocated() if device == "cuda" else _heap_bytes()
 
     for _ in range(calls // 4):
         call()
