@@ -7,6 +7,9 @@ import threading
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+import pyengine
 import pyengine.functional as PF
 from pyengine import _backend
 from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunction, FusedMLPFunction,
@@ -14,7 +17,7 @@ from pyengine.ops import (BinaryCrossEntropyWithLogitsFunction, BroadcastAddFunc
                           SoftmaxCrossEntropyFunction, TanhFunction)
 from pyengine.ops.fused_mlp import fused_mlp_packed, unpack
 from pyengine.ops.linear import ACTIVATIONS
-from utils import COMPILED_DEVICES, make, on
+from utils import BACKEND_DEVICES, COMPILED_DEVICES, assert_close, make, on
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -247,3 +250,39 @@ def test_backward_from_several_threads(backend, device):
     for got in results:
         for g, e in zip(got, expected):
             assert torch.equal(g, e)
+
+
+# Every Function applied with only its required arguments, as a user of pyengine.autograd would: the same values
+# and gradients as the functional form with the defaults (and linear's activation by name).
+MINIMAL_CALLS = {
+    "LinearFunction": (lambda x, w: LinearFunction.apply(x, w), lambda x, w: F.linear(x, w), (5, 3)),
+    "LinearFunction relu by name": (lambda x, w: LinearFunction.apply(x, w, None, "relu"),
+                                    lambda x, w: F.relu(F.linear(x, w)), (5, 3)),
+    "MSELossFunction": (lambda x, y: pyengine.autograd.MSELossFunction.apply(x, y), F.mse_loss, (4, 3)),
+    "BinaryCrossEntropyWithLogitsFunction": (
+        lambda x, y: pyengine.autograd.BinaryCrossEntropyWithLogitsFunction.apply(x, y.sigmoid()),
+        lambda x, y: F.binary_cross_entropy_with_logits(x, y.sigmoid()), (4, 3)),
+    "SoftmaxCrossEntropyFunction": (
+        lambda x, y: SoftmaxCrossEntropyFunction.apply(x, y.softmax(1)),
+        lambda x, y: F.cross_entropy(x, y.softmax(1)), (4, 3)),
+    "LeakyReLUFunction": (lambda x, y: pyengine.autograd.LeakyReLUFunction.apply(x) + 0 * y.sum(),
+                          lambda x, y: F.leaky_relu(x) + 0 * y.sum(), (4, 3)),
+    "BroadcastAddFunction": (lambda x, y: pyengine.autograd.BroadcastAddFunction.apply(x, y),
+                             torch.add, (3,)),
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", MINIMAL_CALLS)
+def test_functions_with_optional_arguments_left_out(backend, device, case):
+    ours, theirs, other_shape = MINIMAL_CALLS[case]
+    x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    other = torch.randn(other_shape, dtype=torch.float64, device=device, requires_grad=True)
+    with on(backend):
+        out = ours(x, other)
+        grads = torch.autograd.grad(out.sum(), [x, other])
+    ref = theirs(x, other)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, other])
+    assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)

@@ -35,6 +35,12 @@ def output_saving_function(op, class_name):
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
+def needs_grad(ctx, count):
+    """ctx.needs_input_grad padded with False to `count` entries: a Function applied with its optional
+    arguments left out (LinearFunction.apply(x, w)) has fewer inputs than its signature."""
+    return tuple(ctx.needs_input_grad) + (False,) * (count - len(ctx.needs_input_grad))
+
+
 def acc_dtype(dtype):
     """The dtype the reference formulas compute in: float64 for float64, float32 for the rest (float16 and
     bfloat16 included), as the kernels' acc_t in csrc/common/math.h."""

@@ -13,7 +13,8 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import NOT_DIFFERENTIABLE, acc_dtype, autocast, not_differentiable, result_type, scalar_type_name
+from ._function import (NOT_DIFFERENTIABLE, acc_dtype, autocast, needs_grad, not_differentiable, result_type,
+                        scalar_type_name)
 from .mse_loss import REDUCTIONS, _check_reduction, _reduce
 
 
@@ -79,10 +80,10 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
-        need_input, need_target = ctx.needs_input_grad[:2]
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the Function applied directly (the functional
-            raise RuntimeError(NOT_DIFFERENTIABLE.format(  # raises in the forward, as torch)
-                op="binary_cross_entropy_with_logits", name="weight" if ctx.needs_input_grad[2] else "pos_weight"))
+        need_input, need_target, need_weight, need_pos_weight = needs_grad(ctx, 4)[:4]
+        if need_weight or need_pos_weight:  # the Function applied directly (the functional raises in the forward,
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(  # as torch)
+                op="binary_cross_entropy_with_logits", name="weight" if need_weight else "pos_weight"))
         kernels = _backend.backward_kernels(ctx.kernels)
         grad_input, grad_target = kernels.binary_cross_entropy_with_logits_backward(
             grad_loss.contiguous(), input, target, weight, pos_weight, ctx.reduction, need_input, need_target)

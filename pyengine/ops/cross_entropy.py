@@ -14,7 +14,8 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
-from ._function import NOT_DIFFERENTIABLE, acc_dtype, autocast, first_order_only, not_differentiable, scalar_type_name
+from ._function import (NOT_DIFFERENTIABLE, acc_dtype, autocast, first_order_only, needs_grad, not_differentiable,
+                        scalar_type_name)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -190,7 +191,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # for float16/bfloat16, whose saved gradient would be rounded twice when the incoming one is not 1.
         # Not while torch.compile traces (the backward reads the incoming gradient on the host), nor when the
         # probabilities of the target want a gradient too.
-        ctx.fused = (ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3]) and reduction != "none"
+        need = needs_grad(ctx, 3)
+        ctx.fused = (need[0] and not any(need[1:3]) and reduction != "none"
                      and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
         # input, for the double-backward error to link to: not saved (no version check), since the fused backward
         # does not read it and torch's cross_entropy does not fail when the logits change in place
@@ -217,12 +219,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             return grad.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None, None, None
         logits, tgt, weight, lse, denom = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        need = needs_grad(ctx, 3)
+        if need[0]:
             g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss
             grad = ctx.kernels.cross_entropy_backward(g.contiguous(), logits, tgt, weight, lse, denom, *ctx.args)
             grad = grad.reshape(ctx.input_shape).to(ctx.input_dtype)
         grad_target = None
-        if ctx.needs_input_grad[1]:  # class probabilities are differentiable: d loss / d t_c = -(1 - eps) w_c log p_c
+        if need[1]:  # class probabilities are differentiable: d loss / d t_c = -(1 - eps) w_c log p_c
             _, reduction, smoothing = ctx.args
             log_p = logits.to(lse.dtype) - lse.unsqueeze(1)
             g = grad_loss.reshape(lse.shape).unsqueeze(1) if reduction == 0 else grad_loss
@@ -231,9 +234,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             w = 1.0 if weight is None else weight.to(lse.dtype).view(1, -1, 1)
             grad_target = (-(1.0 - smoothing) * w * log_p * g).reshape(ctx.input_shape).to(ctx.target_dtype)
         grad_weight = None
-        if ctx.needs_input_grad[2] and not tgt.is_floating_point():  # the Function applied directly (the functional
+        if need[2] and not tgt.is_floating_point():  # the Function applied directly (the functional
             raise RuntimeError(NOT_DIFFERENTIABLE.format(op="nll_loss_forward", name="weight"))  # raises before)
-        if ctx.needs_input_grad[2]:  # probability targets (torch differentiates their weight): d loss / d w_c
+        if need[2]:  # probability targets (torch differentiates their weight): d loss / d w_c
             _, reduction, smoothing = ctx.args  # = sum over rows of g y'_c (lse - x_c) [/ denom]
             c = logits.shape[1]
             y = tgt.to(lse.dtype) * (1.0 - smoothing) + smoothing / c

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast
+from ._function import acc_dtype, autocast, needs_grad
 
 
 # The activation codes of the kernels' `activation` argument.
@@ -92,6 +92,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias=None, activation=0):
+        activation = activation if isinstance(activation, int) else activation_code(activation)
         check_linear_args(x, weight, bias)
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
@@ -111,7 +112,7 @@ class LinearFunction(torch.autograd.Function):
         x, weight, *y = ctx.saved_tensors
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         y = [t.reshape(x2.shape[0], weight.shape[0]) for t in y]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b = needs_grad(ctx, 3)[:3]
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
             grad_y.reshape(x2.shape[0], weight.shape[0]), x2, weight, need_x, need_w, need_b and ctx.has_bias,
             ctx.activation, *y)

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, result_type
+from ._function import acc_dtype, autocast, needs_grad, result_type
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -65,7 +65,7 @@ class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         input, target = (t.contiguous() for t in ctx.saved_tensors)
-        need_input, need_target, _ = ctx.needs_input_grad
+        need_input, need_target = needs_grad(ctx, 2)[:2]
         kernels = _backend.backward_kernels(ctx.kernels)
         grad_input, grad_target = kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,
                                                             need_input, need_target)
