@@ -247,7 +247,8 @@ AUTOCAST_CASES = {
     "leaky_relu": (lambda x: PF.leaky_relu(x, 0.2), lambda x: F.leaky_relu(x, 0.2)),
     "add": (lambda x: PF.add(x, x.float()), lambda x: torch.add(x, x.float())),
     "cross_entropy": (lambda x: PF.cross_entropy(x, _T), lambda x: F.cross_entropy(x, _T)),
-    "mse_loss": (lambda x: PF.mse_loss(x, x.float()), lambda x: F.mse_loss(x, x.float())),
+    # a target of the input's dtype: torch 2.11's own mse_loss backward fails on float64 with a float32 target
+    "mse_loss": (lambda x: PF.mse_loss(x, x.detach() * 0.5), lambda x: F.mse_loss(x, x.detach() * 0.5)),
     "binary_cross_entropy_with_logits": (lambda x: PF.binary_cross_entropy_with_logits(x, x.sigmoid()),
                                          lambda x: F.binary_cross_entropy_with_logits(x, x.sigmoid())),
     "linear_cross_entropy": (lambda x: PF.linear_cross_entropy(x, x.new_ones(5, 4), x.new_ones(5), _T),

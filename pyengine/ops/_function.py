@@ -69,16 +69,20 @@ def first_order_only(op, instead=None):
                 outputs = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # create_graph=False: nobody can differentiate the result
                 return outputs
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            marked = [None if o is None else o.detach().requires_grad_() for o in outputs]
+            single = not isinstance(outputs, tuple)
+            outputs = (outputs,) if single else outputs
+            # a registered op's gradient for a Tensor[] input is a list: its tensors are linked one by one
+            flat = [t for o in outputs for t in (o if isinstance(o, list) else [o])]
+            marked = [None if o is None else o.detach().requires_grad_() for o in flat]
             # the saved inputs (and ctx.error_links: inputs kept outside the saved tensors, whose versions autograd
             # does not check) join the error node too, so a gradient asked of them runs it (and raises) instead of
             # finding them unused
             saved = [t for t in (*ctx.saved_tensors, *getattr(ctx, "error_links", ()))
                      if t is not None and t.requires_grad]
             linked = _functions.DelayedError(message, len(marked) + len(saved))(*marked, *saved)
-            linked = linked if isinstance(linked, tuple) else (linked,)
-            return tuple(linked[:len(marked)]) if len(marked) > 1 else linked[0]
+            linked = iter(linked if isinstance(linked, tuple) else (linked,))
+            rebuilt = tuple([next(linked) for _ in o] if isinstance(o, list) else next(linked) for o in outputs)
+            return rebuilt[0] if single else rebuilt
 
         return wrapper
 

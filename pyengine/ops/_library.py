@@ -218,7 +218,9 @@ def _register():
         grads = ops.fused_mlp_backward(grad_outputs[0].contiguous(), x, weights, hidden, y, *ctx.activations,
                                        need_x, need_w, need_b)
         n = ctx.layers
-        return grads[0], grads[1:1 + n] if need_w else None, grads[1 + n:] if need_b else None, None, None
+        # one entry per weight and bias even where none is needed: AOT autograd (torch 2.11) wants the inputs' shape
+        return (grads[0], list(grads[1:1 + n]) if need_w else [None] * n, list(grads[1 + n:]) if need_b else [None] * n,
+                None, None)
 
     # linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) -> loss, lse (N), denom, and for
     # mean/sum the gradients of the summed loss, in the accumulation type, where their flags are set
