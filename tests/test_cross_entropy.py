@@ -315,12 +315,12 @@ def test_bad_input_raises_like_torch(backend, device):
     ]
     long_or_byte = "expected target dtype to be Long or Byte, but got "
 
-    def int_target(got):  # torch 2.14's words, and torch 2.11's
+    def index_dtype(got):  # torch 2.14's words, and torch 2.11's
         return f"{long_or_byte}{got}|expected scalar type Long but found {got}"
 
     cases = out_of_range + [  # (input, target, kwargs, torch's key phrase)
-        (x, t.int(), {}, int_target("Int")),
-        (x, t.int(), dict(label_smoothing=0.1), int_target("Int")),
+        (x, t.int(), {}, index_dtype("Int")),
+        (x, t.int(), dict(label_smoothing=0.1), index_dtype("Int")),
         (x, t, dict(reduction="avg"), "avg is not a valid value for reduction"),
         (x, t, dict(label_smoothing=1.5), r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
         (x, torch.rand(4, 3, device=device), dict(label_smoothing=1.5), "label_smoothing must be between"),
@@ -335,12 +335,12 @@ def test_bad_input_raises_like_torch(backend, device):
         (x, torch.rand(4, 2, device=device), {}, "0D or 1D target tensor expected, multi-target not supported"),
         (x, torch.zeros(4, 2, dtype=torch.long, device=device), dict(weight=torch.ones(5, device=device)),
          "multi-target not supported"),  # the target's dims are checked before the weight
-        (x, torch.rand(4, device=device), {}, long_or_byte + "Float"),
+        (x, torch.rand(4, device=device), {}, index_dtype("Float")),
         (x, torch.zeros(4, 3, dtype=torch.long, device=device), {},
          "Expected floating point type for target with class probabilities, got Long"),
         (make((3,), torch.float32, device), torch.tensor([1, 2], device=device), {},
          "For 1D input, 1D target must have size 1, but got target size: 2"),
-        (make((3,), torch.float32, device), torch.tensor(0.5, device=device), {}, long_or_byte + "Float"),
+        (make((3,), torch.float32, device), torch.tensor(0.5, device=device), {}, index_dtype("Float")),
         # torch returns a loss for (C) logits and a (1,) target: the error is backward's, x needs no gradient
         (make((3,), torch.float32, device), torch.tensor([1], device=device), {}, "does not require grad"),
     ]
