@@ -206,7 +206,6 @@ def _register():
 
     def fused_mlp_setup(ctx, inputs, output):
         x, weights, _, *ctx.activations = _with_defaults(inputs, (None, None, None, 1, 0))
-        ctx.inputs_given = len(inputs)  # the backward returns one entry per input given, defaults left out
         ctx.save_for_backward(x, *output, *weights)
         ctx.layers = len(weights)
 
@@ -221,7 +220,7 @@ def _register():
         n = ctx.layers
         # one entry per weight and bias even where none is needed: AOT autograd (torch 2.11) wants the inputs' shape
         return (grads[0], list(grads[1:1 + n]) if need_w else [None] * n, list(grads[1 + n:]) if need_b else [None] * n,
-                None, None)[:ctx.inputs_given]
+                None, None)[:len(ctx.needs_input_grad)]  # one per input given: a traced call drops defaults
 
     # linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) -> loss, lse (N), denom, and for
     # mean/sum the gradients of the summed loss, in the accumulation type, where their flags are set
