@@ -9,7 +9,6 @@ Choice, first match wins: the innermost ``with pyengine.use_backend(name):``, th
 variable PYENGINE_BACKEND (read at import), then the tensors' device (cpp for CPU, cuda for CUDA, python
 where that backend is not built). The backend chosen in forward also runs that call's backward.
 """
-import contextlib
 import contextvars
 import os
 import types
@@ -67,21 +66,44 @@ def available_backends():
     return [b for b in built_backends() if b != "cuda" or torch.cuda.is_available()]
 
 
+ENV = "PYENGINE_BACKEND"
 _chosen = contextvars.ContextVar("pyengine_backend", default=None)
-_env_backend = os.environ.get("PYENGINE_BACKEND") or None
+_env_backend = os.environ.get(ENV) or None
 if _env_backend is not None:
-    _check_name(_env_backend)
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    """Runs the ops inside the block on backend `name` ('cpp', 'cuda' or 'python')."""
-    _require_built(_check_name(name))
-    token = _chosen.set(name)
     try:
-        yield
-    finally:
-        _chosen.reset(token)
+        _check_name(_env_backend)
+    except ValueError as exc:
+        raise ValueError(f"{ENV}={_env_backend!r}: {exc} (or unset {ENV} to choose by the tensors' device)") from None
+
+
+def _check_runnable(name):
+    """A backend that this installation has and this machine can run: the cuda backend needs a visible GPU."""
+    _require_built(_check_name(name))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pyengine backend 'cuda' needs a GPU, and none is visible here "
+                           "(torch.cuda.is_available() is False); use 'cpp' or 'python' for CPU tensors.")
+    return name
+
+
+class use_backend:  # noqa: N801  (a function to its callers, like torch.set_grad_enabled)
+    """Runs pyengine's ops on backend `name` ('cpp', 'cuda' or 'python'), checked when called: an unknown name,
+    a backend not built, or 'cuda' without a visible GPU raise at once.
+
+        with pyengine.use_backend("python"):   # inside the block only; the innermost block wins
+            ...
+        pyengine.use_backend("python")         # from here on, in this thread (context), as torch.set_grad_enabled
+
+    The choice is per thread and per asyncio task (a context variable)."""
+
+    def __init__(self, name):
+        self._token = _chosen.set(_check_runnable(name))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _chosen.reset(self._token)
+        return False
 
 
 def current_backend():
@@ -128,17 +150,22 @@ def _default(device_type):
 
 def select(device):
     """The backend name that runs an op whose tensors live on `device`."""
-    name = _chosen.get() or _env_backend
+    chosen = _chosen.get()
+    name = chosen or _env_backend
     if name is None:
         return _default(device.type)
     if name == "python":
         return name
-    _require_built(name)
+    source = "pyengine.use_backend" if chosen else f"the environment variable {ENV}"
+    try:
+        _require_built(name)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (backend chosen by {source})") from None
     wanted = "cpu" if name == "cpp" else "cuda"
     if device.type != wanted:
-        raise RuntimeError(f"pyengine backend {name!r} runs on {wanted} tensors, but these are on {device}. "
-                           f"Move them with .to('{wanted}'), or choose the backend for {device.type} tensors "
-                           f"({_default(device.type)!r}) or 'python'.")
+        raise RuntimeError(f"pyengine backend {name!r}, chosen by {source}, runs on {wanted} tensors, but these "
+                           f"are on {device}. Move them with .to('{wanted}'), or choose the backend for "
+                           f"{device.type} tensors ({_default(device.type)!r}) or 'python'.")
     return name
 
 

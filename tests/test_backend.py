@@ -10,6 +10,7 @@ import torch
 import pyengine
 import pyengine.functional as PF
 from pyengine import _backend
+from utils import HAS_CUDA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,10 +86,46 @@ def test_unbuilt_cuda_backend_says_how_to_build():
             pass
 
 
-@pytest.mark.skipif("cuda" not in pyengine.built_backends(), reason="needs the CUDA kernels built")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and pyengine's CUDA kernels")
 def test_cuda_backend_refuses_cpu_tensors():
-    with pyengine.use_backend("cuda"), pytest.raises(RuntimeError, match="runs on cuda tensors"):
+    with pyengine.use_backend("cuda"), pytest.raises(RuntimeError, match="chosen by pyengine.use_backend, runs on "
+                                                                         "cuda tensors"):
         PF.relu(torch.ones(3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_backend_without_a_gpu_is_refused_when_chosen():
+    with pytest.raises(RuntimeError, match="needs a GPU, and none is visible here|is not built"):
+        pyengine.use_backend("cuda")
+    assert pyengine.current_backend() is None
+
+
+def test_use_backend_as_a_plain_call_sets_it_until_changed():
+    """Like torch.set_grad_enabled: a plain call sets the backend for this thread from then on; a `with` block
+    restores what was there before."""
+    import contextvars
+
+    def body():
+        pyengine.use_backend("python")
+        assert pyengine.current_backend() == "python"
+        assert _backend.select(torch.device("cpu")) == "python"
+        if "cpp" in pyengine.available_backends():
+            with pyengine.use_backend("cpp"):
+                assert pyengine.current_backend() == "cpp"
+        assert pyengine.current_backend() == "python"
+
+    contextvars.copy_context().run(body)  # a copy: the test leaves the suite's own context untouched
+    assert pyengine.current_backend() is None
+    with pytest.raises(ValueError, match="unknown pyengine backend 'tpu'"):
+        pyengine.use_backend("tpu")
+
+
+def test_environment_variable_errors_name_it():
+    code, _, err = run_python("""
+        import torch, pyengine.functional as PF
+        PF.relu(torch.ones(3))
+    """, PYENGINE_BACKEND="cuda")
+    assert code != 0 and "PYENGINE_BACKEND" in err, err
 
 
 def test_backward_runs_on_the_forward_backend(monkeypatch):
@@ -115,7 +152,7 @@ def test_environment_variable_chooses_backend():
 
 def test_bad_environment_variable_is_rejected():
     code, _, err = run_python("import pyengine", PYENGINE_BACKEND="fortran")
-    assert code != 0 and "unknown pyengine backend 'fortran'" in err
+    assert code != 0 and "PYENGINE_BACKEND='fortran': unknown pyengine backend 'fortran'" in err
 
 
 def test_without_extension_falls_back_to_python_and_warns_once():
