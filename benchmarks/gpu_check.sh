@@ -90,24 +90,23 @@ if want tests; then
   [ $rc = 0 ] || status=1
 fi
 
+sanitize() {  # sanitize TOOL SECONDS K_EXPR SHOWN: pytest's selection under compute-sanitizer --tool TOOL
+  timeout "$2" compute-sanitizer --tool "$1" --error-exitcode 99 --print-limit 20 \
+    "$py" -m pytest tests -q -k "$3" -p no:cacheprovider > "$out/$1.log" 2>&1
+  local rc=$?
+  grep -E "$4|passed|failed" "$out/$1.log" | tail -8
+  note "$1: $(grep -E "SUMMARY" "$out/$1.log" | tail -1); $(grep -E "passed|failed" "$out/$1.log" | tail -1) (exit $rc)"
+  [ $rc = 0 ] || status=1
+}
+
 if want memcheck; then
   step "compute-sanitizer memcheck (a subset reaching every kernel and dtype family)"
-  timeout 60 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-    "$py" -m pytest tests -q -k "$MEMCHECK_K" -p no:cacheprovider > "$out/memcheck.log" 2>&1
-  rc=$?
-  grep -E "ERROR SUMMARY|Invalid|passed|failed" "$out/memcheck.log" | tail -8
-  note "memcheck: $(grep -E "ERROR SUMMARY" "$out/memcheck.log" | tail -1); $(grep -E "passed|failed" "$out/memcheck.log" | tail -1) (exit $rc)"
-  [ $rc = 0 ] || status=1
+  sanitize memcheck 60 "$MEMCHECK_K" "ERROR SUMMARY|Invalid"
 fi
 
 if want racecheck; then
   step "compute-sanitizer racecheck (one GEMM in float16 and float32, one row reduction)"
-  timeout 30 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
-    "$py" -m pytest tests -q -k "$RACECHECK_K" -p no:cacheprovider > "$out/racecheck.log" 2>&1
-  rc=$?
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|passed|failed" "$out/racecheck.log" | tail -8
-  note "racecheck: $(grep -E "SUMMARY" "$out/racecheck.log" | tail -1); $(grep -E "passed|failed" "$out/racecheck.log" | tail -1) (exit $rc)"
-  [ $rc = 0 ] || status=1
+  sanitize racecheck 30 "$RACECHECK_K" "SUMMARY|hazard"
 fi
 
 if want bench; then
