@@ -56,7 +56,7 @@ def gradient_terms(x, target, g, weight=None, reduction="mean", ignore_index=IGN
     """The size of the terms of a logit's gradient g w (p - y') [/ denominator]: p and y' are at most 1. Where
     they cancel (one class: p = y' = 1) the gradient is 0 up to their rounding, far below this."""
     w = 1.0 if weight is None else magnitude(weight)
-    if reduction in ("none", "sum") or reduction is None:
+    if reduction != "mean":
         return magnitude(g) * w
     if target.is_floating_point():
         denom = target.numel() / max(classes(tuple(x.shape)), 1)

@@ -416,10 +416,10 @@ def _step_scales(model, x, target, loss):
     loss moves by about sum |dloss/dy| m_y when the outputs y move by their magnitudes m_y (a fitted output, with
     y - t far below y, makes the loss tiny and its rounding relatively large), and the gradient's magnitudes."""
     model64 = copy.deepcopy(model).double()
-    x64, y, m_y = _outputs(model64, x)
-    y.requires_grad_()
+    outputs = _outputs(model64, x)
+    y = outputs[1].clone().requires_grad_()
     (dy,) = torch.autograd.grad(TRAINING_LOSSES[loss](*_loss_args(y, target, loss)), y)
-    return (dy.abs() * m_y).sum().item(), _step_gradient_magnitudes(model64, x, target, loss)
+    return (dy.abs() * outputs[2]).sum().item(), _step_gradient_magnitudes(model64, x, target, loss, outputs)
 
 
 def _layers(model64):
@@ -444,11 +444,11 @@ def _loss_args(out, target, loss):
     return out, target.double().reshape(out.shape)
 
 
-def _step_gradient_magnitudes(model64, x, target, loss):
+def _step_gradient_magnitudes(model64, x, target, loss, outputs=None):
     """The magnitudes (see utils.product_magnitudes) of a training step's parameter gradient, packed as
     model.parameters(): the loss gradient's terms (and the error the output's own magnitude carries into them)
-    pushed back through the layers."""
-    x64, y, m_y = _outputs(model64, x)
+    pushed back through the layers. outputs: what _outputs(model64, x) gives, where the caller has it."""
+    x64, y, m_y = outputs or _outputs(model64, x)
     t = _loss_args(y, target, loss)[1]
     if loss == "mse":
         m_g = 2 * (y.abs() + t.abs() + m_y) / y.numel()
