@@ -14,7 +14,7 @@ import pyengine
 from pyengine import _backend
 
 from . import harness, memory, report
-from .ops import MODELS, MODES, OPS, SIZES
+from .ops import GRAD_IN_FORWARD, MODELS, MODES, OPS, SIZES
 
 DEVICE_BACKENDS = {"cpu": ("cpp", "python"), "cuda": ("cuda", "python")}
 BUDGET = {"quick": 0.25, "full": 0.8}  # seconds of interleaved timing per (op, size, mode)
@@ -30,8 +30,11 @@ def parse(argv):
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
     p.add_argument("--quick", action="store_true", help="tiny and medium sizes, shorter timing (about a minute)")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, speedup.png")
-    p.add_argument("--sizes", help=argparse.SUPPRESS)  # e.g. "tiny": the tests' seconds-long configuration
-    p.add_argument("--budget", type=float, help=argparse.SUPPRESS)  # seconds of timing per (op, size, mode)
+    p.add_argument("--sizes", help="comma-separated sizes to run, of " + ", ".join(SIZES)
+                                   + " (default: all; tiny and medium with --quick)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="seconds of interleaved timing per op, size and mode (default "
+                        f"{BUDGET['full']}, {BUDGET['quick']} with --quick); more rounds steady a noisy machine")
     args = p.parse_args(argv)
 
     def pick(value, choices, what):
@@ -57,39 +60,50 @@ def parse(argv):
     if missing:
         p.error(f"backend {', '.join(missing)} is not built here (built: {', '.join(_backend.built_backends())}); "
                 f"{_backend.BUILD_HINT}")
+    if args.budget is not None and not args.budget > 0:
+        p.error(f"--budget must be above 0 seconds, got {args.budget}")
     args.budget = args.budget or BUDGET["quick" if args.quick else "full"]
     return args
 
 
 class Progress:
-    """tqdm when it is installed, else a one-line bar on stderr."""
+    """On a terminal, tqdm when it is installed, else a one-line bar; where stderr is a file or a pipe, one plain
+    line per step, since a bar redrawn with carriage returns turns a log into one unreadable line."""
 
-    def __init__(self, total):
-        try:
-            from tqdm import tqdm
+    def __init__(self, total, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.bar = None
+        if self.tty:
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-        except ImportError:
-            self.bar = None
+                self.bar = tqdm(total=total, file=self.stream, dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
         self.total, self.done, self.start = total, 0, time.perf_counter()
 
     def step(self, what):
         self.done += 1
+        if not self.tty:
+            self.stream.write(f"[{self.done}/{self.total} {time.perf_counter() - self.start:.0f}s] {what}\n")
+            self.stream.flush()
+            return
         if self.bar is not None:
             self.bar.set_description_str(what[:48])
             self.bar.update(1)
             return
         filled = int(30 * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                         f"{time.perf_counter() - self.start:5.0f}s {what[:40]:<40}")
-        sys.stderr.flush()
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                          f"{time.perf_counter() - self.start:5.0f}s {what[:40]:<40}")
+        self.stream.flush()
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        else:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+        elif self.tty:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
 
 
 def machine_info(device):
@@ -136,6 +150,32 @@ def _rate(amount, seconds, scale=1e9):
     return None if amount is None or not seconds else amount / seconds / scale
 
 
+def timing_row(base, mode, impl, timed, floor, bw):
+    """One row of the speed table: impl's and torch's timings of one mode ({impl: time_interleaved's entry}),
+    the floor (bytes, flops) of that mode, the machine's copy bandwidth bw in GB/s, and the flags that say how
+    far to trust it."""
+    mine, theirs = timed.get(impl, {}), timed.get("torch", {})
+    pe, t = mine.get("median"), theirs.get("median")
+    nbytes, flops = floor
+    share = _rate(nbytes, pe, bw * 1e9)
+    spreads = [s for s in (mine.get("spread"), theirs.get("spread")) if s is not None]
+    return {
+        **base, "mode": mode, "backend": impl, "pyengine_s": pe, "torch_s": t,
+        "pyengine_iqr_s": mine.get("iqr"), "torch_iqr_s": theirs.get("iqr"),
+        "pyengine_spread": mine.get("spread"), "torch_spread": theirs.get("spread"), "rounds": mine.get("rounds"),
+        "speedup": t / pe if t and pe else None, "bytes": nbytes, "flops": flops,
+        "pyengine_gbps": _rate(nbytes, pe), "torch_gbps": _rate(nbytes, t),
+        "pyengine_bw_share": share, "torch_bw_share": _rate(nbytes, t, bw * 1e9),
+        "pyengine_gflops": _rate(flops, pe), "torch_gflops": _rate(flops, t),
+        "noisy": any(s > harness.NOISY_SPREAD for s in spreads),
+        # faster than the machine's memory can feed it: the data sat in a cache (or the op skipped bytes the
+        # floor counts), so a share of the memory bandwidth says nothing
+        "cache_resident": share is not None and share > 1,
+        "grad_in_forward": base["dtype"] in GRAD_IN_FORWARD.get(base["op"], ()),
+        "pyengine_peak_bytes": None, "torch_peak_bytes": None,
+    }
+
+
 def time_case(kind, name, size, dtype, device, impls, budget, bw, progress):
     """Timing rows for one op (or model) at one size: every mode, every backend beside torch."""
     entry = harness.case(kind, name)
@@ -164,21 +204,9 @@ def time_case(kind, name, size, dtype, device, impls, budget, bw, progress):
         timed = harness.time_interleaved(
             {impl: (f[mode], lambda impl=impl: harness.backend_ctx(impl)) for impl, f in fns.items()}, budget)
         progress.step(f"{name} {size} {mode}")
-        t = timed.get("torch", {}).get("median")
-        nbytes, flops = floor[mode]
         for impl in impls:
-            pe = timed.get(impl, {}).get("median")
-            rows.append({
-                **base, "mode": mode, "backend": impl, "pyengine_s": pe, "torch_s": t,
-                "pyengine_iqr_s": timed.get(impl, {}).get("iqr"), "torch_iqr_s": timed.get("torch", {}).get("iqr"),
-                "rounds": timed.get(impl, {}).get("rounds"),
-                "speedup": t / pe if t and pe else None, "bytes": nbytes, "flops": flops,
-                "pyengine_gbps": _rate(nbytes, pe), "torch_gbps": _rate(nbytes, t),
-                "pyengine_bw_share": _rate(nbytes, pe, bw * 1e9), "torch_bw_share": _rate(nbytes, t, bw * 1e9),
-                "pyengine_gflops": _rate(flops, pe), "torch_gflops": _rate(flops, t),
-                "pyengine_peak_bytes": None, "torch_peak_bytes": None,
-                "error": errors.get(impl), "torch_error": errors.get("torch"),
-            })
+            rows.append({**timing_row(base, mode, impl, timed, floor[mode], bw),
+                         "error": errors.get(impl), "torch_error": errors.get("torch")})
     del fns, inputs
     if size == "large":
         gc.collect()  # a collection costs ~0.1 s with torch loaded: only where it frees hundreds of MiB
@@ -222,7 +250,7 @@ def run(args):
         "schema": 1, "machine": machine_info(device),
         "config": {"device": device.type, "dtypes": args.dtypes, "sizes": args.sizes, "ops": args.ops,
                    "backends": args.backends, "not_built": args.not_built, "quick": args.quick,
-                   "budget_s": args.budget},
+                   "budget_s": args.budget, "noisy_spread": harness.NOISY_SPREAD},
         "bandwidth": bw, "timings": timings, "numerics": numerics, "seconds": time.perf_counter() - start,
     }
 

@@ -78,10 +78,15 @@ def _per_call(timer, number, ctx):
         return timer.timeit(number).mean
 
 
+# A row whose rounds' interquartile range exceeds this share of their median (pyengine's or torch's) is marked
+# noisy: the machine's speed moved during it, and its speedup can be off by more than that in either direction.
+NOISY_SPREAD = 0.2
+
+
 def time_interleaved(fns, budget_s, min_rounds=3, max_rounds=40):
     """fns: {key: (callable, context factory)}. Each callable is warmed up, then timed in rounds that visit
     every key in turn (the order rotating), so drift in the machine's speed hits all of them alike.
-    Returns {key: {"median": s, "iqr": s, "rounds": n}}."""
+    Returns {key: {"median": s, "iqr": s, "spread": iqr / median, "rounds": n}}."""
     threads = torch.get_num_threads()
     timers, number = {}, {}
     for key, (fn, ctx) in fns.items():
@@ -104,7 +109,8 @@ def time_interleaved(fns, budget_s, min_rounds=3, max_rounds=40):
     out = {}
     for key, ts in times.items():
         q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        out[key] = {"median": q[1].item(), "iqr": (q[2] - q[0]).item(), "rounds": rounds}
+        median, iqr = q[1].item(), (q[2] - q[0]).item()
+        out[key] = {"median": median, "iqr": iqr, "spread": iqr / median if median > 0 else None, "rounds": rounds}
     return out
 
 

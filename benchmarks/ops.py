@@ -17,6 +17,12 @@ import pyengine.nn as pnn
 
 SIZES = ("tiny", "medium", "large")
 MODES = ("forward", "backward", "forward+backward")
+# op -> the dtypes in which pyengine's forward computes the gradient for an incoming 1 in the same pass as the
+# loss (training's case), its backward only scaling or returning it: there a backward-only time is not comparable
+# with torch's, whose backward does that work, and only forward+backward compares like with like. cross_entropy
+# keeps float16/bfloat16 out (a saved gradient would be rounded twice).
+GRAD_IN_FORWARD = {"cross_entropy": ("float32", "float64"),
+                   "linear_cross_entropy": ("float32", "float64", "float16", "bfloat16")}
 TINY_ROWS = 759  # the notes' batch
 
 

@@ -4,7 +4,7 @@ import math
 import os
 
 SIZE_ORDER = ("tiny", "medium", "large")
-STYLES = {"forward": ":", "backward": "--", "forward+backward": "-", "step": "-"}  # plot: one colour per backend
+PLOT_MODES = ("forward+backward", "step")  # what a training step costs; the other modes are in results.md
 
 
 def fmt_time(s):
@@ -40,8 +40,31 @@ def _table(header, rows):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-TIME_HEADER = ["op", "size", "mode", "dtype", "backend", "pyengine", "torch", "speedup", "GB/s", "%BW", "GFLOP/s",
-               "peak MiB pe/torch", "note"]
+def fmt_spread(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def fmt_share(r):
+    share = r.get("pyengine_bw_share")
+    if share is None:
+        return "-"
+    return "cache" if r.get("cache_resident") else f"{100 * share:.0f}%"
+
+
+GRAD_IN_FORWARD_NOTE = {"forward": "forward computes the gradient too",
+                        "backward": "backward only scales the forward's gradient"}
+
+
+def notes(r):
+    """The row's flags, then its error: what a reader must know before trusting its speedup."""
+    out = ["noisy"] if r.get("noisy") else []
+    if r.get("grad_in_forward") and r["mode"] in GRAD_IN_FORWARD_NOTE:
+        out.append(GRAD_IN_FORWARD_NOTE[r["mode"]])
+    return out + [e for e in (r["error"], r["torch_error"]) if e][:1]
+
+
+TIME_HEADER = ["op", "size", "mode", "dtype", "backend", "pyengine", "torch", "spread pe/torch", "speedup", "GB/s",
+               "%BW", "GFLOP/s", "peak MiB pe/torch", "note"]
 
 
 def time_rows(results, note_width=None):
@@ -50,12 +73,33 @@ def time_rows(results, note_width=None):
         mem = ""
         if r.get("pyengine_peak_bytes") is not None or r.get("torch_peak_bytes") is not None:
             mem = f"{fmt_mem(r.get('pyengine_peak_bytes'))} / {fmt_mem(r.get('torch_peak_bytes'))}"
-        share = r.get("pyengine_bw_share")
+        spread = ""
+        if r["pyengine_s"] is not None or r["torch_s"] is not None:
+            spread = f"{fmt_spread(r.get('pyengine_spread'))} / {fmt_spread(r.get('torch_spread'))}"
         out.append([r["op"], f"{r['size']} {r['shape']}", r["mode"], r["dtype"], r["backend"],
-                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]),
+                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]), spread,
                     "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-                    fmt_num(r["pyengine_gbps"]), "-" if share is None else f"{100 * share:.0f}%",
-                    fmt_num(r["pyengine_gflops"]), mem, _note(r["error"] or r["torch_error"] or "", note_width)])
+                    fmt_num(r["pyengine_gbps"]), fmt_share(r), fmt_num(r["pyengine_gflops"]), mem,
+                    _note("; ".join(notes(r)), note_width)])
+    return out
+
+
+def caveats(results):
+    """The lines that say how far the speed table can be trusted: its spread, noisy, cache and gradient marks."""
+    rows = results["timings"]
+    limit = results["config"].get("noisy_spread")
+    noisy = sum(1 for r in rows if r.get("noisy"))
+    out = [f"spread: the interquartile range of a row's timing rounds over their median, pyengine / torch. "
+           f"{noisy} of {len(rows)} rows are marked noisy: a spread above {fmt_spread(limit)} on either side, so "
+           f"their speedup may be off by more than that"
+           + (" (rerun them on a quieter machine, or with a larger --budget)" if noisy else "")]
+    if any(r.get("cache_resident") for r in rows):
+        out.append("%BW cache: faster than the machine's copy bandwidth, so the data sat in a cache (or the op "
+                   "skipped bytes the floor counts); no share of memory bandwidth applies")
+    grad_ops = list(dict.fromkeys(r["op"] for r in rows if r.get("grad_in_forward")))
+    if grad_ops:
+        out.append(f"{', '.join(grad_ops)}: pyengine's forward also computes the gradient and its backward only "
+                   "scales it, so only their forward+backward compares like with like")
     return out
 
 
@@ -81,6 +125,7 @@ def text(results):
         head,
         "times are medians; speedup = torch time / pyengine time (above 1: pyengine faster); GB/s and %BW are "
         "pyengine's, counting the bytes that must move (NOTES.md); peak memory of forward+backward above the inputs",
+        *caveats(results),
         *([f"not benchmarked: backend {', '.join(c['not_built'])} is not built here"] if c.get("not_built") else []),
         "", _table(TIME_HEADER, time_rows(results, 60)), "",
         "numerics: relative error against float64 (output and gradients), max and mean",
@@ -108,7 +153,9 @@ def markdown(results):
         "# pyengine benchmark", "\n".join(info),
         "Times are medians of interleaved rounds (torch.utils.benchmark); speedup = torch time / pyengine time. "
         "GB/s and %BW: pyengine's achieved bandwidth counting the bytes that must move, and its share of the "
-        "machine's copy bandwidth. Peak memory: one forward+backward (or training step), above its inputs.",
+        "machine's copy bandwidth. Peak memory: one forward+backward (or training step), above its inputs. "
+        "speedup.png draws the forward+backward (and training step) speedups; every mode is here.",
+        "\n".join(f"- {line}" for line in caveats(results)),
         "## Speed", md(TIME_HEADER, time_rows(results)),
         "## Numerics", "Relative error against a float64 reference, output and gradients pooled.",
         md(NUM_HEADER, numeric_rows(results)),
@@ -129,53 +176,87 @@ def write_json(results, path):
         json.dump(clean(results), f, indent=1)
 
 
+def _plot_label(r):
+    return f"{r['op']} (step)" if r["mode"] == "step" else r["op"]
+
+
+def plot_data(results):
+    """What speedup.png draws: one panel per backend (and dtype), one group of bars per op, one bar per size that
+    ran, each the forward+backward (or training step) speedup with its noisy flag. Forward-only and
+    backward-only rows stay in results.md: a backward that only scales a saved gradient would read as a speedup
+    that no training step sees."""
+    rows = [r for r in results["timings"] if r["mode"] in PLOT_MODES]
+    many_dtypes = len({r["dtype"] for r in rows}) > 1
+    panels = list(dict.fromkeys((r["backend"], r["dtype"]) for r in rows))
+    return {
+        "panels": [f"backend {b}" + (f", {d}" if many_dtypes else "") for b, d in panels],
+        "ops": list(dict.fromkeys(_plot_label(r) for r in rows)),
+        "sizes": [s for s in SIZE_ORDER if any(r["size"] == s for r in rows)],
+        "bars": [{"panel": panels.index((r["backend"], r["dtype"])), "op": _plot_label(r), "size": r["size"],
+                  "speedup": r["speedup"], "noisy": bool(r.get("noisy"))} for r in rows],
+    }
+
+
 def plot(results, path):
-    """Speedup against size, one panel per op; returns None, or why the plot was skipped."""
+    """speedup.png: plot_data's bars, each drawn from 1 (torch's speed) to its speedup on a log axis, so faster
+    reaches right and slower left; returns None, or why the plot was skipped."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
-    names = list(dict.fromkeys(r["op"] for r in results["timings"]))
-    if not names:
+    data = plot_data(results)
+    if not data["bars"]:
         return "nothing was timed"
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    backends = list(results["config"].get("backends", []))
-    for ax, name in zip(axes.flat, names):
-        mine = [r for r in results["timings"] if r["op"] == name]
-        many_dtypes = len({r["dtype"] for r in mine}) > 1
-        lines = 0
-        for key in dict.fromkeys((r["backend"], r["mode"], r["dtype"]) for r in mine):
-            pts = sorted((SIZE_ORDER.index(r["size"]), r["speedup"]) for r in mine
-                         if (r["backend"], r["mode"], r["dtype"]) == key and r["speedup"])
-            if pts:
-                label = " ".join(key if many_dtypes else key[:2])
-                color = backends.index(key[0]) if key[0] in backends else len(backends)
-                ax.plot(*zip(*pts), marker="o", label=label, color=f"C{color}", ls=STYLES.get(key[1], "-"))
-                lines += 1
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(SIZE_ORDER)), SIZE_ORDER)
-        if lines:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no pyengine timing\n(see the errors)", ha="center", va="center",
-                    transform=ax.transAxes)
-        ax.set_title(name, fontsize=10)
-        ax.set_ylabel("speedup vs torch")
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle(f"pyengine speedup over torch ({results['config']['device']}, "
-                 f"{', '.join(results['config']['dtypes'])}; above 1: pyengine faster)")
-    fig.tight_layout()
+    ops, sizes, panels = data["ops"], data["sizes"], data["panels"]
+    height = 0.8 / len(sizes)
+    size = (2.8 + 4.5 * len(panels), 1.8 + 0.16 * len(ops) * (len(sizes) + 0.6))  # inches: ~0.16 a bar
+    fig, axes = plt.subplots(1, len(panels), figsize=size, sharex=True, sharey=True, squeeze=False,
+                             layout="constrained")
+    known = [b["speedup"] for b in data["bars"] if b["speedup"]]
+    lo, hi = min(known + [1.0]) / 2, max(known + [1.0]) * 2
+    # plain ticks ("0.5x", "2x"): a reader compares bars with numbers, not with powers of ten; 1-2-5 steps while
+    # they fit
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10.0**e for e in decades for m in ((1, 2, 5) if len(decades) <= 4 else (1,))]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    for b in data["bars"]:
+        ax = axes[0][b["panel"]]
+        y = ops.index(b["op"]) + (sizes.index(b["size"]) - (len(sizes) - 1) / 2) * height
+        color = f"C{SIZE_ORDER.index(b['size'])}"
+        if b["speedup"] is None:
+            ax.text(1.0, y, " error", va="center", fontsize=7, color=color)
+            continue
+        ax.barh(y, b["speedup"] - 1.0, left=1.0, height=0.9 * height, color=color,
+                hatch="////" if b["noisy"] else None, edgecolor="black" if b["noisy"] else color, linewidth=0.4)
+        faster = b["speedup"] >= 1
+        ax.text(b["speedup"], y, f" {b['speedup']:.3g}x ", va="center", ha="left" if faster else "right",
+                fontsize=6.5)
+    for ax, title in zip(axes[0], panels):
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
+        ax.grid(axis="x", which="major", alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("speedup over torch (log scale; right of 1: pyengine faster)")
+    axes[0][0].set_yticks(range(len(ops)), ops)
+    axes[0][0].invert_yaxis()
+    handles = [Patch(color=f"C{SIZE_ORDER.index(s)}", label=s) for s in sizes]
+    if any(b["noisy"] for b in data["bars"]):
+        limit = results["config"].get("noisy_spread")
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="////",
+                             label=f"noisy: rounds' spread above {fmt_spread(limit)}, rerun"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    fig.suptitle(f"pyengine speedup over torch: forward+backward and training step\n({results['config']['device']}, "
+                 f"{', '.join(results['config']['dtypes'])}; every mode in results.md)", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
-
 
 def write_all(results, out_dir):
     os.makedirs(out_dir, exist_ok=True)

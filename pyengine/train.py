@@ -9,12 +9,17 @@ backward kernels), then w <- w - lr * grad. --compare-torch trains the same mode
 initial weights on the same mini-batches; --ddp N runs it in N processes under DistributedDataParallel.
 --fused (mlp, digits) trains a pyengine.nn.FusedMLP instead, whose training_step runs that whole loop body as
 one call: the same numbers, without autograd's and torch.optim's per-call costs.
+
+Each epoch line shows the epoch's mean mini-batch loss; the final loss is the last epoch's mean. --json adds
+every mini-batch's loss and, for linear, the learned w and b. Progress bars run only on a terminal.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -87,7 +92,9 @@ def accuracy(model, name, x, y):
 
 
 def progress(iterable, desc, enabled):
-    if not enabled:
+    """A tqdm bar on a terminal; none where stderr is a file or a pipe, which would keep every bar's first
+    frame (0%) in the log: there the epoch lines are the progress."""
+    if not (enabled and sys.stderr.isatty()):
         return iterable
     try:
         from tqdm import tqdm
@@ -97,10 +104,22 @@ def progress(iterable, desc, enabled):
         return iterable
 
 
+def fmt_seconds(s):
+    # an epoch of the linear model is a few hundred microseconds: seconds to three places would read 0.000
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+class Trained(NamedTuple):
+    loss: list  # every mini-batch's loss, in order
+    epoch_loss: list  # each epoch's mean of its mini-batch losses
+    state: dict  # the final state_dict
+    accuracy: Optional[float]  # on the held-out split; None for the linear model's toy data
+
+
 def train(name, lib, init_state, args, rank=0, world=1, show=True):
-    """Trains one model; returns (loss per step, final state_dict, held-out accuracy). Under DDP (world > 1)
-    each process takes its share of every global mini-batch, and the loss is scaled so that DDP's gradient
-    average equals the gradient of the global batch's loss."""
+    """Trains one model; returns a Trained. Under DDP (world > 1) each process takes its share of every global
+    mini-batch, and the loss is scaled so that DDP's gradient average equals the gradient of the global batch's
+    loss."""
     x, y, x_test, y_test = load_data(name, args.seed)
     fused = getattr(args, "fused", False) and lib is pnn
     model, criterion = (FUSED[name][0](args.hidden), None) if fused else build_model(name, lib, args.hidden)
@@ -108,15 +127,14 @@ def train(name, lib, init_state, args, rank=0, world=1, show=True):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-    curve = []
+    curve, epoch_loss = [], []
     for epoch in range(args.epochs):
-        epoch_loss, start = 0.0, time.perf_counter()
+        first, start = len(curve), time.perf_counter()
         for idx in progress(batches(len(x), args.batch_size, epoch, args.seed), f"epoch {epoch + 1}/{args.epochs}",
                             show and args.epochs <= 100):
             local = idx.tensor_split(world)[rank] if world > 1 else idx
             if fused:  # forward, loss, zero_grad, backward and w <- w - lr * grad, as one call
                 curve.append(model.training_step(x[local], y[local], args.lr, loss=FUSED[name][1]).item())
-                epoch_loss += curve[-1]
                 continue
             out = model(x[local])
             loss = criterion(out, y[local])
@@ -130,12 +148,13 @@ def train(name, lib, init_state, args, rank=0, world=1, show=True):
             loss.backward()
             opt.step()  # w <- w - lr * grad
             curve.append(logged.item())
-            epoch_loss += curve[-1]
+        seconds = time.perf_counter() - start
+        epoch_loss.append(sum(curve[first:]) / (len(curve) - first))
         if show and (epoch + 1) % max(1, args.epochs // 10) == 0:
-            print(f"epoch {epoch + 1:4d}  loss {epoch_loss / max(1, len(x) // args.batch_size):.6f}  "
-                  f"({time.perf_counter() - start:.3f} s)", flush=True)
+            print(f"epoch {epoch + 1:4d}  mean loss {epoch_loss[-1]:<10.6g}  ({fmt_seconds(seconds)})", flush=True)
     plain = model.module if world > 1 else model
-    return curve, {k: v.detach().clone() for k, v in plain.state_dict().items()}, accuracy(plain, name, x_test, y_test)
+    state = {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    return Trained(curve, epoch_loss, state, accuracy(plain, name, x_test, y_test))
 
 
 def _ddp_worker(rank, world, name, init_state, args, port, result_file):
@@ -145,9 +164,9 @@ def _ddp_worker(rank, world, name, init_state, args, port, result_file):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         with pyengine.use_backend(args.backend) if args.backend else _nullcontext():
-            curve, state, acc = train(name, pnn, init_state, args, rank, world, show=rank == 0)
+            trained = train(name, pnn, init_state, args, rank, world, show=rank == 0)
         if rank == 0:
-            torch.save({"curve": curve, "state": state, "accuracy": acc}, result_file)
+            torch.save(trained._asdict(), result_file)
         # every rank waits here until all are done: a rank that tears down and exits while a peer still talks
         # to it makes the peer's gloo thread throw "Connection closed by peer" and abort the process
         dist.barrier()
@@ -176,23 +195,42 @@ def train_ddp(name, init_state, args):
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "rank0.pt")
         mp.spawn(_ddp_worker, args=(args.ddp, name, init_state, args, port, result_file), nprocs=args.ddp, join=True)
-        r = torch.load(result_file)
-    return r["curve"], r["state"], r["accuracy"]
+        return Trained(**torch.load(result_file))
+
+
+def at_least(minimum, kind):
+    """An argparse type: kind(text), refused when not finite or below minimum, with a message saying so."""
+    def parse(text):
+        value = kind(text)  # a ValueError reads "invalid int value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="pyengine train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="linear")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--hidden", type=int, default=64, help="hidden width of the digits model")
+
+    def default(i):  # each model's own, from MODELS
+        return "default: " + "; ".join(f"{m} {MODELS[m][i]}" for m in sorted(MODELS))
+
+    p.add_argument("--epochs", type=at_least(1, int), metavar="N", help=f"passes over the training set ({default(0)})")
+    p.add_argument("--batch-size", type=at_least(1, int), metavar="N", help=f"rows per mini-batch ({default(1)})")
+    p.add_argument("--lr", type=at_least(0, float),
+                   help=f"learning rate; 0 leaves the weights where they start ({default(2)})")
+    p.add_argument("--hidden", type=at_least(1, int), default=64, help="hidden width of the digits model")
     p.add_argument("--backend", choices=pyengine._backend.BACKENDS, help="default: chosen by device")
     p.add_argument("--compare-torch", action="store_true", help="also train torch.nn's model and compare")
     p.add_argument("--plot", help="PNG of the loss curves")
     p.add_argument("--json", help="write the curves and final metrics here")
-    p.add_argument("--ddp", type=int, default=0, metavar="N", help="train in N processes with DDP (gloo)")
+    p.add_argument("--ddp", type=at_least(0, int), default=0, metavar="N",
+                   help="train in N processes with DDP (gloo); 0 or 1: one process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true",
                    help="mlp, digits: train a pyengine.nn.FusedMLP with its one-call training_step")
@@ -201,10 +239,33 @@ def parse_args(argv):
         p.error("--fused trains the mlp and digits models in one process (FusedMLP.training_step is plain SGD on "
                 "the mean loss; the linear model's loss is a sum, and DDP needs autograd's gradient hooks)")
     epochs, batch_size, lr = MODELS[args.model]
-    args.epochs = args.epochs or epochs
-    args.batch_size = args.batch_size or batch_size
-    args.lr = args.lr or lr
+    args.epochs = epochs if args.epochs is None else args.epochs
+    args.batch_size = batch_size if args.batch_size is None else args.batch_size
+    args.lr = lr if args.lr is None else args.lr
     return args
+
+
+LOSS_NOTE = ("loss: every mini-batch's loss in order; epoch_loss: each epoch's mean of them; final_loss: the last "
+             "epoch's mean")
+
+
+def summary(name, trained):
+    """The JSON entry of one trained model: its losses, accuracy, and for the linear model the learned w and b."""
+    out = {"loss": trained.loss, "epoch_loss": trained.epoch_loss, "final_loss": trained.epoch_loss[-1],
+           "accuracy": trained.accuracy}
+    if name == "linear":  # the notes' question: did w reach 2 and b reach 0?
+        out.update(w=trained.state["0.weight"].item(), b=trained.state["0.bias"].item())
+    return out
+
+
+def describe(name, s):
+    """One line of what a model ended with."""
+    line = f"final loss {s['final_loss']:.6g} (the last epoch's mean)"
+    if s["accuracy"] is not None:
+        line += f", held-out accuracy {s['accuracy']:.2%}"
+    if name == "linear":
+        line += f", w = {s['w']:.4f}, b = {s['b']:.4f}"
+    return line
 
 
 def main(argv=None):
@@ -216,30 +277,50 @@ def main(argv=None):
           f"{', FusedMLP.training_step' if args.fused else ''}")
     start = time.perf_counter()
     if args.ddp > 1:
-        curve, state, acc = train_ddp(args.model, init_state, args)
+        trained = train_ddp(args.model, init_state, args)
     else:
         with pyengine.use_backend(args.backend) if args.backend else _nullcontext():
-            curve, state, acc = train(args.model, pnn, init_state, args)
+            trained = train(args.model, pnn, init_state, args)
     result = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "backend": args.backend, "ddp": args.ddp, "fused": args.fused, "seconds": time.perf_counter() - start,
-              "pyengine": {"loss": curve, "final_loss": curve[-1], "accuracy": acc}}
-    summary = f"final loss {curve[-1]:.6g}" + (f", held-out accuracy {acc:.2%}" if acc is not None else "")
-    if args.model == "linear":
-        summary += f", w = {state['0.weight'].item():.4f}, b = {state['0.bias'].item():.4f}"
-    print(f"pyengine: {summary} ({result['seconds']:.1f} s)")
+              "loss_note": LOSS_NOTE, "pyengine": summary(args.model, trained)}
+    print(f"pyengine: {describe(args.model, result['pyengine'])} ({fmt_seconds(result['seconds'])})")
     if args.compare_torch:
-        t_curve, _, t_acc = train(args.model, torch.nn, init_state, args, show=False)
-        diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, t_curve))
-        result["torch"] = {"loss": t_curve, "final_loss": t_curve[-1], "accuracy": t_acc}
+        theirs = train(args.model, torch.nn, init_state, args, show=False)
+        diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(trained.loss, theirs.loss))
+        result["torch"] = summary(args.model, theirs)
         result["max_relative_loss_difference"] = diff
-        print(f"torch.nn: final loss {t_curve[-1]:.6g}" + (f", held-out accuracy {t_acc:.2%}" if t_acc else ""))
-        print(f"largest relative difference between the two loss curves: {diff:.3g}")
+        print(f"torch.nn: {describe(args.model, result['torch'])}")
+        print(f"largest relative difference between the two mini-batch loss curves: {diff:.3g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:
         plot(result, args.plot)
     return 0
+
+
+def plot_series(result):
+    """The lines of the --plot figure, as (label, x in epochs, loss, style): each mini-batch's loss, faint (it
+    jumps with the batch drawn), and each epoch's mean over it, bold, for pyengine; torch.nn's epoch means
+    dashed (its mini-batch losses match pyengine's to 1e-5 and would hide them). A model with one mini-batch
+    per epoch (linear) has one line each: its mini-batch loss is its epoch mean."""
+    out = []
+    for key, name, style in (("pyengine", "pyengine", {"color": "C0"}),
+                             ("torch", "torch.nn", {"color": "C1", "linestyle": "--"})):
+        if key not in result:
+            continue
+        loss, means = result[key]["loss"], result[key]["epoch_loss"]
+        steps = len(loss) // len(means)  # mini-batches per epoch: the same every epoch
+        epochs = list(range(1, len(means) + 1))
+        if steps == 1:
+            out.append((f"{name}, loss (one mini-batch per epoch)", epochs, means, {**style, "linewidth": 2}))
+            continue
+        if key == "pyengine":
+            out.append((f"{name}, each mini-batch", [(i + 1) / steps for i in range(len(loss))], loss,
+                        {**style, "linewidth": 0.7, "alpha": 0.35}))
+        out.append((f"{name}, mean over each epoch", epochs, means, {**style, "linewidth": 2}))
+    return out
 
 
 def plot(result, path):
@@ -252,13 +333,14 @@ def plot(result, path):
         print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(result["pyengine"]["loss"], label="pyengine", linewidth=2)
-    if "torch" in result:
-        ax.plot(result["torch"]["loss"], label="torch.nn", linestyle="--")
-    ax.set(xlabel="mini-batch step", ylabel="loss", yscale="log", title=f"pyengine train --model {result['model']}")
+    for label, x, y, style in plot_series(result):
+        ax.plot(x, y, label=label, **style)
+    ax.set(xlabel="epoch", ylabel="loss (log scale)", yscale="log",
+           title=f"pyengine train --model {result['model']}: lr {result['lr']}, batch {result['batch_size']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"plot written to {path}")
 
 

@@ -1,5 +1,6 @@
-"""The benchmark harness itself (schema, coverage, outputs, CLI), never speed: a tiny configuration that runs in
-seconds (the hidden --sizes tiny and --budget options)."""
+"""The benchmark harness itself (schema, coverage, outputs, flags, CLI), never speed: a tiny configuration that
+runs in seconds (--sizes tiny and a small --budget)."""
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from pyengine.__main__ import _benchmarks
+from pyengine.__main__ import main as pyengine_main
 
 bench = _benchmarks()
 from importlib import import_module  # noqa: E402
@@ -42,14 +44,19 @@ def test_json_schema(full_run):
     assert res["bandwidth"]["gbps"] > 0
     assert res["config"]["device"] == "cpu" and res["config"]["dtypes"] == ["float32"]
     assert res["timings"] and res["numerics"]
+    assert res["config"]["noisy_spread"] > 0
     for r in res["timings"]:
         for key in ("kind", "op", "size", "shape", "mode", "dtype", "device", "backend", "pyengine_s", "torch_s",
                     "speedup", "bytes", "flops", "pyengine_gbps", "torch_gbps", "pyengine_bw_share",
-                    "pyengine_gflops", "pyengine_peak_bytes", "torch_peak_bytes", "error", "torch_error"):
+                    "pyengine_gflops", "pyengine_peak_bytes", "torch_peak_bytes", "error", "torch_error",
+                    "pyengine_spread", "torch_spread", "noisy", "cache_resident", "grad_in_forward"):
             assert key in r, key
-        assert r["torch_s"] > 0 and r["torch_error"] is None
+        assert r["torch_s"] > 0 and r["torch_error"] is None and r["torch_spread"] >= 0
+        assert r["grad_in_forward"] == (r["op"] in ops.GRAD_IN_FORWARD)
+        assert r["cache_resident"] == (r["pyengine_bw_share"] is not None and r["pyengine_bw_share"] > 1)
         if r["error"] is None:
-            assert r["pyengine_s"] > 0 and r["speedup"] > 0
+            assert r["pyengine_s"] > 0 and r["speedup"] > 0 and r["pyengine_spread"] >= 0
+            assert r["noisy"] == (max(r["pyengine_spread"], r["torch_spread"]) > res["config"]["noisy_spread"])
         else:
             assert r["pyengine_s"] is None  # a failing backend is recorded with its error, not timed
         if r["mode"] in ("forward+backward", "step"):
@@ -78,6 +85,8 @@ def test_outputs_written(full_run):
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     assert "| cross_entropy |" in md and "## Numerics" in md
+    assert "spread pe/torch" in md and "rows are marked noisy" in md
+    assert report.plot_data(res)["sizes"] == ["tiny"]  # only the sizes that ran get a place in the plot
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -119,10 +128,102 @@ def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
     assert "pip install matplotlib" in report.plot(res, str(tmp_path / "p.png"))
 
 
-def test_progress_bar_without_tqdm(monkeypatch, capsys):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_without_tqdm(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)
+    terminal = Terminal()
+    bar = cli.Progress(2, terminal)
+    bar.step("relu tiny forward")
+    bar.step("relu tiny backward")
+    bar.close()
+    assert "2/2" in terminal.getvalue() and "\r" in terminal.getvalue()
+
+
+def test_progress_in_a_log_is_plain_lines(capsys):
+    """stderr to a file or pipe (pytest's capture is one): a line per step, no bar redrawn with carriage returns."""
     bar = cli.Progress(2)
     bar.step("relu tiny forward")
     bar.step("relu tiny backward")
     bar.close()
-    assert "2/2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err
+    assert [line.split("] ")[1] for line in err.splitlines()] == ["relu tiny forward", "relu tiny backward"]
+
+
+def test_help_documents_sizes_and_budget(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pyengine_main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # as argparse wraps it to the terminal's width
+    assert "--sizes" in out and "--budget" in out and "tiny, medium, large" in out
+    with pytest.raises(SystemExit):  # once read as "no budget given" and replaced by the default
+        cli.parse(["--budget", "0"])
+
+
+def test_timing_row_flags_noisy_cache_resident_and_grad_in_forward():
+    base = {"kind": "op", "op": "relu", "size": "medium", "shape": "1024x1024", "dtype": "float32", "device": "cpu"}
+    steady = {"median": 1e-3, "iqr": 5e-5, "spread": 0.05, "rounds": 10}
+    shaky = {"median": 1e-3, "iqr": 4e-4, "spread": 0.4, "rounds": 10}
+    floor = (8e6, None)  # 8 MB in 1 ms: 8 GB/s
+
+    def row(mine, torch_t, bw=20.0, op="relu", mode="forward"):
+        return cli.timing_row({**base, "op": op}, mode, "cpp", {"cpp": mine, "torch": torch_t}, floor, bw)
+
+    calm = row(steady, steady)
+    assert calm["pyengine_spread"] == 0.05 and calm["pyengine_bw_share"] == pytest.approx(0.4)
+    assert not calm["noisy"] and not calm["cache_resident"] and not calm["grad_in_forward"]
+    assert row(shaky, steady)["noisy"] and row(steady, shaky)["noisy"]  # either side's spread counts
+    assert row(steady, steady, bw=5.0)["cache_resident"]  # 8 GB/s from a machine that copies at 5
+    assert row(steady, steady, op="cross_entropy", mode="backward")["grad_in_forward"]
+    half = cli.timing_row({**base, "op": "cross_entropy", "dtype": "float16"}, "backward", "cpp",
+                          {"cpp": steady, "torch": steady}, floor, 20.0)
+    assert not half["grad_in_forward"]  # in float16 pyengine's cross_entropy computes its gradient in the backward
+
+
+def _row(op="relu", size="tiny", mode="forward+backward", speedup=2.0, **flags):
+    return {"kind": "model" if mode == "step" else "op", "op": op, "size": size, "shape": "8x8", "mode": mode,
+            "dtype": "float32", "device": "cpu", "backend": "cpp", "pyengine_s": 1e-3 / speedup, "torch_s": 1e-3,
+            "pyengine_spread": 0.3 if flags.get("noisy") else 0.01, "torch_spread": 0.01, "speedup": speedup,
+            "pyengine_gbps": 10.0, "pyengine_bw_share": 1.5 if flags.get("cache_resident") else 0.5,
+            "pyengine_gflops": None, "error": None, "torch_error": None,
+            **{"noisy": False, "cache_resident": False, "grad_in_forward": op in ops.GRAD_IN_FORWARD, **flags}}
+
+
+def _results(rows):
+    return {"timings": rows, "numerics": [], "seconds": 1.0,
+            "config": {"device": "cpu", "dtypes": ["float32"], "sizes": ["tiny", "medium"], "backends": ["cpp"],
+                       "noisy_spread": 0.2},
+            "bandwidth": {"gbps": 20.0, "bytes": 2**29},
+            "machine": {"cpu": "test", "torch_threads": 2, "torch": "2", "gpu": None}}
+
+
+def test_report_marks_noisy_cache_resident_and_grad_in_forward_rows():
+    rows = [_row(mode="forward", cache_resident=True), _row(noisy=True),
+            _row("cross_entropy", mode="backward", speedup=1000.0, cache_resident=True),
+            _row("cross_entropy", mode="forward")]
+    table = report.time_rows(_results(rows))
+    bw, note = report.TIME_HEADER.index("%BW"), report.TIME_HEADER.index("note")
+    assert [r[bw] for r in table] == ["cache", "50%", "cache", "50%"]
+    assert table[1][note] == "noisy" and table[0][note] == ""
+    assert table[1][report.TIME_HEADER.index("spread pe/torch")] == "30% / 1%"
+    assert "backward only scales" in table[2][note] and "forward computes the gradient" in table[3][note]
+    text = report.text(_results(rows))
+    assert "1 of 4 rows are marked noisy: a spread above 20%" in text and "%BW cache:" in text
+    assert "cross_entropy: pyengine's forward also computes the gradient" in text
+
+
+def test_plot_draws_forward_backward_bars_of_the_sizes_that_ran():
+    rows = [_row(mode=m, size=s) for s in ("tiny", "medium") for m in ops.MODES]
+    rows += [_row("cross_entropy", mode="backward", speedup=1000.0), _row("cross_entropy", noisy=True),
+             _row("mlp_notes", mode="step", speedup=0.5)]
+    data = report.plot_data(_results(rows))
+    assert data["sizes"] == ["tiny", "medium"] and data["panels"] == ["backend cpp"]
+    assert data["ops"] == ["relu", "cross_entropy", "mlp_notes (step)"]
+    bars = {(b["op"], b["size"]): b for b in data["bars"]}
+    assert set(bars) == {("relu", "tiny"), ("relu", "medium"), ("cross_entropy", "tiny"), ("mlp_notes (step)", "tiny")}
+    assert bars["cross_entropy", "tiny"]["speedup"] == 2.0  # forward+backward, not the backward's 1000x
+    assert [b["noisy"] for b in data["bars"]] == [False, False, True, False]
