@@ -172,27 +172,44 @@ def select(device):
 def kernels(device):
     """The namespace of <op>_forward/<op>_backward kernels that runs on `device`: pyengine._C or REFERENCE.
     While torch.compile traces, the compiled kernels as registered operators (torch.ops.pyengine, see
-    pyengine/ops/_library.py), which the graph can hold; a forced backend is not consulted there."""
-    if _C is not None and torch.compiler.is_compiling():
-        return torch.ops.pyengine
+    pyengine/ops/_library.py), which the graph can hold; a forced backend is not consulted there. Under torch.func
+    transforms (vmap, grad, jacrev, ...) and torch.jit.trace the registered operators too: the tensors there may be
+    functorch's wrappers (a batch of tensors seen as one), which only the dispatcher knows how to unwrap, and the
+    tracer records only what goes through the dispatcher."""
+    if _C is not None:
+        if _is_compiling():
+            return torch.ops.pyengine
+        if _functorch_active() or _tracing_state():
+            return REFERENCE if select(device) == "python" else torch.ops.pyengine
     return REFERENCE if select(device) == "python" else _C
 
 
 def backward_kernels(forward_kernels):
-    """The kernels a backward runs: the forward's, or the python reference while autograd records the backward
-    (create_graph=True), since its torch operations can be differentiated again (double backward)."""
-    return REFERENCE if torch.is_grad_enabled() else forward_kernels
+    """The kernels a backward (or a jvp) runs: the forward's, or the python reference while autograd records the
+    backward (create_graph=True, and every torch.func.grad), since its torch operations can be differentiated again
+    (double backward); the registered operators in place of pyengine._C when a torch.func transform is active (a
+    vjp taken eagerly and then vmapped runs its backward on batched tensors)."""
+    if torch.is_grad_enabled():
+        return REFERENCE
+    if forward_kernels is _C and _functorch_active():
+        return torch.ops.pyengine
+    return forward_kernels
 
 
 def compiled_autograd(tensor):
     """pyengine._C.autograd, the ops as C++ autograd Functions (csrc/autograd.cpp), when the compiled kernels run
     this call eagerly; else None, and the op's Python Function runs: on the python backend, while torch.compile
-    traces (it needs the Python Functions to reach torch.ops.pyengine) and under torch.func transforms (which
-    take only Python Functions, and raise a clear error for them). The C++ Functions build the same graph node
-    without the ~8 us per call that a Python Function costs forward and again backward; this check runs on every
-    op call, hence the shortcut for the usual case (a CPU tensor, no backend or 'cpp' forced)."""
-    if _AUTOGRAD is None or _is_compiling() or _functorch_active():
+    traces (it needs the Python Functions to reach torch.ops.pyengine), under torch.func transforms and inside a
+    forward-mode AD level (C++ Functions have no jvp; the Python ones have). While torch.jit.trace records, the
+    same interface over the differentiable registered operators (pyengine/ops/_library.py TRACED), so the trace
+    holds pyengine::<op>_forward calls that run, save and load like torch's own ops. The C++ Functions build the
+    same graph node without the ~8 us per call that a Python Function costs forward and again backward; this check
+    runs on every op call, hence the shortcut for the usual case (a CPU tensor, no backend or 'cpp' forced)."""
+    if _AUTOGRAD is None or _is_compiling() or _functorch_active() or _forward_ad._current_level >= 0:
         return None
+    if _tracing_state():
+        from .ops._library import TRACED
+        return None if select(tensor.device) == "python" else TRACED
     if (_chosen.get() or _env_backend) in (None, "cpp") and tensor.is_cpu:  # not .device: that makes an object
         return _AUTOGRAD
     return None if select(tensor.device) == "python" else _AUTOGRAD
@@ -201,3 +218,5 @@ def compiled_autograd(tensor):
 _AUTOGRAD = None if _C is None else _C.autograd
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
+_forward_ad = torch.autograd.forward_ad

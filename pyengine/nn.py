@@ -139,9 +139,9 @@ class FusedMLP(torch.nn.Module):
                              f"{tuple(rows) + (self.sizes[-1],)}, of the input's dtype {input.dtype}; got "
                              f"{target.dtype} of shape {tuple(target.shape)}")
         params = self._parameters["params"]
-        compiled = _backend.compiled_autograd(input)
-        if compiled is not None:
-            return compiled.fused_mlp_training_step(input, params, self.sizes, *self._codes, target, code, lr)
+        step = getattr(_backend.compiled_autograd(input), "fused_mlp_training_step", None)  # none while tracing
+        if step is not None:
+            return step(input, params, self.sizes, *self._codes, target, code, lr)
         with torch.enable_grad():
             out = self(input)
             if code == 2:  # the classes are the output's last dim, whatever the leading dims

@@ -84,7 +84,7 @@ def _fused_mlp(packed, sizes=(7, 5, 9, 3)):
 
     def python(x, *params):
         weights, biases = split(params)
-        return FusedMLPFunction.apply(x, 1, 2, *weights, *biases)
+        return FusedMLPFunction.apply(x, 1, 2, *weights, *biases)[0]  # (y, *hidden)
 
     return inputs, compiled, python
 
@@ -104,7 +104,7 @@ def _cross_entropy(reduction, weight=False, smoothing=0.0):
         return PF.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
 
     def python(x, t, w=None):
-        return SoftmaxCrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing)
+        return SoftmaxCrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing)[0]  # (loss, lse, denom, grad)
 
     return inputs, compiled, python
 
@@ -185,9 +185,12 @@ def test_python_backend_and_torch_func_keep_the_python_functions():
     with on("python"):
         assert _backend.compiled_autograd(x) is None
         assert type(PF.sigmoid(x).grad_fn).__name__ == "SigmoidFunctionBackward"
-    # torch.func takes only Python Functions: the same error as before the C++ nodes, never a wrong gradient
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda t: PF.sigmoid(t).sum())(x.detach())
+    # torch.func and forward-mode AD take only Python Functions (tests/test_func.py checks their results)
+    seen = []
+    torch.func.grad(lambda t: seen.append(_backend.compiled_autograd(t)) or PF.sigmoid(t).sum())(x.detach())
+    with torch.autograd.forward_ad.dual_level():
+        seen.append(_backend.compiled_autograd(x))
+    assert seen == [None, None]
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
@@ -263,7 +266,7 @@ MINIMAL_CALLS = {
         lambda x, y: pyengine.autograd.BinaryCrossEntropyWithLogitsFunction.apply(x, y.sigmoid()),
         lambda x, y: F.binary_cross_entropy_with_logits(x, y.sigmoid()), (4, 3)),
     "SoftmaxCrossEntropyFunction": (
-        lambda x, y: SoftmaxCrossEntropyFunction.apply(x, y.softmax(1)),
+        lambda x, y: SoftmaxCrossEntropyFunction.apply(x, y.softmax(1))[0],
         lambda x, y: F.cross_entropy(x, y.softmax(1)), (4, 3)),
     "LeakyReLUFunction": (lambda x, y: pyengine.autograd.LeakyReLUFunction.apply(x) + 0 * y.sum(),
                           lambda x, y: F.leaky_relu(x) + 0 * y.sum(), (4, 3)),

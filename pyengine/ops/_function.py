@@ -17,22 +17,43 @@ from .. import _backend
 
 
 def output_saving_function(op, class_name):
-    """A torch.autograd.Function named class_name: y = <op>_forward(x), dx = <op>_backward(dy, y)."""
+    """A torch.autograd.Function named class_name: y = <op>_forward(x), dx = <op>_backward(dy, y). The derivative is
+    elementwise, so forward-mode AD (jvp) runs the same formula on the tangent: dy = <op>_backward(dx, y)."""
     forward_name, backward_name = f"{op}_forward", f"{op}_backward"
 
-    def forward(ctx, x):
-        ctx.kernels = _backend.kernels(x.device)
-        y = getattr(ctx.kernels, forward_name)(x)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return getattr(_backend.kernels(x.device), forward_name)(x)
+
+    def setup_context(ctx, inputs, output):
+        ctx.kernels = _backend.kernels(output.device)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return getattr(_backend.backward_kernels(ctx.kernels), backward_name)(grad_y, y)
 
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return getattr(_backend.backward_kernels(ctx.kernels), backward_name)(tangent, y)
+
     return type(class_name, (torch.autograd.Function,), {
         "__doc__": f"y = {op}(x); the backward reads only the saved output y.", "__module__": f"pyengine.ops.{op}",
-        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        "generate_vmap_rule": True, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+
+
+def jvp_free_twin(function):
+    """A subclass of an autograd Function without its jvp, for torch.compile, which refuses to trace a Function that
+    defines one (inside a compiled graph forward-mode AD is not available anyway). Kept in a module global beside the
+    Function: dynamo can read a global class, not an attribute set on one."""
+    return type(function.__name__, (function,), {
+        "jvp": torch.autograd.Function.jvp, "__module__": function.__module__, "__doc__": function.__doc__})
+
+
+def apply(function, twin, *args):
+    """function.apply(*args), or its jvp_free_twin's while torch.compile traces."""
+    return (twin if torch.compiler.is_compiling() else function).apply(*args)
 
 
 def needs_grad(ctx, count):
@@ -69,6 +90,13 @@ def first_order_only(op, instead=None):
                 outputs = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # create_graph=False: nobody can differentiate the result
                 return outputs
+            if torch._C._are_functorch_transforms_active():
+                # torch.func differentiates with the graph always recorded, so only a grad or jvp transform outside
+                # the one that recorded this node (jacrev(jacrev(f)), hessian) can differentiate the result;
+                # functorch's tensors take no error node, so raise now
+                if _differentiable_outside(getattr(ctx, "functorch_level", None)):
+                    raise RuntimeError(message.decode())
+                return outputs
             single = not isinstance(outputs, tuple)
             outputs = (outputs,) if single else outputs
             # a registered op's gradient for a Tensor[] input is a list: its tensors are linked one by one
@@ -87,6 +115,26 @@ def first_order_only(op, instead=None):
         return wrapper
 
     return decorate
+
+
+def _differentiating_levels():
+    """The levels of the torch.func grad and jvp transforms (vjp, jacrev, jacfwd, hessian) now active."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return [i.level() for i in retrieve_all_functorch_interpreters() if i.key() in kinds]
+
+
+def note_functorch_level(ctx):
+    """Called in setup_context: the innermost torch.func grad or jvp level that records this node, if any (a
+    first-order-only backward raises when a transform outside it is active, see first_order_only)."""
+    levels = _differentiating_levels() if torch._C._are_functorch_transforms_active() else []
+    ctx.functorch_level = max(levels) if levels else None
+
+
+def _differentiable_outside(level):
+    """Whether a grad or jvp transform outside `level` (any, for a node recorded outside torch.func) is active."""
+    return any(level is None or outer < level for outer in _differentiating_levels())
 
 
 def autocast(policy, *tensors):

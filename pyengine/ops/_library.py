@@ -9,7 +9,17 @@ functions pybind11 exposes as pyengine._C.<name>. This module adds what the C++ 
 The autograd Functions in pyengine/ops/*.py call these operators (instead of pyengine._C) while torch.compile
 traces them, so a compiled model keeps pyengine's kernels inside one graph.
 Check them with torch.library.opcheck (tests/test_library.py does, for every operator).
+
+It also gives them what torch.func and torch.jit.trace need:
+  - vmap rules for the elementwise operators and linear_forward: the kernels run once over the whole batch (the
+    others take torch's per-sample fallback);
+  - TRACED, the interface of pyengine._C.autograd written with these differentiable operators: while
+    torch.jit.trace records, pyengine.functional calls it (pyengine/_backend.py compiled_autograd), so the trace
+    holds pyengine::<op>_forward calls, which run, differentiate, save and load (after `import pyengine`).
 """
+import math
+import types
+
 import torch
 
 from .. import _backend
@@ -270,5 +280,144 @@ def _register():
         return logits.new_empty(()), _contiguous_like(logits), logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
 
+def _batch_first(info, tensor, dim):
+    """A vmapped argument with its batch dim first: moved there, or repeated along a new one if unbatched."""
+    return tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
+
+
+def _register_vmap():
+    ops = torch.ops.pyengine
+
+    # elementwise forward: one call over the whole batch, which keeps its place in the output
+    for op in ("relu", "sigmoid", "tanh", "leaky_relu"):
+        def forward_rule(info, in_dims, x, *scalars, op=op):
+            return getattr(ops, f"{op}_forward")(x, *scalars), in_dims[0]
+
+        torch.library.register_vmap(f"{NAMESPACE}::{op}_forward", forward_rule)
+
+        def backward_rule(info, in_dims, grad, saved, *scalars, op=op):
+            grad, saved = _batch_first(info, grad, in_dims[0]), _batch_first(info, saved, in_dims[1])
+            return getattr(ops, f"{op}_backward")(grad, saved, *scalars), 0
+
+        torch.library.register_vmap(f"{NAMESPACE}::{op}_backward", backward_rule)
+
+    # linear_forward, x batched: the batch is more rows. Batched weights (an ensemble) run one call per member.
+    @torch.library.register_vmap(f"{NAMESPACE}::linear_forward")
+    def _(info, in_dims, x, weight, bias=None, activation=0):
+        x_dim, weight_dim, bias_dim = (*in_dims, None, None)[:3]  # a call may leave defaults out
+        if weight_dim is None and bias_dim is None:
+            rows = x.movedim(x_dim, 0)
+            y = ops.linear_forward(rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[2]), weight, bias,
+                                   activation)
+            return y.reshape(rows.shape[0], rows.shape[1], weight.shape[0]), 0
+        xs, ws = _batch_first(info, x, x_dim), _batch_first(info, weight, weight_dim)
+        bs = [None] * info.batch_size if bias is None else _batch_first(info, bias, bias_dim)
+        return torch.stack([ops.linear_forward(*member, activation) for member in zip(xs, ws, bs)]), 0
+
+    # fused_mlp_forward, x batched: more rows, as linear's; anything else (an ensemble of MLPs), one call per member
+    @torch.library.register_vmap(f"{NAMESPACE}::fused_mlp_forward")
+    def _(info, in_dims, x, weights, biases, activation=1, output_activation=0):
+        if any(d is not None for d in (*in_dims[1], *in_dims[2])):
+            return _per_member(ops.fused_mlp_forward)(info, in_dims, x, weights, biases, activation,
+                                                      output_activation)
+        rows = x.movedim(in_dims[0], 0)
+        outputs = ops.fused_mlp_forward(rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[2]), weights, biases,
+                                        activation, output_activation)
+        return [o.reshape(rows.shape[0], rows.shape[1], o.shape[1]) for o in outputs], [0] * len(outputs)
+
+    # add_forward: both operands batch-first at one rank, so broadcasting lines up their own dims as without vmap
+    @torch.library.register_vmap(f"{NAMESPACE}::add_forward")
+    def _(info, in_dims, input, other, alpha=1):
+        rank = max(input.dim() - (in_dims[0] is not None), other.dim() - (in_dims[1] is not None))
+
+        def aligned(t, dim):
+            t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0)
+            return t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+
+        return ops.add_forward(aligned(input, in_dims[0]), aligned(other, in_dims[1]), alpha), 0
+
+    # the rest (losses, backwards, Tensor[] arguments): one call per batch member, as torch's fallback would, which
+    # does not take Tensor[] and asks the user to file an issue with PyTorch for each operator it runs
+    for name in ("linear_backward", "add_backward", "mse_loss_forward", "mse_loss_backward",
+                 "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
+                 "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_with_grad",
+                 "fused_mlp_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward"):
+        torch.library.register_vmap(f"{NAMESPACE}::{name}", _per_member(getattr(ops, name)))
+
+
+def _member(arg, dim, i):
+    """Batch member i of a vmapped argument: a tensor, a list of tensors (in_dims a list too), or as it is."""
+    if dim is None:
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return [_member(a, d, i) for a, d in zip(arg, dim)]
+    return arg.select(dim, i)
+
+
+def _stack(results):
+    """The members' outputs, batched along dim 0: a tensor, None, or a list of either."""
+    first = results[0]
+    if isinstance(first, (list, tuple)):
+        return [_stack([r[j] for r in results]) for j in range(len(first))]
+    return None if first is None else torch.stack(results)
+
+
+def _dims_of(result):
+    return [_dims_of(r) for r in result] if isinstance(result, (list, tuple)) else None if result is None else 0
+
+
+def _per_member(op):
+    """A vmap rule that runs op once per batch member: for the operators with Tensor[] arguments or results,
+    which torch's own fallback does not take."""
+    def rule(info, in_dims, *args):
+        results = [op(*(_member(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        out = _stack(results)
+        return out, _dims_of(out)
+
+    return rule
+
+
+def _rows(x):
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous with 0 rows
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _traced_namespace():
+    """pyengine._C.autograd's functions, same arguments, as calls of the differentiable registered operators."""
+    ops = torch.ops.pyengine
+
+    def linear(x, weight, bias=None, activation=0):
+        y = ops.linear_forward(_rows(x), weight, bias, activation)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def cross_entropy(input, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
+        n, c = input.shape  # (N, C) logits and N class indices: the calls the C++ Function takes
+        loss = ops.cross_entropy_forward(input.reshape(n, c, 1).contiguous(), target.reshape(n, 1).contiguous(),
+                                         weight, ignore_index, reduction, label_smoothing)[0]
+        return loss.reshape(n) if reduction == REDUCTION_NONE else loss
+
+    def fused_mlp(x, weights, biases, activation=1, output_activation=0):
+        y = ops.fused_mlp_forward(_rows(x), list(weights), list(biases), activation, output_activation)[0]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fused_mlp_packed(x, params, widths, activation=1, output_activation=0):
+        from .fused_mlp import unpack
+        return fused_mlp(x, *unpack(params, widths), activation, output_activation)
+
+    return types.SimpleNamespace(
+        linear=linear, relu=ops.relu_forward, sigmoid=ops.sigmoid_forward, tanh=ops.tanh_forward,
+        leaky_relu=ops.leaky_relu_forward, add=ops.add_forward, cross_entropy=cross_entropy,
+        mse_loss=lambda input, target, reduction=1: ops.mse_loss_forward(*_contiguous(input, target), reduction),
+        binary_cross_entropy_with_logits=lambda input, target, weight=None, pos_weight=None, reduction=1: (
+            ops.binary_cross_entropy_with_logits_forward(*_contiguous(input, target, weight, pos_weight), reduction)),
+        fused_mlp=fused_mlp, fused_mlp_packed=fused_mlp_packed)
+
+
+TRACED = None
 if _backend._C is not None:
     _register()
+    _register_vmap()
+    TRACED = _traced_namespace()

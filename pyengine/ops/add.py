@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ._function import C_TYPE_NAMES, acc_dtype, result_type
+from ._function import C_TYPE_NAMES, acc_dtype, apply, result_type, jvp_free_twin
 
 
 @_backend.reference
@@ -41,8 +41,9 @@ def add_backward(grad, shape, scale=1):
     if scale != 1:
         g = g * scale
     g = g.to(grad.dtype).reshape(shape)
-    # never grad itself: autograd would store the caller's tensor as .grad (and both operands' grads in one)
-    return g.clone() if g.data_ptr() == grad.data_ptr() else g
+    # never grad itself (nor a view of it): autograd would store the caller's tensor as .grad (and both operands'
+    # grads in one). Told by what ran, not by data_ptr, which a batched tensor under torch.func does not have.
+    return g.clone() if not (lead or stretched or scale != 1 or acc != grad.dtype) else g
 
 
 _FLOAT16_MAX = 65504.0
@@ -74,24 +75,24 @@ def _check_broadcastable(a, b):
 
 class BroadcastAddFunction(torch.autograd.Function):
     """out = input + alpha * other for tensors of broadcastable shapes; operands of different dtypes are
-    promoted as torch.add promotes them, and each gradient comes back in its operand's own dtype."""
+    promoted as torch.add promotes them, and each gradient comes back in its operand's own dtype.
+    Forward-mode AD: d out = d input + alpha * d other, in out's dtype and shape."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, other, alpha=1):
-        dtype = result_type(input, other)
-        if dtype.is_complex:
-            raise NotImplementedError("pyengine.add does not support complex tensors")
-        _check_alpha(dtype, alpha)
-        _check_broadcastable(input.shape, other.shape)
-        a, b = input.to(dtype), other.to(dtype)
-        if a.device != b.device:  # a 0-dim CPU tensor may join a CUDA one, as in torch
-            a, b = (a.to(b.device), b) if a.dim() == 0 and a.device.type == "cpu" else (a, b.to(a.device))
-        ctx.kernels = _backend.kernels(a.device)
+    def forward(input, other, alpha=1):
+        a, b = _promote(input, other, alpha)
+        return _backend.kernels(a.device).add_forward(a, b, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, other, alpha = inputs
+        ctx.kernels = _backend.kernels(output.device)
         ctx.alpha = alpha
         ctx.shapes = (input.shape, other.shape)
         ctx.dtypes = (input.dtype, other.dtype)
         ctx.devices = (input.device, other.device)
-        return ctx.kernels.add_forward(a, b, alpha)
+        ctx.out = (output.shape, output.dtype, output.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -108,6 +109,30 @@ class BroadcastAddFunction(torch.autograd.Function):
             g = _backend.backward_kernels(ctx.kernels).add_backward(grad, list(ctx.shapes[i]), scale)
             grads.append(g.to(dtype=ctx.dtypes[i], device=ctx.devices[i]))
         return grads[0], grads[1], None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, other_tangent, _):
+        shape, dtype, device = ctx.out
+        terms = [t.to(dtype=dtype, device=device) * s for t, s in ((input_tangent, 1), (other_tangent, ctx.alpha))
+                 if t is not None]
+        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return total.expand(shape).contiguous()
+
+
+_ADD_FOR_COMPILE = jvp_free_twin(BroadcastAddFunction)
+
+
+def _promote(input, other, alpha):
+    """torch.add's checks and promotion: both operands in the result dtype, on one device."""
+    dtype = result_type(input, other)
+    if dtype.is_complex:
+        raise NotImplementedError("pyengine.add does not support complex tensors")
+    _check_alpha(dtype, alpha)
+    _check_broadcastable(input.shape, other.shape)
+    a, b = input.to(dtype), other.to(dtype)
+    if a.device != b.device:  # a 0-dim CPU tensor may join a CUDA one, as in torch
+        a, b = (a.to(b.device), b) if a.dim() == 0 and a.device.type == "cpu" else (a, b.to(a.device))
+    return a, b
 
 
 def add(input, other, *, alpha=1):
@@ -133,4 +158,4 @@ def add(input, other, *, alpha=1):
         if abs(alpha) > _FLOAT16_MAX:  # only an alpha past float16's range can overflow a float dtype
             _check_alpha(dtype, alpha)
         return compiled.add(input, other, alpha)
-    return BroadcastAddFunction.apply(input, other, alpha)
+    return apply(BroadcastAddFunction, _ADD_FOR_COMPILE, input, other, alpha)

@@ -13,9 +13,9 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import (NOT_DIFFERENTIABLE, acc_dtype, autocast, needs_grad, not_differentiable, result_type,
-                        scalar_type_name)
-from .mse_loss import REDUCTIONS, _check_reduction, _reduce
+from ._function import (NOT_DIFFERENTIABLE, acc_dtype, apply, autocast, needs_grad, not_differentiable, result_type,
+                        scalar_type_name, jvp_free_twin)
+from .mse_loss import REDUCTIONS, _check_reduction, _reduce, elementwise_loss_jvp
 
 
 def _softplus_neg(x):
@@ -64,18 +64,25 @@ def _contiguous(*tensors):
 
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """BCE with logits for input, target, weight and pos_weight all of one shape and dtype (weights may be None)."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, pos_weight=None, reduction="mean"):
+    def forward(input, target, weight=None, pos_weight=None, reduction="mean"):
         for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
             if t is not None and (t.shape != input.shape or t.dtype != input.dtype):
                 raise RuntimeError(f"BinaryCrossEntropyWithLogitsFunction: {name} must have the input's shape "
                                    f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
+        code = REDUCTIONS[_check_reduction(reduction, None, None)]
+        return _backend.kernels(input.device).binary_cross_entropy_with_logits_forward(
+            *_contiguous(input, target, weight, pos_weight), code)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
         ctx.kernels = _backend.kernels(input.device)
-        ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
+        ctx.reduction = REDUCTIONS[reduction]
         ctx.save_for_backward(input, target, weight, pos_weight)  # the inputs themselves, for double backward
-        input, target, weight, pos_weight = _contiguous(input, target, weight, pos_weight)
-        return ctx.kernels.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, ctx.reduction)
+        ctx.save_for_forward(input, target, weight, pos_weight)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -88,6 +95,21 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         grad_input, grad_target = kernels.binary_cross_entropy_with_logits_backward(
             grad_loss.contiguous(), input, target, weight, pos_weight, ctx.reduction, need_input, need_target)
         return grad_input, grad_target, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, weight_tangent, pos_weight_tangent, _):
+        if weight_tangent is not None or pos_weight_tangent is not None:
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(
+                op="binary_cross_entropy_with_logits", name="weight" if weight_tangent is not None else "pos_weight"))
+        input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
+        kernels = _backend.backward_kernels(ctx.kernels)
+        return elementwise_loss_jvp(
+            lambda ones, *need: kernels.binary_cross_entropy_with_logits_backward(ones, input, target, weight,
+                                                                                  pos_weight, 0, *need),
+            torch.ones_like(input), (input_tangent, target_tangent), ctx.reduction, input.dtype)
+
+
+_BCE_FOR_COMPILE = jvp_free_twin(BinaryCrossEntropyWithLogitsFunction)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None, reduction="mean",
@@ -115,4 +137,5 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.binary_cross_entropy_with_logits(input, target, weight, pos_weight, REDUCTIONS[reduction])
-    return BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    return apply(BinaryCrossEntropyWithLogitsFunction, _BCE_FOR_COMPILE, input, target, weight, pos_weight,
+                 reduction)

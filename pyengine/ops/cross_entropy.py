@@ -14,8 +14,8 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; formulas: csrc/
 import torch
 
 from .. import _backend
-from ._function import (NOT_DIFFERENTIABLE, acc_dtype, autocast, first_order_only, needs_grad, not_differentiable,
-                        scalar_type_name)
+from ._function import (NOT_DIFFERENTIABLE, acc_dtype, apply, autocast, first_order_only, jvp_free_twin, needs_grad,
+                        not_differentiable, note_functorch_level, scalar_type_name)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -42,7 +42,8 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, reduct
     else:
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= c))
-        if bad.any():
+        # under torch.func a batched tensor has no truth value: gather below then rejects a bad index itself
+        if not torch._C._are_functorch_transforms_active() and bad.any():
             raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
         t = torch.where(keep, target, torch.zeros_like(target))
         x_t = x.gather(1, t.unsqueeze(1)).squeeze(1) if c else torch.zeros_like(lse)  # C = 0: every row ignored
@@ -164,65 +165,90 @@ def _view_logits(input, c):
     return input.reshape(1, c, 1) if input.dim() == 1 else input.reshape(input.shape[0], c, d)  # not -1: N may be 0
 
 
+def _prepare(input, target, weight, ignore_index, reduction, label_smoothing):
+    """The checked (N, C, D) logits and targets the kernels take, promoted and contiguous."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    logits, tgt = _flatten(input, target, weight, label_smoothing)
+    if tgt.is_floating_point() and ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    if tgt.is_floating_point() and tgt.dtype != logits.dtype:  # torch promotes input and probabilities
+        dtype = torch.promote_types(logits.dtype, tgt.dtype)
+        logits, tgt = logits.to(dtype), tgt.to(dtype)
+    if weight is not None and weight.dtype != logits.dtype:
+        raise RuntimeError(f"expected scalar type {logits.dtype} but found {weight.dtype} (weight)")
+    return logits.contiguous(), tgt.contiguous()
+
+
+def _fuse(input, target, weight, reduction, dtype):
+    """Whether the forward computes the gradient too. Training with a reduced loss: the incoming gradient is one
+    number, so the gradient for 1 is computed in the same pass as the loss (one read of the logits instead of two)
+    and the backward only scales it. Not for float16/bfloat16, whose saved gradient would be rounded twice when the
+    incoming one is not 1; not while torch.compile traces (the backward reads the incoming gradient on the host) or
+    under torch.func (its forward sees unwrapped tensors, and nothing is saved by being computed early); nor when
+    the target's probabilities or the weight want a gradient too. Read from the inputs' requires_grad, since a
+    forward does not see ctx."""
+    return (input.requires_grad and not target.requires_grad and not (weight is not None and weight.requires_grad)
+            and reduction != "none" and dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) as one autograd node:
-    softmax and the negative log-likelihood fused, with the gradient p - y computed in one pass."""
+    softmax and the negative log-likelihood fused, with the gradient p - y computed in one pass.
+    apply(...) returns (loss, lse, denom, grad): the loss and, not differentiable, what the backward reads (lse the
+    log-sum-exp per row, denom the mean's divisor, grad the gradient for 1 where the forward computed it; the
+    other of lse and grad is None). pyengine.functional.cross_entropy returns the loss alone."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{reduction} is not a valid value for reduction")
-        logits, tgt = _flatten(input, target, weight, label_smoothing)
-        if tgt.is_floating_point() and ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        ctx.target_dtype = target.dtype
-        if tgt.is_floating_point() and tgt.dtype != logits.dtype:  # torch promotes input and probabilities
-            dtype = torch.promote_types(logits.dtype, tgt.dtype)
-            logits, tgt = logits.to(dtype), tgt.to(dtype)
-        if weight is not None and weight.dtype != logits.dtype:
-            raise RuntimeError(f"expected scalar type {logits.dtype} but found {weight.dtype} (weight)")
-        logits = logits.contiguous()
-        tgt = tgt.contiguous()
-        ctx.kernels = _backend.kernels(logits.device)
-        ctx.args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
-        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
-        # Training with a reduced loss: the incoming gradient is one number, so the gradient for 1 is computed in
-        # the same pass as the loss (one read of the logits instead of two) and the backward only scales it. Not
-        # for float16/bfloat16, whose saved gradient would be rounded twice when the incoming one is not 1.
-        # Not while torch.compile traces (the backward reads the incoming gradient on the host), nor when the
-        # probabilities of the target want a gradient too.
-        need = needs_grad(ctx, 3)
-        ctx.fused = (need[0] and not any(need[1:3]) and reduction != "none"
-                     and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
-        # input, for the double-backward error to link to: not saved (no version check), since the fused backward
-        # does not read it and torch's cross_entropy does not fail when the logits change in place
-        ctx.error_links = (input,)
-        if ctx.fused:
-            loss, grad, _ = ctx.kernels.cross_entropy_forward_with_grad(logits, tgt, weight, *ctx.args)
-            ctx.save_for_backward(grad)
-            return loss
-        loss, lse, denom = ctx.kernels.cross_entropy_forward(logits, tgt, weight, *ctx.args)
-        ctx.save_for_backward(logits, tgt, weight, lse, denom)
+    def forward(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+        logits, tgt = _prepare(input, target, weight, ignore_index, reduction, label_smoothing)
+        kernels = _backend.kernels(logits.device)
+        args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
+        if _fuse(input, target, weight, reduction, logits.dtype):
+            loss, grad, denom = kernels.cross_entropy_forward_with_grad(logits, tgt, weight, *args)
+            return loss, None, denom, grad
+        loss, lse, denom = kernels.cross_entropy_forward(logits, tgt, weight, *args)
         if reduction == "none":
             loss = loss.reshape(() if input.dim() == 1 else input.shape[:1] + input.shape[2:])
-        return loss
+        return loss, lse, denom, None
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, reduction, label_smoothing = inputs
+        _, lse, denom, grad = output
+        ctx.mark_non_differentiable(*(t for t in (lse, denom, grad) if t is not None))
+        note_functorch_level(ctx)
+        ctx.kernels = _backend.kernels(input.device)
+        ctx.inputs = (ignore_index, reduction, label_smoothing)
+        ctx.args = (ignore_index, REDUCTIONS[reduction], float(label_smoothing))
+        ctx.input_shape, ctx.input_dtype, ctx.target_dtype = input.shape, input.dtype, target.dtype
+        ctx.fused = grad is not None
+        # input, for the double-backward error to link to: not saved by the fused path (no version check), since its
+        # backward does not read it and torch's cross_entropy does not fail when the logits change in place
+        ctx.error_links = (input,)
+        ctx.save_for_backward(*((grad,) if ctx.fused else (input, target, weight, lse, denom)))
 
     @staticmethod
     @first_order_only("cross_entropy")
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *unused):
+        kernels = _backend.backward_kernels(ctx.kernels)
         if ctx.fused:
             (grad,) = ctx.saved_tensors
             # The usual incoming 1 returns the saved gradient as it is (on the CPU reading it costs nothing; on a
-            # GPU it would wait for the device, so there it is always multiplied).
-            if grad_loss.device.type != "cpu" or grad_loss.item() != 1:
+            # GPU it would wait for the device, so there it is always multiplied; a batched one is never read).
+            if (grad_loss.device.type != "cpu" or torch._C._are_functorch_transforms_active()
+                    or grad_loss.item() != 1):
                 grad = grad * grad_loss
             return grad.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None, None, None
-        logits, tgt, weight, lse, denom = ctx.saved_tensors
+        input, target, weight, lse, denom = ctx.saved_tensors
+        logits, tgt = _prepare(input, target, weight, *ctx.inputs)
         grad = None
         need = needs_grad(ctx, 3)
         if need[0]:
             g = grad_loss.reshape(lse.shape) if ctx.args[1] == 0 else grad_loss
-            grad = ctx.kernels.cross_entropy_backward(g.contiguous(), logits, tgt, weight, lse, denom, *ctx.args)
+            grad = kernels.cross_entropy_backward(g.contiguous(), logits, tgt, weight, lse, denom, *ctx.args)
             grad = grad.reshape(ctx.input_shape).to(ctx.input_dtype)
         grad_target = None
         if need[1]:  # class probabilities are differentiable: d loss / d t_c = -(1 - eps) w_c log p_c
@@ -246,6 +272,14 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             grad_weight = (y * (lse.unsqueeze(1) - logits.to(lse.dtype)) * g).sum(dim=(0, 2)).to(weight.dtype)
         return grad, grad_target, grad_weight, None, None, None
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("pyengine.cross_entropy has no forward-mode AD (jvp, torch.func.jacfwd); use "
+                                  "torch.func.jacrev or vjp, or torch.nn.functional.cross_entropy")
+
+
+_CE_FOR_COMPILE = jvp_free_twin(SoftmaxCrossEntropyFunction)
+
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0):
@@ -266,4 +300,5 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                                                and weight.shape == input.shape[1:]))):
         return compiled.cross_entropy(input, target, weight, ignore_index, REDUCTIONS[reduction],
                                       float(label_smoothing))
-    return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    return apply(SoftmaxCrossEntropyFunction, _CE_FOR_COMPILE, input, target, weight, ignore_index, reduction,
+                 label_smoothing)[0]

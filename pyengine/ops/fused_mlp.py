@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, first_order_only
+from ._function import acc_dtype, apply, autocast, first_order_only, jvp_free_twin, note_functorch_level
 
 MAX_WIDTH = 128  # csrc/common/fused_mlp.h kMaxWidth: a block of rows keeps every layer's activations on chip
 MAX_LAYERS = 16  # kMaxLayers: the CUDA kernels take the layer table as a fixed-size kernel argument
@@ -114,40 +114,59 @@ def check_network(x, weights, biases, activation, output_activation):
 
 class FusedMLPFunction(torch.autograd.Function):
     """The whole MLP as one autograd node: apply(x, activation, output_activation, *weights, *biases) with
-    activation codes 0 none, 1 relu, 2 sigmoid."""
+    activation codes 0 none, 1 relu, 2 sigmoid. Returns (y, *hidden): the output and, not differentiable, the
+    hidden layers' outputs the backward reads; pyengine.functional.fused_mlp returns y alone."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, activation, output_activation, *params):
+    def forward(x, activation, output_activation, *params):
         layers = len(params) // 2
         weights, biases = params[:layers], params[layers:]
+        y, *hidden = _backend.kernels(x.device).fused_mlp_forward(_rows(x), weights, biases, activation,
+                                                                  output_activation)
+        return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1]), *hidden)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, activation, output_activation, *params = inputs
+        y, *hidden = output
+        ctx.mark_non_differentiable(*hidden)
+        note_functorch_level(ctx)
         ctx.kernels = _backend.kernels(x.device)
-        ctx.x_shape = x.shape
         ctx.activations = activation, output_activation
-        flat = x.dim() != 2
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x  # not -1: ambiguous with 0 rows
-        y, *hidden = ctx.kernels.fused_mlp_forward(x2, weights, biases, activation, output_activation)
         # without an output activation the backward does not read y's values: an alias outside the saved tensors
         # (no version check), so changing the output in place does not fail the backward, as for torch's Linear
         ctx.y_alias = y.detach() if output_activation == 0 else None
-        ctx.save_for_backward(x2, None if output_activation == 0 else y, *weights, *hidden)
-        return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
+        ctx.save_for_backward(x, None if output_activation == 0 else y, *params[:len(params) // 2], *hidden)
 
     @staticmethod
     @first_order_only("fused_mlp", instead="an unfused torch.nn.Sequential of Linear and activation layers")
-    def backward(ctx, grad_y):
-        x2, y, *rest = ctx.saved_tensors
+    def backward(ctx, grad_y, *unused):
+        x, y, *rest = ctx.saved_tensors
         y = ctx.y_alias if y is None else y
         layers = (len(rest) + 1) // 2
         weights, hidden = rest[:layers], rest[layers:]
         need_w = any(ctx.needs_input_grad[3:3 + layers])
         need_b = any(ctx.needs_input_grad[3 + layers:])
-        flat = len(ctx.x_shape) != 2
-        grad_x, *grads = ctx.kernels.fused_mlp_backward(grad_y.reshape(y.shape) if flat else grad_y, x2, weights,
-                                                        hidden, y, *ctx.activations, ctx.needs_input_grad[0], need_w,
-                                                        need_b)
-        if grad_x is not None and flat:
-            grad_x = grad_x.reshape(ctx.x_shape)
+        x2 = _rows(x)
+        grad_x, *grads = _backend.backward_kernels(ctx.kernels).fused_mlp_backward(
+            grad_y.reshape(x2.shape[0], grad_y.shape[-1]), x2, weights, hidden, y.reshape(x2.shape[0], y.shape[-1]),
+            *ctx.activations, ctx.needs_input_grad[0], need_w, need_b)
+        if grad_x is not None and x.dim() != 2:
+            grad_x = grad_x.reshape(x.shape)
         return grad_x, None, None, *grads
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("pyengine.fused_mlp has no forward-mode AD (jvp, torch.func.jacfwd); use "
+                                  "torch.func.jacrev or vjp, or an unfused torch.nn.Sequential of Linear layers")
+
+
+_FUSED_MLP_FOR_COMPILE = jvp_free_twin(FusedMLPFunction)
+
+
+def _rows(x):
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous with 0 rows
 
 
 def fused_mlp(input, weights, biases, activation="relu", output_activation=None):
@@ -165,7 +184,7 @@ def fused_mlp(input, weights, biases, activation="relu", output_activation=None)
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.fused_mlp(input, list(weights), list(biases), *codes)
-    return FusedMLPFunction.apply(input, *codes, *weights, *biases)
+    return apply(FusedMLPFunction, _FUSED_MLP_FOR_COMPILE, input, *codes, *weights, *biases)[0]
 
 
 def unpack(params, sizes):
@@ -190,4 +209,4 @@ def fused_mlp_packed(input, params, sizes, activation, output_activation):
     if input.dim() < 1:
         raise RuntimeError("fused_mlp: input must be at least 1-D")
     weights, biases = unpack(params, sizes)
-    return FusedMLPFunction.apply(input, activation, output_activation, *weights, *biases)
+    return apply(FusedMLPFunction, _FUSED_MLP_FOR_COMPILE, input, activation, output_activation, *weights, *biases)[0]

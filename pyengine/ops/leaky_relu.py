@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, scalar_type_name
+from ._function import acc_dtype, apply, scalar_type_name, jvp_free_twin
 
 
 @_backend.reference
@@ -28,17 +28,33 @@ def leaky_relu_backward(grad_y, x, negative_slope=0.01):
 
 
 class LeakyReLUFunction(torch.autograd.Function):
+    """y = leaky_relu(x, negative_slope); the backward (and jvp: the derivative is elementwise) reads the input."""
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, negative_slope=0.01):
+    def forward(x, negative_slope=0.01):
+        return _backend.kernels(x.device).leaky_relu_forward(x, float(negative_slope))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, negative_slope = inputs
         ctx.kernels = _backend.kernels(x.device)
         ctx.negative_slope = float(negative_slope)
         ctx.save_for_backward(x)
-        return ctx.kernels.leaky_relu_forward(x, ctx.negative_slope)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return _backend.backward_kernels(ctx.kernels).leaky_relu_backward(grad_y, x, ctx.negative_slope), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        (x,) = ctx.saved_tensors
+        return _backend.backward_kernels(ctx.kernels).leaky_relu_backward(tangent, x, ctx.negative_slope)
+
+
+_LEAKY_RELU_FOR_COMPILE = jvp_free_twin(LeakyReLUFunction)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
@@ -51,4 +67,4 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.leaky_relu(input, float(negative_slope))
-    return LeakyReLUFunction.apply(input, negative_slope)
+    return apply(LeakyReLUFunction, _LEAKY_RELU_FOR_COMPILE, input, negative_slope)

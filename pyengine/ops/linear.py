@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, needs_grad
+from ._function import acc_dtype, apply, autocast, needs_grad, jvp_free_twin
 
 
 # The activation codes of the kernels' `activation` argument.
@@ -86,31 +86,39 @@ def check_linear_args(x, weight, bias):
                            f"Target sizes: {out}.  Tensor sizes: {list(bias.shape)} (linear's bias is (out_features,))")
 
 
+def _rows(x):
+    """x as the (M, K) matrix the kernels take: leading dims flattened (explicit sizes: -1 is ambiguous when K = 0)."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 class LinearFunction(torch.autograd.Function):
-    """y = act(x @ weight^T + bias) for x (*, in), weight (out, in), bias (out) or None, activation a code of
-    ACTIVATIONS (0: none)."""
+    """y = act(x @ weight^T + bias) for x (*, in), weight (out, in), bias (out) or None, activation a name or code
+    of ACTIVATIONS (0: none). Forward-mode AD: dz = dx W^T + x dW^T + db, dy = act'(y) dz."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias=None, activation=0):
+    def forward(x, weight, bias=None, activation=0):
         activation = activation if isinstance(activation, int) else activation_code(activation)
         check_linear_args(x, weight, bias)
+        y = _backend.kernels(x.device).linear_forward(_rows(x), weight, bias, activation)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation = inputs
         ctx.kernels = _backend.kernels(x.device)
         ctx.x_shape = x.shape
-        # explicit sizes: -1 is ambiguous when K = 0
-        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        y = ctx.kernels.linear_forward(x2, weight, bias, activation)
-        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
-        ctx.activation = activation
-        # x itself, not the view x2, and y as returned (this node's output): double backward must reach the input
-        # through both x and act'(z), which comes from y
-        ctx.save_for_backward(x, weight, *([y] if activation else []))
+        ctx.activation = activation if isinstance(activation, int) else activation_code(activation)
+        # x itself, not a (M, K) view of it, and y as returned (this node's output): double backward must reach the
+        # input through both x and act'(z), which comes from y
+        ctx.save_for_backward(x, weight, *([output] if ctx.activation else []))
+        ctx.save_for_forward(x, weight, *([output] if ctx.activation else []))
         ctx.has_bias = bias is not None
-        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, *y = ctx.saved_tensors
-        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        x2 = _rows(x)
         y = [t.reshape(x2.shape[0], weight.shape[0]) for t in y]
         need_x, need_w, need_b = needs_grad(ctx, 3)[:3]
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
@@ -119,6 +127,29 @@ class LinearFunction(torch.autograd.Function):
         if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent, bias_tangent, _):
+        x, weight, *y = ctx.saved_tensors
+        kernels = _backend.backward_kernels(ctx.kernels)
+        x2 = _rows(x)
+        out = (x2.shape[0], weight.shape[0])
+        dz = None  # the products by the kernels' own linear_forward; the bias tangent joins the first of them
+        if x_tangent is not None:
+            dz = kernels.linear_forward(_rows(x_tangent), weight, bias_tangent, 0)
+        if weight_tangent is not None:
+            term = kernels.linear_forward(x2, weight_tangent, None if dz is not None else bias_tangent, 0)
+            dz = term if dz is None else dz + term
+        if dz is None:
+            dz = bias_tangent.expand(out).contiguous()
+        if ctx.activation == RELU:
+            dz = kernels.relu_backward(dz.contiguous(), y[0].reshape(out))
+        elif ctx.activation == SIGMOID:
+            dz = kernels.sigmoid_backward(dz.contiguous(), y[0].reshape(out))
+        return dz if len(ctx.x_shape) == 2 else dz.reshape(*ctx.x_shape[:-1], weight.shape[0])
+
+
+_LINEAR_FOR_COMPILE = jvp_free_twin(LinearFunction)
 
 
 def linear(input, weight, bias=None, activation=None):
@@ -142,4 +173,4 @@ def linear(input, weight, bias=None, activation=None):
     if compiled is not None:
         check_linear_args(input, weight, bias)
         return compiled.linear(input, weight, bias, act)
-    return LinearFunction.apply(input, weight, bias, act)
+    return apply(LinearFunction, _LINEAR_FOR_COMPILE, input, weight, bias, act)

@@ -23,7 +23,8 @@ import os
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, first_order_only, scalar_type_name
+from ._function import (acc_dtype, apply, autocast, first_order_only, jvp_free_twin, needs_grad, note_functorch_level,
+                        scalar_type_name)
 from .cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
 from .linear import check_linear_args
 
@@ -58,27 +59,55 @@ def _chunks(x, weight, bias, target, chunk_bytes):
         yield rows, z, target[rows], xc, w
 
 
+class _Gradients:
+    """dx, dW, db summed over chunks. Built from new tensors (dx row blocks joined at the end, dW and db added up)
+    rather than written into buffers in place: under torch.func.vmap a chunk's values are batched and a fresh
+    buffer is not, so an in-place write into it would fail."""
+
+    def __init__(self, x, v, need_x, need_weight, need_bias):
+        acc = acc_dtype(x.dtype)
+        self.dx = [] if need_x else None
+        self.dw = x.new_zeros((v, x.shape[1]), dtype=acc) if need_weight else None
+        self.db = x.new_zeros((v,), dtype=acc) if need_bias else None
+        self.empty_dx = x.new_empty((0, x.shape[1]), dtype=acc)
+
+    def add(self, dz, xc, w):
+        if self.dx is not None:
+            self.dx.append(dz @ w)
+        if self.dw is not None:
+            self.dw = self.dw + dz.T @ xc
+        if self.db is not None:
+            self.db = self.db + dz.sum(0)
+
+    def result(self):
+        dx = None if self.dx is None else torch.cat(self.dx) if self.dx else self.empty_dx
+        return dx, self.dw, self.db
+
+
 @_backend.reference
 def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, reduction=1, label_smoothing=0.0,
                                  need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """x (N, H), weight (V, H), bias (V) or None, target (N) -> (loss, lse (N), denom, dx, dweight, dbias);
     the gradients (of the summed loss) only for reduction mean/sum and the flags set, else None."""
-    n, v = x.shape[0], weight.shape[0]
+    v = weight.shape[0]
     acc = acc_dtype(x.dtype)
     need_bias = need_bias and bias is not None
     grad = reduction != 0 and (need_x or need_weight or need_bias)
-    dx, dw, db = _grad_buffers(x, v, acc, need_x, need_weight, need_bias) if grad else (None, None, None)
-    lse, rows_loss = x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
-    for rows, z, t, xc, w in _chunks(x, weight, bias, target, chunk_bytes):
+    grads = _Gradients(x, v, need_x, need_weight, need_bias) if grad else None
+    lse, rows_loss = [x.new_empty((0,), dtype=acc)], [x.new_empty((0,), dtype=acc)]
+    for _, z, t, xc, w in _chunks(x, weight, bias, target, chunk_bytes):
         z3, t2 = z.unsqueeze(2), t.unsqueeze(1)
         loss_c, lse_c, _ = cross_entropy_forward(z3, t2, None, ignore_index, 0, label_smoothing)
-        lse[rows], rows_loss[rows] = lse_c.squeeze(1), loss_c.squeeze(1)
+        lse.append(lse_c.squeeze(1))
+        rows_loss.append(loss_c.squeeze(1))
         if grad:
             ones = torch.ones_like(lse_c)
-            dz = cross_entropy_backward(ones, z3, t2, None, lse_c, None, ignore_index, 0, label_smoothing).squeeze(2)
-            _accumulate(dz, xc, w, rows, dx, dw, db)
+            grads.add(cross_entropy_backward(ones, z3, t2, None, lse_c, None, ignore_index, 0,
+                                             label_smoothing).squeeze(2), xc, w)
+    lse, rows_loss = torch.cat(lse), torch.cat(rows_loss)
     denom = (target != ignore_index).sum().to(acc)  # a device tensor: never read by the host
     loss = rows_loss if reduction == 0 else rows_loss.sum() if reduction == 2 else rows_loss.sum() / denom
+    dx, dw, db = grads.result() if grad else (None, None, None)
     return loss.to(x.dtype), lse, denom, dx, dw, db
 
 
@@ -87,25 +116,14 @@ def linear_cross_entropy_backward(grad_loss, x, weight, bias, target, lse, ignor
                                   need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """reduction none: grad_loss (N) -> (dx, dweight, dbias) of sum_r grad_loss_r loss_r, recomputing each
     chunk's logits from x."""
-    acc = acc_dtype(x.dtype)
     need_bias = need_bias and bias is not None
-    dx, dw, db = _grad_buffers(x, weight.shape[0], acc, need_x, need_weight, need_bias)
+    grads = _Gradients(x, weight.shape[0], need_x, need_weight, need_bias)
     if need_x or need_weight or need_bias:
         for rows, z, t, xc, w in _chunks(x, weight, bias, target, chunk_bytes):
             g = grad_loss[rows].unsqueeze(1)
-            dz = cross_entropy_backward(g, z.unsqueeze(2), t.unsqueeze(1), None, lse[rows].unsqueeze(1), None,
-                                        ignore_index, 0, label_smoothing).squeeze(2)
-            _accumulate(dz, xc, w, rows, dx, dw, db)
-    return dx, dw, db
-
-
-def _accumulate(dz, xc, w, rows, dx, dw, db):
-    if dx is not None:
-        dx[rows] = dz @ w
-    if dw is not None:
-        dw += dz.T @ xc
-    if db is not None:
-        db += dz.sum(0)
+            grads.add(cross_entropy_backward(g, z.unsqueeze(2), t.unsqueeze(1), None, lse[rows].unsqueeze(1), None,
+                                             ignore_index, 0, label_smoothing).squeeze(2), xc, w)
+    return grads.result()
 
 
 def _flatten(input, weight, bias, target, label_smoothing):
@@ -134,50 +152,81 @@ def _flatten(input, weight, bias, target, label_smoothing):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows."""
+    """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows.
+    apply(...) returns (loss, lse, denom, dx, dweight, dbias): the loss and, not differentiable, what the backward
+    reads (the gradients of the summed loss where the forward computed them, else None); the functional
+    pyengine.functional.linear_cross_entropy returns the loss alone."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, weight, bias, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    def forward(input, weight, bias, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                 chunk_bytes=None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         x, b, t = _flatten(input, weight, bias, target, label_smoothing)
-        if chunk_bytes is None:
-            chunk_bytes = int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES))
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        ctx.kernels = _backend.kernels(x.device)
+        red = REDUCTIONS[reduction]
+        # mean/sum when training: the whole backward in the forward's pass, for the inputs that require grad (the
+        # forward does not see ctx). Not under torch.func, whose forward sees unwrapped tensors: the backward
+        # computes what it needs then.
+        early = red != 0 and not torch._C._are_functorch_transforms_active()
+        need = (early and input.requires_grad, early and weight.requires_grad,
+                early and bias is not None and bias.requires_grad)
+        loss, lse, denom, dx, dw, db = _backend.kernels(x.device).linear_cross_entropy_forward(
+            x, weight, b, t, ignore_index, red, float(label_smoothing), *need, _chunk_bytes(chunk_bytes))
+        return loss.reshape(input.shape[:-1]) if red == 0 else loss, lse, denom, dx, dw, db
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_bytes = inputs
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        note_functorch_level(ctx)
+        ctx.kernels = _backend.kernels(input.device)
         ctx.red = REDUCTIONS[reduction]
         ctx.args = (ignore_index, float(label_smoothing))
-        ctx.flags = (need_x, need_w, need_b and bias is not None, int(chunk_bytes))
+        ctx.chunk_bytes = _chunk_bytes(chunk_bytes)
         ctx.shapes = (input.shape, input.dtype, None if bias is None else bias.shape)
-        loss, lse, denom, dx, dw, db = ctx.kernels.linear_cross_entropy_forward(
-            x, weight, b, t, ignore_index, ctx.red, float(label_smoothing), *ctx.flags)
-        if ctx.red == 0:  # input too: x is a view made without grad, which the double-backward error can't reach
-            ctx.save_for_backward(x, weight, b, t, lse, input)
-            return loss.reshape(input.shape[:-1])
-        # the inputs too, unused by the backward: the double-backward error node links to them, so a second
-        # derivative asked of them raises instead of finding them unused
-        ctx.save_for_backward(dx, dw, db, denom, input, weight, bias)
-        return loss
+        # the inputs themselves: read by the backward of 'none' (and wherever the forward computed no gradient),
+        # and linked to the double-backward error node otherwise, so a second derivative asked of them raises
+        # instead of finding them unused
+        ctx.save_for_backward(input, weight, bias, target, *output[1:])
 
     @staticmethod
     @first_order_only("linear_cross_entropy", instead="cross_entropy(linear(...)) from torch.nn.functional")
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *unused):
         input_shape, dtype, bias_shape = ctx.shapes
-        if ctx.red == 0:
-            x, weight, b, t, lse = ctx.saved_tensors[:5]
-            g = grad_loss.reshape(-1).to(lse.dtype).contiguous()
-            dx, dw, db = ctx.kernels.linear_cross_entropy_backward(g, x, weight, b, t, lse, *ctx.args, *ctx.flags)
-        else:
-            dx, dw, db, denom = ctx.saved_tensors[:4]
+        input, weight, bias, target, lse, denom, dx, dw, db = ctx.saved_tensors
+        need = needs_grad(ctx, 3)[:3]
+        need = (need[0], need[1], need[2] and bias is not None)
+        if ctx.red != 0 and all(d is not None for d, n in zip((dx, dw, db), need) if n):
             scale = grad_loss.to(denom.dtype)
             if ctx.red == 1:  # every row ignored: the saved gradients are 0 and stay 0, as torch's
                 scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
-            dx, dw, db = (None if d is None else d * scale for d in (dx, dw, db))
+            dx, dw, db = (d * scale if d is not None and n else None for d, n in zip((dx, dw, db), need))
+        else:  # each row's incoming gradient, and the chunks' logits computed again
+            x, b, t = _flatten(input, weight, bias, target, ctx.args[1])
+            g = grad_loss.reshape(-1).to(lse.dtype)
+            if ctx.red != 0:
+                g = (g / torch.where(denom == 0, torch.ones_like(denom), denom) if ctx.red == 1 else g).expand(
+                    x.shape[0])
+            dx, dw, db = _backend.backward_kernels(ctx.kernels).linear_cross_entropy_backward(
+                g.contiguous(), x, weight, b, t, lse, *ctx.args, *need, ctx.chunk_bytes)
         dx = None if dx is None else dx.to(dtype).reshape(input_shape)
         dw = None if dw is None else dw.to(dtype)
         db = None if db is None else db.to(dtype).sum_to_size(bias_shape)
         return dx, dw, db, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("pyengine.linear_cross_entropy has no forward-mode AD (jvp, torch.func.jacfwd); "
+                                  "use torch.func.jacrev or vjp, or cross_entropy(linear(...)) from "
+                                  "torch.nn.functional")
+
+
+_LCE_FOR_COMPILE = jvp_free_twin(LinearCrossEntropyFunction)
+
+
+def _chunk_bytes(chunk_bytes):
+    return int(os.environ.get(CHUNK_ENV, DEFAULT_CHUNK_BYTES) if chunk_bytes is None else chunk_bytes)
 
 
 def linear_cross_entropy(input, weight, bias, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
@@ -190,6 +239,6 @@ def linear_cross_entropy(input, weight, bias, target, ignore_index=-100, reducti
     autocasting = torch.is_tensor(input) and torch.is_autocast_enabled(input.device.type)
     if autocasting:
         input, weight, bias = autocast("lower", input, weight, bias)
-    loss = LinearCrossEntropyFunction.apply(input, weight, bias, target, ignore_index, reduction, label_smoothing,
-                                            chunk_bytes)
+    loss = apply(LinearCrossEntropyFunction, _LCE_FOR_COMPILE, input, weight, bias, target, ignore_index, reduction,
+                 label_smoothing, chunk_bytes)[0]
     return loss.float() if autocasting and loss.dtype in (torch.float16, torch.bfloat16) else loss

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, autocast, needs_grad, result_type
+from ._function import acc_dtype, apply, autocast, needs_grad, result_type, jvp_free_twin
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -49,18 +49,34 @@ def _check_reduction(reduction, size_average, reduce):
     return reduction
 
 
+def elementwise_loss_jvp(backward, grad_ones, tangents, reduction, dtype):
+    """Forward-mode AD of an elementwise loss from its backward: the loss's derivatives per element (the backward
+    of reduction 'none' for an incoming gradient of ones) times the tangents, summed, then reduced as the loss is."""
+    partials = backward(grad_ones, *[t is not None for t in tangents])
+    acc = acc_dtype(dtype)
+    total = sum(p.to(acc) * t.to(acc) for p, t in zip(partials, tangents) if t is not None)
+    return _reduce(total, reduction, dtype)
+
+
 class MSELossFunction(torch.autograd.Function):
     """mean((input - target)^2) for input and target of one shape and dtype."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, target, reduction="mean"):
+    def forward(input, target, reduction="mean"):
         if input.shape != target.shape or input.dtype != target.dtype:
             raise RuntimeError(f"MSELossFunction: input and target must have one shape and dtype, got "
                                f"{list(input.shape)} {input.dtype} and {list(target.shape)} {target.dtype}")
+        code = REDUCTIONS[_check_reduction(reduction, None, None)]
+        return _backend.kernels(input.device).mse_loss_forward(input.contiguous(), target.contiguous(), code)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
         ctx.kernels = _backend.kernels(input.device)
-        ctx.reduction = REDUCTIONS[_check_reduction(reduction, None, None)]
+        ctx.reduction = REDUCTIONS[reduction]
         ctx.save_for_backward(input, target)  # the inputs themselves, which double backward differentiates
-        return ctx.kernels.mse_loss_forward(input.contiguous(), target.contiguous(), ctx.reduction)
+        ctx.save_for_forward(input, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -70,6 +86,17 @@ class MSELossFunction(torch.autograd.Function):
         grad_input, grad_target = kernels.mse_loss_backward(grad_loss.contiguous(), input, target, ctx.reduction,
                                                             need_input, need_target)
         return grad_input, grad_target, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, _):
+        input, target = (t.contiguous() for t in ctx.saved_tensors)
+        kernels = _backend.backward_kernels(ctx.kernels)
+        return elementwise_loss_jvp(lambda ones, *need: kernels.mse_loss_backward(ones, input, target, 0, *need),
+                                    torch.ones_like(input), (input_tangent, target_tangent), ctx.reduction,
+                                    input.dtype)
+
+
+_MSE_FOR_COMPILE = jvp_free_twin(MSELossFunction)
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
@@ -90,4 +117,4 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     compiled = _backend.compiled_autograd(input)
     if compiled is not None:
         return compiled.mse_loss(input, target, REDUCTIONS[reduction])
-    return MSELossFunction.apply(input, target, reduction)
+    return apply(MSELossFunction, _MSE_FOR_COMPILE, input, target, reduction)

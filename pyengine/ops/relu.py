@@ -7,7 +7,7 @@ Kernels: csrc/cpu/relu.cpp, csrc/cuda/relu.cu; formula: relu_*_math in csrc/comm
 import torch
 
 from .. import _backend
-from ._function import output_saving_function
+from ._function import apply, jvp_free_twin, output_saving_function
 
 
 @_backend.reference
@@ -23,6 +23,7 @@ def relu_backward(grad_y, y):
 
 
 ReLUFunction = output_saving_function("relu", "ReLUFunction")
+_RELU_FOR_COMPILE = jvp_free_twin(ReLUFunction)
 
 
 def relu(input):
@@ -32,4 +33,4 @@ def relu(input):
     if not input.is_floating_point():
         return relu_forward(input)
     compiled = _backend.compiled_autograd(input)
-    return compiled.relu(input) if compiled is not None else ReLUFunction.apply(input)
+    return compiled.relu(input) if compiled is not None else apply(ReLUFunction, _RELU_FOR_COMPILE, input)

@@ -7,7 +7,7 @@ Kernels: csrc/cpu/sigmoid.cpp, csrc/cuda/sigmoid.cu; formula: sigmoid_*_math in 
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, output_saving_function, promote_to_float
+from ._function import acc_dtype, apply, jvp_free_twin, output_saving_function, promote_to_float
 
 
 @_backend.reference
@@ -26,10 +26,11 @@ def sigmoid_backward(grad_y, y):
 
 
 SigmoidFunction = output_saving_function("sigmoid", "SigmoidFunction")
+_SIGMOID_FOR_COMPILE = jvp_free_twin(SigmoidFunction)
 
 
 def sigmoid(input):
     """torch.sigmoid. Integer and bool inputs are promoted to the default float dtype, as torch does."""
     input = promote_to_float(input, "sigmoid")
     compiled = _backend.compiled_autograd(input)
-    return compiled.sigmoid(input) if compiled is not None else SigmoidFunction.apply(input)
+    return compiled.sigmoid(input) if compiled is not None else apply(SigmoidFunction, _SIGMOID_FOR_COMPILE, input)

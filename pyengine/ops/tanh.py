@@ -7,7 +7,7 @@ Kernels: csrc/cpu/tanh.cpp, csrc/cuda/tanh.cu; formula: tanh_*_math in csrc/comm
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, output_saving_function, promote_to_float
+from ._function import acc_dtype, apply, jvp_free_twin, output_saving_function, promote_to_float
 
 
 @_backend.reference
@@ -26,10 +26,11 @@ def tanh_backward(grad_y, y):
 
 
 TanhFunction = output_saving_function("tanh", "TanhFunction")
+_TANH_FOR_COMPILE = jvp_free_twin(TanhFunction)
 
 
 def tanh(input):
     """torch.tanh. Integer and bool inputs are promoted to the default float dtype, as torch does."""
     input = promote_to_float(input, "tanh")
     compiled = _backend.compiled_autograd(input)
-    return compiled.tanh(input) if compiled is not None else TanhFunction.apply(input)
+    return compiled.tanh(input) if compiled is not None else apply(TanhFunction, _TANH_FOR_COMPILE, input)
