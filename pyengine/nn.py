@@ -6,18 +6,32 @@ in place without touching its parameters (an optimizer built on them keeps worki
 """
 import torch
 
-from . import _backend
+from . import _backend, _scripted
 from . import functional as F
 from .ops.fused_mlp import activation_code as mlp_activation_code
 from .ops.fused_mlp import check_sizes, fused_mlp_packed, unpack
 from .ops.linear import activation_code
 
 
-class Linear(torch.nn.Linear):
+class _Scriptable:
+    """torch.jit.script of pyengine.nn modules: their forwards take pyengine/_scripted.py under scripting, which calls
+    the registered operators of the compiled extension; without it, scripting says so at once."""
+
+    def __prepare_scriptable__(self):
+        if _backend._C is None:
+            raise RuntimeError(f"torch.jit.script of pyengine.nn.{type(self).__name__} needs pyengine's compiled "
+                               f"extension, which is not available ({_backend._C_IMPORT_ERROR}); "
+                               f"{_backend.BUILD_HINT}. Or use torch.compile, or torch.jit.trace (which records "
+                               "the python backend's torch operations).")
+        return self
+
+
+class Linear(_Scriptable, torch.nn.Linear):
     """activation=None, 'relu' or 'sigmoid': applied in the same pass as the bias (F.linear's activation).
     A plain setting, not a parameter or buffer: state_dict is torch.nn.Linear's."""
 
     activation = None  # what a torch.nn.Linear swapped in by `convert` (no __init__ of ours) reads
+    __constants__ = [*torch.nn.Linear.__constants__, "activation"]  # TorchScript reads the class default too
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
         activation_code(activation)  # a bad name fails here, not at the first forward
@@ -25,49 +39,67 @@ class Linear(torch.nn.Linear):
         self.activation = activation
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _scripted.linear(input, self.weight, self.bias, self.activation)
         return F.linear(input, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self):
         return super().extra_repr() + ("" if self.activation is None else f", activation={self.activation!r}")
 
 
-class ReLU(torch.nn.ReLU):
+class ReLU(_Scriptable, torch.nn.ReLU):
     """inplace=True is accepted for compatibility; the result is computed out of place."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyengine.relu_forward(input)
         return F.relu(input)
 
 
-class Sigmoid(torch.nn.Sigmoid):
+class Sigmoid(_Scriptable, torch.nn.Sigmoid):
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyengine.sigmoid_forward(input)
         return F.sigmoid(input)
 
 
-class Tanh(torch.nn.Tanh):
+class Tanh(_Scriptable, torch.nn.Tanh):
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyengine.tanh_forward(input)
         return F.tanh(input)
 
 
-class LeakyReLU(torch.nn.LeakyReLU):
+class LeakyReLU(_Scriptable, torch.nn.LeakyReLU):
     """inplace=True is accepted for compatibility; the result is computed out of place."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return torch.ops.pyengine.leaky_relu_forward(input, self.negative_slope)
         return F.leaky_relu(input, self.negative_slope)
 
 
-class MSELoss(torch.nn.MSELoss):
+class MSELoss(_Scriptable, torch.nn.MSELoss):
     def forward(self, input, target):
+        if torch.jit.is_scripting():
+            return _scripted.mse_loss(input, target, self.reduction)
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
-class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+class BCEWithLogitsLoss(_Scriptable, torch.nn.BCEWithLogitsLoss):
     def forward(self, input, target):
+        if torch.jit.is_scripting():
+            return _scripted.binary_cross_entropy_with_logits(input, target, self.weight, self.pos_weight,
+                                                              self.reduction)
         return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
                                                   reduction=self.reduction)
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class CrossEntropyLoss(_Scriptable, torch.nn.CrossEntropyLoss):
     def forward(self, input, target):
+        if torch.jit.is_scripting():
+            return _scripted.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                                           self.label_smoothing)
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
@@ -75,7 +107,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 _TRAINING_LOSSES = {"mse": 0, "bce_with_logits": 1, "cross_entropy": 2}
 
 
-class FusedMLP(torch.nn.Module):
+class FusedMLP(_Scriptable, torch.nn.Module):
     """A whole MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp):
     FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
     nn.Sequential(Linear(8, 6), Sigmoid(), Linear(6, 4), Sigmoid(), Linear(4, 1)) does.
@@ -93,6 +125,8 @@ class FusedMLP(torch.nn.Module):
     same weights), and state_dict keys '0.weight', '0.bias', '2.weight', ... so weights load either way
     (loading copies into `params`). `to_sequential()` gives that Sequential, with copies of the weights."""
 
+    __jit_unused_properties__ = ["weights", "biases"]  # Python views: a scripted forward reads params itself
+
     def __init__(self, sizes, activation="relu", output_activation=None, device=None, dtype=None):
         super().__init__()
         self.sizes = tuple(check_sizes(sizes))
@@ -105,6 +139,8 @@ class FusedMLP(torch.nn.Module):
                                                     for t in (m.weight, m.bias)]))
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            return _scripted.fused_mlp_packed(input, self.params, list(self.sizes), self._codes[0], self._codes[1])
         # _parameters[...]: nn.Module's __getattr__ costs a microsecond a call, a share of a small network's step
         return fused_mlp_packed(input, self._parameters["params"], self.sizes, *self._codes)
 

@@ -389,9 +389,11 @@ def _traced_namespace():
     """pyengine._C.autograd's functions, same arguments, as calls of the differentiable registered operators."""
     ops = torch.ops.pyengine
 
+    # leading dims flattened by flatten/unflatten, never skipped for 2-D input: the trace then takes any batch dims
     def linear(x, weight, bias=None, activation=0):
-        y = ops.linear_forward(_rows(x), weight, bias, activation)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+        rows = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+        y = ops.linear_forward(rows, weight, bias, activation)
+        return y.unflatten(0, x.shape[:-1]) if x.dim() > 1 else y.squeeze(0)
 
     def cross_entropy(input, target, weight=None, ignore_index=-100, reduction=1, label_smoothing=0.0):
         n, c = input.shape  # (N, C) logits and N class indices: the calls the C++ Function takes
@@ -400,8 +402,9 @@ def _traced_namespace():
         return loss.reshape(n) if reduction == REDUCTION_NONE else loss
 
     def fused_mlp(x, weights, biases, activation=1, output_activation=0):
-        y = ops.fused_mlp_forward(_rows(x), list(weights), list(biases), activation, output_activation)[0]
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        rows = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+        y = ops.fused_mlp_forward(rows, list(weights), list(biases), activation, output_activation)[0]
+        return y.unflatten(0, x.shape[:-1]) if x.dim() > 1 else y.squeeze(0)
 
     def fused_mlp_packed(x, params, widths, activation=1, output_activation=0):
         from .fused_mlp import unpack
