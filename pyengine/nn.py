@@ -2,7 +2,13 @@
 
 Each one subclasses its torch.nn twin and changes only forward, so constructor arguments, initialization,
 parameters and state_dict keys are torch's: weights load either way, and `convert` swaps a model's layers
-in place without touching its parameters (an optimizer built on them keeps working).
+in place without touching its parameters (an optimizer built on them keeps working). help() on each class says
+what pyengine changes (Linear's activation; ReLU's and LeakyReLU's inplace=True computed out of place;
+CrossEntropyLoss without double backward or forward-mode AD) and points to its torch twin for the rest.
+FusedMLP, a whole small MLP run as one kernel call each way, has no torch twin.
+
+The backend that runs them: pyengine.use_backend, else the environment variable PYENGINE_BACKEND, else the
+tensors' device (see help(pyengine)). torch.jit.script of these modules needs the compiled extension.
 """
 import torch
 
@@ -27,13 +33,40 @@ class _Scriptable:
 
 
 class Linear(_Scriptable, torch.nn.Linear):
-    """activation=None, 'relu' or 'sigmoid': applied in the same pass as the bias (F.linear's activation).
-    A plain setting, not a parameter or buffer: state_dict is torch.nn.Linear's."""
+    """torch.nn.Linear whose forward runs pyengine.functional.linear: y = activation(x @ weight^T + bias).
+
+    What pyengine adds: the activation argument (None, 'relu' or 'sigmoid'), applied in the same pass as the
+    bias. It is a plain setting, not a parameter or buffer, so state_dict is torch.nn.Linear's and weights load
+    either way. Everything else (constructor arguments, initialization, parameters weight (out_features,
+    in_features) and bias (out_features), repr) is torch.nn.Linear's: see help(torch.nn.Linear).
+
+    Args:
+        in_features (int): the size of each input sample.
+        out_features (int): the size of each output sample.
+        bias (bool): whether to learn an additive bias. Default: True.
+        device, dtype: of the parameters, as in torch. Default: None (torch's defaults).
+        activation (str, optional): None, 'relu' or 'sigmoid'; any other value raises ValueError here.
+            Default: None.
+
+    Shape:
+        - Input: (*, in_features); Output: (*, out_features).
+
+    Example:
+        >>> import torch, pyengine
+        >>> layer = pyengine.nn.Linear(3, 2, activation="relu")
+        >>> layer
+        Linear(in_features=3, out_features=2, bias=True, activation='relu')
+        >>> layer(torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+    """
 
     activation = None  # what a torch.nn.Linear swapped in by `convert` (no __init__ of ours) reads
     __constants__ = [*torch.nn.Linear.__constants__, "activation"]  # TorchScript reads the class default too
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
+        """torch.nn.Linear(in_features, out_features, bias, device, dtype), initialized as torch initializes it,
+        with activation None, 'relu' or 'sigmoid' (checked here: another value raises ValueError). See
+        help(pyengine.nn.Linear)."""
         activation_code(activation)  # a bad name fails here, not at the first forward
         super().__init__(in_features, out_features, bias, device, dtype)
         self.activation = activation
@@ -48,7 +81,23 @@ class Linear(_Scriptable, torch.nn.Linear):
 
 
 class ReLU(_Scriptable, torch.nn.ReLU):
-    """inplace=True is accepted for compatibility; the result is computed out of place."""
+    """torch.nn.ReLU whose forward runs pyengine.functional.relu: y = max(x, 0) elementwise.
+
+    What differs from torch.nn.ReLU: inplace=True is accepted for compatibility, but the result is computed out
+    of place (the input is left unchanged). The rest is torch.nn.ReLU's: see help(torch.nn.ReLU).
+
+    Args:
+        inplace (bool): accepted and shown in the repr; has no effect. Default: False.
+
+    Shape:
+        - Input: (*), any shape; Output: (*), the input's shape.
+
+    Example:
+        >>> import torch, pyengine
+        >>> x = torch.tensor([-1.0, 2.0])
+        >>> pyengine.nn.ReLU(inplace=True)(x), x
+        (tensor([0., 2.]), tensor([-1.,  2.]))
+    """
 
     def forward(self, input):
         if torch.jit.is_scripting():
@@ -57,6 +106,19 @@ class ReLU(_Scriptable, torch.nn.ReLU):
 
 
 class Sigmoid(_Scriptable, torch.nn.Sigmoid):
+    """torch.nn.Sigmoid whose forward runs pyengine.functional.sigmoid: y = 1 / (1 + exp(-x)) elementwise.
+
+    Nothing else differs from torch.nn.Sigmoid (see help(torch.nn.Sigmoid)); it takes no arguments.
+
+    Shape:
+        - Input: (*), any shape; Output: (*), the input's shape.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.Sigmoid()(torch.tensor([0.0]))
+        tensor([0.5000])
+    """
+
     def forward(self, input):
         if torch.jit.is_scripting():
             return torch.ops.pyengine.sigmoid_forward(input)
@@ -64,6 +126,19 @@ class Sigmoid(_Scriptable, torch.nn.Sigmoid):
 
 
 class Tanh(_Scriptable, torch.nn.Tanh):
+    """torch.nn.Tanh whose forward runs pyengine.functional.tanh: the hyperbolic tangent, elementwise.
+
+    Nothing else differs from torch.nn.Tanh (see help(torch.nn.Tanh)); it takes no arguments.
+
+    Shape:
+        - Input: (*), any shape; Output: (*), the input's shape.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.Tanh()(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7616])
+    """
+
     def forward(self, input):
         if torch.jit.is_scripting():
             return torch.ops.pyengine.tanh_forward(input)
@@ -71,7 +146,25 @@ class Tanh(_Scriptable, torch.nn.Tanh):
 
 
 class LeakyReLU(_Scriptable, torch.nn.LeakyReLU):
-    """inplace=True is accepted for compatibility; the result is computed out of place."""
+    """torch.nn.LeakyReLU whose forward runs pyengine.functional.leaky_relu: x where x > 0, else
+    negative_slope * x.
+
+    What differs from torch.nn.LeakyReLU: inplace=True is accepted for compatibility, but the result is
+    computed out of place (the input is left unchanged). The rest is torch.nn.LeakyReLU's: see
+    help(torch.nn.LeakyReLU).
+
+    Args:
+        negative_slope (float): the slope for x <= 0. Default: 0.01.
+        inplace (bool): accepted and shown in the repr; has no effect. Default: False.
+
+    Shape:
+        - Input: (*), any shape, floating-point; Output: (*), the input's shape.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.LeakyReLU(0.5)(torch.tensor([-2.0, 3.0]))
+        tensor([-1.,  3.])
+    """
 
     def forward(self, input):
         if torch.jit.is_scripting():
@@ -80,6 +173,26 @@ class LeakyReLU(_Scriptable, torch.nn.LeakyReLU):
 
 
 class MSELoss(_Scriptable, torch.nn.MSELoss):
+    """torch.nn.MSELoss whose forward runs pyengine.functional.mse_loss: the squared error (x - y)^2, reduced.
+
+    Nothing else differs from torch.nn.MSELoss (see help(torch.nn.MSELoss)): its arguments, repr and (empty)
+    state_dict are torch's.
+
+    Args:
+        size_average (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        reduce (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum'. Default: 'mean'.
+
+    Shape:
+        - Input: (*); Target: (*), the input's shape (another shape broadcasts, with a warning, as in torch).
+        - Output: a scalar, or (*) for reduction='none'.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.MSELoss()(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+        tensor(2.)
+    """
+
     def forward(self, input, target):
         if torch.jit.is_scripting():
             return _scripted.mse_loss(input, target, self.reduction)
@@ -87,6 +200,31 @@ class MSELoss(_Scriptable, torch.nn.MSELoss):
 
 
 class BCEWithLogitsLoss(_Scriptable, torch.nn.BCEWithLogitsLoss):
+    """torch.nn.BCEWithLogitsLoss whose forward runs pyengine.functional.binary_cross_entropy_with_logits:
+    sigmoid and binary cross-entropy fused, stable for large logits.
+
+    Nothing else differs from torch.nn.BCEWithLogitsLoss (see help(torch.nn.BCEWithLogitsLoss)): its arguments,
+    buffers weight and pos_weight, and state_dict are torch's.
+
+    Args:
+        weight (Tensor, optional): a weight per element, broadcast to the input's shape. Default: None.
+        size_average (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        reduce (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum'. Default: 'mean'.
+        pos_weight (Tensor, optional): the weight of positive labels, broadcast along the input's last (class)
+            dim. Default: None.
+        weight and pos_weight may not require grad (torch's "not differentiable" error), as in torch.
+
+    Shape:
+        - Input: (*) logits; Target: (*), the input's shape, labels in [0, 1].
+        - Output: a scalar, or (*) for reduction='none'.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.BCEWithLogitsLoss()(torch.zeros(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        tensor(0.6931)
+    """
+
     def forward(self, input, target):
         if torch.jit.is_scripting():
             return _scripted.binary_cross_entropy_with_logits(input, target, self.weight, self.pos_weight,
@@ -96,6 +234,33 @@ class BCEWithLogitsLoss(_Scriptable, torch.nn.BCEWithLogitsLoss):
 
 
 class CrossEntropyLoss(_Scriptable, torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss whose forward runs pyengine.functional.cross_entropy: softmax and negative
+    log-likelihood fused, one log-sum-exp saved per row.
+
+    What differs from torch.nn.CrossEntropyLoss: no double backward (differentiating the loss's gradient again
+    raises RuntimeError) and no forward-mode AD (torch.func.jvp, jacfwd raise NotImplementedError). The rest
+    (arguments, the weight buffer, state_dict) is torch's: see help(torch.nn.CrossEntropyLoss).
+
+    Args:
+        weight (Tensor, optional): a weight per class, (C,). Default: None.
+        size_average (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        ignore_index (int): class-index targets equal to it are left out of the loss and of 'mean''s divisor.
+            Default: -100.
+        reduce (bool, optional): deprecated (see reduction), as in torch. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum'. Default: 'mean'.
+        label_smoothing (float): in [0, 1], mixes the target with the uniform distribution. Default: 0.0.
+
+    Shape:
+        - Input: (C), (N, C) or (N, C, d1, ..., dk) logits.
+        - Target: class indices of shape (), (N) or (N, d1, ..., dk), or class probabilities of the input's shape.
+        - Output: a scalar, or the target's shape without the class dim for reduction='none'.
+
+    Example:
+        >>> import torch, pyengine
+        >>> pyengine.nn.CrossEntropyLoss()(torch.zeros(2, 3), torch.tensor([0, 2]))
+        tensor(1.0986)
+    """
+
     def forward(self, input, target):
         if torch.jit.is_scripting():
             return _scripted.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
@@ -108,26 +273,59 @@ _TRAINING_LOSSES = {"mse": 0, "bce_with_logits": 1, "cross_entropy": 2}
 
 
 class FusedMLP(_Scriptable, torch.nn.Module):
-    """A whole MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp):
-    FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
+    """A whole small MLP whose forward and backward each run as one kernel call (pyengine.functional.fused_mlp).
+    Not in torch: FusedMLP([8, 6, 4, 1], activation='sigmoid') computes what
     nn.Sequential(Linear(8, 6), Sigmoid(), Linear(6, 4), Sigmoid(), Linear(4, 1)) does.
 
-    sizes: input, hidden..., output widths, each 1..128. activation: 'relu', 'sigmoid' or None between layers;
-    output_activation: the same after the last layer (default None: raw outputs).
+    Args:
+        sizes (sequence of int): the input, hidden..., output widths n_0 .. n_L: 2 to 17 of them (1 to 16
+            layers), each from 1 to 128 (another raises ValueError; use Linear layers for wider networks).
+        activation (str or None): between the layers: 'relu', 'sigmoid' or None. Default: 'relu'.
+        output_activation (str or None): after the last layer, the same choices. Default: None (raw outputs).
+        device, dtype: of the parameters, as for torch.nn.Linear. Default: None (torch's defaults).
 
-    Its parameters are one tensor, `params`: each layer's weight (out, in) row by row, then its bias, layer after
-    layer (as tiny-cuda-nn keeps them). A training step then accumulates one gradient and updates one parameter,
-    not two per layer, which at small sizes costs more than the layers' arithmetic (benchmarks/NOTES.md).
-    Everything elementwise (SGD, Adam, weight decay, clipping by norm) behaves as over the separate tensors;
-    per-layer optimizer settings need the unfused Sequential. `weights` and `biases` are views of `params`.
+    Attributes:
+        params (Parameter): every parameter in one tensor: each layer's weight (out, in) row by row, then its
+            bias, layer after layer (as tiny-cuda-nn keeps them). A training step then accumulates one gradient
+            and updates one parameter, not two per layer, which at small sizes costs more than the layers'
+            arithmetic (benchmarks/NOTES.md). Everything elementwise (SGD, Adam, weight decay, clipping by norm)
+            behaves as over the separate tensors; per-layer optimizer settings need the unfused Sequential.
+        weights, biases: lists of views of params, (n_{l+1}, n_l) and (n_{l+1},) per layer.
 
     Initialization and state_dict are the Sequential's: the same random draws in the same order (same seed,
-    same weights), and state_dict keys '0.weight', '0.bias', '2.weight', ... so weights load either way
-    (loading copies into `params`). `to_sequential()` gives that Sequential, with copies of the weights."""
+    same weights), and its state_dict keys ('0.weight', '0.bias', '2.weight', ...; '1.weight' for the second
+    layer when activation is None), so weights load either way (loading copies into params). to_sequential()
+    gives that Sequential, with copies of the weights; training_step(input, target, lr, loss) runs a whole SGD
+    step as one call.
+
+    Shape:
+        - Input: (*, n_0); Output: (*, n_L).
+
+    Differences from the Sequential: no double backward and no forward-mode AD (torch.func.jvp, jacfwd).
+    The backend: pyengine.use_backend, else the environment variable PYENGINE_BACKEND, else the device.
+
+    Example:
+        >>> import torch, pyengine
+        >>> _ = torch.manual_seed(0)
+        >>> mlp = pyengine.nn.FusedMLP([8, 6, 4, 1], activation="sigmoid")
+        >>> mlp.params.shape, [tuple(w.shape) for w in mlp.weights]
+        (torch.Size([87]), [(6, 8), (4, 6), (1, 4)])
+        >>> mlp(torch.randn(5, 8)).shape
+        torch.Size([5, 1])
+        >>> list(mlp.state_dict())
+        ['0.weight', '0.bias', '2.weight', '2.bias', '4.weight', '4.bias']
+        >>> loss = mlp.training_step(torch.randn(5, 8), torch.ones(5, 1), lr=0.1)  # forward, backward, SGD
+    """
 
     __jit_unused_properties__ = ["weights", "biases"]  # Python views: a scripted forward reads params itself
 
     def __init__(self, sizes, activation="relu", output_activation=None, device=None, dtype=None):
+        """A fused MLP of widths sizes (n_0, hidden..., n_L; 1 to 16 layers, each width 1..128), with activation
+        ('relu', 'sigmoid' or None; default 'relu') between the layers and output_activation (the same choices;
+        default None) after the last; its parameters are made on device in dtype (None: torch's defaults).
+        The weights are drawn as torch.nn.Linear(n_l, n_{l+1}) draws them, layer by layer, and packed into the
+        one parameter params. Bad sizes or activation names raise ValueError here. See help(pyengine.nn.FusedMLP).
+        """
         super().__init__()
         self.sizes = tuple(check_sizes(sizes))
         self.activation, self.output_activation = activation, output_activation
@@ -269,3 +467,11 @@ def convert(model):
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "FusedMLP", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid",
            "Tanh", "convert"]
+
+_MODULE_ATTRIBUTES = ("__all__", "__doc__", "__file__", "__loader__", "__name__", "__package__", "__spec__")
+
+
+def __dir__():
+    """dir(pyengine.nn): the public modules and convert (__all__) and the standard module attributes, not the
+    imports and helpers."""
+    return sorted([*__all__, *(n for n in _MODULE_ATTRIBUTES if n in globals())])

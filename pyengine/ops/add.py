@@ -136,7 +136,32 @@ def _promote(input, other, alpha):
 
 
 def add(input, other, *, alpha=1):
-    """torch.add(input, other, alpha=alpha): input + alpha * other, broadcasting both ways."""
+    """input + alpha * other with torch's broadcasting and type promotion: torch.add without its out argument.
+
+    Args:
+        input (Tensor or number): the first operand.
+        other (Tensor or number): the second operand; its shape broadcasts with input's, either way. At least
+            one of input and other must be a tensor; a Python number is promoted as torch promotes it.
+        alpha (number, keyword-only): the multiplier of other, with torch.add's rules (an integral result takes
+            an integral alpha; a bool alpha only a bool result). Default: 1.
+
+    Returns:
+        Tensor: the broadcast shape of input and other, in torch.result_type(input, other). Bool and integer
+        tensors work (without gradient); complex tensors raise NotImplementedError.
+
+    Autograd: each operand's gradient is the output's gradient summed over the dims it was broadcast along
+    (times alpha for other), in that operand's own dtype. Double backward and torch.func (vmap, grad, jacrev,
+    jvp, jacfwd) are supported. The backend: pyengine.use_backend, else the environment variable
+    PYENGINE_BACKEND, else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.add(torch.zeros(2, 3), torch.tensor([1.0, 2.0, 3.0]), alpha=2)
+        tensor([[2., 4., 6.],
+                [2., 4., 6.]])
+        >>> PF.add(torch.tensor([1, 2]), 1)  # integers stay integers
+        tensor([2, 3])
+    """
     if not torch.is_tensor(input) and not torch.is_tensor(other):
         raise TypeError("pyengine.add needs at least one tensor operand")
     dtype = result_type(input, other)  # Python numbers promote as torch's wrapped numbers do

@@ -63,7 +63,10 @@ def _contiguous(*tensors):
 
 
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
-    """BCE with logits for input, target, weight and pos_weight all of one shape and dtype (weights may be None)."""
+    """BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight=None, pos_weight=None, reduction='mean'):
+    BCE with logits for input, target, weight and pos_weight all of one shape and dtype (the weights may be None;
+    pyengine.functional.binary_cross_entropy_with_logits broadcasts them first); reduction 'none', 'mean' or 'sum'.
+    weight and pos_weight are not differentiable."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -114,8 +117,40 @@ _BCE_FOR_COMPILE = jvp_free_twin(BinaryCrossEntropyWithLogitsFunction)
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None, reduction="mean",
                                      pos_weight=None):
-    """torch.nn.functional.binary_cross_entropy_with_logits. weight broadcasts to the input's shape, pos_weight
-    along its last (class) dim, as in torch."""
+    """Sigmoid and binary cross-entropy fused and stable: torch.nn.functional.binary_cross_entropy_with_logits.
+
+    loss = -w [pos_weight * y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))] per element, for logits x = input
+    and labels y = target in [0, 1]; computed without overflow for large |x|.
+
+    Args:
+        input (Tensor): logits, any shape, floating-point (other dtypes raise NotImplementedError).
+        target (Tensor): input's shape (another raises ValueError), floating-point; differentiable.
+        weight (Tensor, optional): a rescaling weight per element, broadcast to input's shape. It may not
+            require grad (torch's "not differentiable" error), as in torch. Default: None.
+        size_average (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        reduce (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum'. Default: 'mean'.
+        pos_weight (Tensor, optional): the weight of positive labels, broadcast along input's last (class) dim,
+            e.g. of shape (C,). It may not require grad, as in torch. Default: None.
+
+    Shape:
+        - input, target: (*); output: a scalar, or (*) for reduction='none'.
+
+    Returns:
+        Tensor: in the dtype input and target promote to; under torch.autocast float16/bfloat16 operands become
+        float32, as in torch.
+
+    Autograd: input and target are differentiable. Double backward and torch.func (vmap, grad, jacrev, jvp,
+    jacfwd) are supported. The backend: pyengine.use_backend, else the environment variable PYENGINE_BACKEND,
+    else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.binary_cross_entropy_with_logits(torch.zeros(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        tensor(0.6931)
+        >>> PF.binary_cross_entropy_with_logits(torch.tensor([1000.0]), torch.tensor([0.0]))  # no overflow
+        tensor(1000.)
+    """
     reduction = _check_reduction(reduction, size_average, reduce)
     input, target, weight, pos_weight = autocast("float32", input, target, weight, pos_weight)
     if target.shape != input.shape:

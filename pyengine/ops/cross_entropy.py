@@ -283,8 +283,51 @@ _CE_FOR_COMPILE = jvp_free_twin(SoftmaxCrossEntropyFunction)
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0):
-    """torch.nn.functional.cross_entropy, with the same arguments (size_average and reduce are the
-    deprecated spellings of reduction, honored as torch honors them)."""
+    """Softmax and negative log-likelihood fused: torch.nn.functional.cross_entropy, with the same arguments.
+
+    Args:
+        input (Tensor): floating-point logits, (C), (N, C) or (N, C, d1, ..., dk).
+        target (Tensor): class indices (int64 or uint8), of input's shape without the class dim, each in
+            [0, C) or ignore_index; or class probabilities, floating-point and of input's own shape.
+        weight (Tensor, optional): a weight per class, (C,), of input's dtype. With class-index targets it may
+            not require grad (torch's "not differentiable" error); with probabilities it gets a gradient, as in
+            torch. Default: None.
+        size_average (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        ignore_index (int): class-index targets equal to it add nothing to the loss or to 'mean''s divisor,
+            and their gradient is 0. Default: -100.
+        reduce (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum'. With class indices 'mean' divides by the summed class weights
+            of the rows kept (their count without weight); with probabilities by the row count. Default: 'mean'.
+        label_smoothing (float): in [0, 1]: the target is mixed with the uniform distribution,
+            (1 - label_smoothing) * target + label_smoothing / C. Default: 0.0.
+
+    Shape:
+        - input: (C), (N, C) or (N, C, d1, ..., dk); target: (), (N) or (N, d1, ..., dk), or input's shape.
+        - output: a scalar, or target's shape without the class dim for reduction='none'.
+
+    Returns:
+        Tensor: input's dtype; under torch.autocast float16/bfloat16 logits become float32, as in torch.
+
+    Autograd: the forward saves one log-sum-exp per row, not the softmax; when training with 'mean' or 'sum' in
+    float32/float64 it computes the gradient in the same pass and the backward only scales it. Differences
+    from torch: no double backward (the first derivative works under create_graph=True; differentiating it
+    again raises RuntimeError) and no forward-mode AD (torch.func.jvp and jacfwd raise NotImplementedError);
+    torch.func vmap, grad, vjp and jacrev are supported. The backend: pyengine.use_backend, else the
+    environment variable PYENGINE_BACKEND, else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> logits = torch.zeros(2, 3, requires_grad=True)
+        >>> loss = PF.cross_entropy(logits, torch.tensor([0, 2]))  # log(3) per row
+        >>> loss
+        tensor(1.0986, grad_fn=<...>)
+        >>> loss.backward()
+        >>> logits.grad  # (softmax - onehot) / N
+        tensor([[-0.3333,  0.1667,  0.1667],
+                [ 0.1667,  0.1667, -0.3333]])
+        >>> PF.cross_entropy(torch.zeros(2, 3), torch.tensor([0, -100]), reduction="sum")  # -100: ignored
+        tensor(1.0986)
+    """
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
 

@@ -170,9 +170,38 @@ def _rows(x):
 
 
 def fused_mlp(input, weights, biases, activation="relu", output_activation=None):
-    """nn.Sequential(Linear, act, ..., Linear[, output_activation]) with the given weights (out, in) and biases
-    (out), as one op; activation and output_activation are 'relu', 'sigmoid' or None. Every width is at most
-    128."""
+    """A whole small MLP as one op: nn.Sequential(Linear, act, ..., Linear[, output_activation]) with the given
+    weights and biases, its forward and its backward each one kernel call. Not in torch.
+
+    Args:
+        input (Tensor): (*, n_0), floating-point, at least 1-D.
+        weights (sequence of Tensor): W_l of shape (n_{l+1}, n_l) for layers l = 0 .. L-1, input's dtype;
+            1 to 16 layers, every width n_0 .. n_L from 1 to 128.
+        biases (sequence of Tensor): b_l of shape (n_{l+1},), one per weight (no None), input's dtype.
+        activation (str or None): between the layers: 'relu', 'sigmoid' or None ('none'). Default: 'relu'.
+        output_activation (str or None): after the last layer, the same choices. Default: None (raw outputs).
+
+    Shape:
+        - input: (*, n_0); output: (*, n_L).
+
+    Returns:
+        Tensor: input's dtype; under torch.autocast the operands take the autocast dtype, as torch's Linear
+        layers do. pyengine.nn.FusedMLP holds such a network's parameters as one tensor.
+
+    Autograd: input, weights and biases are differentiable; the forward saves the hidden layers' outputs.
+    Differences from torch's Sequential: no double backward (differentiating the gradient again raises
+    RuntimeError) and no forward-mode AD (torch.func.jvp and jacfwd raise NotImplementedError); torch.func
+    vmap, grad, vjp and jacrev are supported. The backend: pyengine.use_backend, else the environment
+    variable PYENGINE_BACKEND, else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> weights = [torch.ones(4, 3), torch.ones(1, 4)]
+        >>> biases = [torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.zeros(1)]
+        >>> PF.fused_mlp(torch.ones(2, 3), weights, biases)  # relu between the layers: 2 + 1 + 0 + 0
+        tensor([[3.],
+                [3.]])
+    """
     if input.dim() < 1:
         raise RuntimeError("fused_mlp: input must be at least 1-D")
     if len(weights) != len(biases):  # the Function tells weights from biases by position: check before it splits

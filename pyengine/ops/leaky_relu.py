@@ -58,7 +58,28 @@ _LEAKY_RELU_FOR_COMPILE = jvp_free_twin(LeakyReLUFunction)
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
-    """torch.nn.functional.leaky_relu. inplace=True is accepted; the result is computed out of place."""
+    """Elementwise input where input > 0, else negative_slope * input: torch.nn.functional.leaky_relu.
+
+    Args:
+        input (Tensor): any shape, floating-point (float16, bfloat16, float32, float64) on the CPU or a GPU;
+            other dtypes raise NotImplementedError, as in torch.
+        negative_slope (float): the slope for input <= 0; zero and negative slopes work too. Default: 0.01.
+        inplace (bool): accepted for compatibility with torch, but the result is always computed out of place:
+            input is left unchanged and a new tensor is returned. Default: False.
+
+    Returns:
+        Tensor: input's shape and dtype.
+
+    Autograd: the backward reads the saved input (the slope's sign may hide the input's sign in the output).
+    Double backward and torch.func (vmap, grad, jacrev, jvp, jacfwd) are supported. The backend:
+    pyengine.use_backend, else the environment variable PYENGINE_BACKEND, else the tensor's device
+    (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.leaky_relu(torch.tensor([-2.0, 3.0]), negative_slope=0.5)
+        tensor([-1.,  3.])
+    """
     if not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"leaky_relu(): negative_slope must be a number, got {type(negative_slope).__name__}")
     if not input.is_floating_point():

@@ -153,11 +153,39 @@ _LINEAR_FOR_COMPILE = jvp_free_twin(LinearFunction)
 
 
 def linear(input, weight, bias=None, activation=None):
-    """torch.nn.functional.linear. A 1-D weight (in,) gives one output feature with that dim squeezed, and a
-    bias that broadcasts to (out,) (a single element) is expanded, as torch allows.
-    activation: None, 'relu' or 'sigmoid', applied to the result in the same pass as the bias (the same
-    values as torch.relu / torch.sigmoid of F.linear). Under torch.autocast the inputs take the autocast
-    dtype, as torch's linear does."""
+    """activation(input @ weight^T + bias): torch.nn.functional.linear, plus an optional fused activation.
+
+    Args:
+        input (Tensor): (*, in_features), at least 1-D.
+        weight (Tensor): (out_features, in_features), of input's dtype. A 1-D weight (in_features,) gives one
+            output feature with that dim squeezed (and then takes no bias), as torch allows.
+        bias (Tensor, optional): (out_features,), of input's dtype; a single element is expanded to
+            (out_features,), as torch allows. Default: None.
+        activation (str, optional): not in torch: None, 'relu' or 'sigmoid', applied in the same pass as the
+            bias; the same values as torch.relu / torch.sigmoid of F.linear, with the activation's derivative
+            taken from the saved output. Any other value raises ValueError. Default: None.
+
+    Shape:
+        - input: (*, in_features); output: (*, out_features).
+
+    Returns:
+        Tensor: input's dtype. Integer inputs are multiplied by the python reference (no gradient). Under
+        torch.autocast the operands take the autocast dtype, as torch's linear does.
+
+    Autograd: dx = dy W, dW = dy^T x, db = dy summed over rows. Double backward and torch.func (vmap, grad,
+    jacrev, jvp, jacfwd) are supported. The backend: pyengine.use_backend, else the environment variable
+    PYENGINE_BACKEND, else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.tensor([-4.0, 0.0, 1.0, 2.0])
+        >>> PF.linear(x, w, b)
+        tensor([[-1.,  3.,  4.,  5.],
+                [-1.,  3.,  4.,  5.]])
+        >>> PF.linear(x, w, b, activation="relu")
+        tensor([[0., 3., 4., 5.],
+                [0., 3., 4., 5.]])
+    """
     act = activation_code(activation)
     input, weight, bias = autocast("lower", input, weight, bias)
     if weight.dim() == 1 and input.dim() >= 1:

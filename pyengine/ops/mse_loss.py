@@ -59,7 +59,9 @@ def elementwise_loss_jvp(backward, grad_ones, tangents, reduction, dtype):
 
 
 class MSELossFunction(torch.autograd.Function):
-    """mean((input - target)^2) for input and target of one shape and dtype."""
+    """MSELossFunction.apply(input, target, reduction='mean'): (input - target)^2 reduced by reduction ('none',
+    'mean' or 'sum'), for input and target of one shape and dtype (pyengine.functional.mse_loss broadcasts and
+    promotes them first)."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -100,7 +102,36 @@ _MSE_FOR_COMPILE = jvp_free_twin(MSELossFunction)
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
-    """torch.nn.functional.mse_loss (without its weight argument)."""
+    """The squared error (input - target)^2, reduced: torch.nn.functional.mse_loss without its weight argument.
+
+    Args:
+        input (Tensor): any shape, floating-point.
+        target (Tensor): input's shape. Another shape broadcasts with a UserWarning, as in torch; the dtypes
+            are promoted together (an integer result raises RuntimeError).
+        size_average (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        reduce (bool, optional): deprecated (see reduction); honored as torch honors it. Default: None.
+        reduction (str): 'none' | 'mean' | 'sum': the loss per element, their mean, or their sum.
+            Default: 'mean'.
+        weight (Tensor, optional): torch's per-element weight is not supported: anything but None raises
+            NotImplementedError (multiply the reduction='none' loss instead). Default: None.
+
+    Shape:
+        - input, target: (*); output: a scalar, or (*) for reduction='none'.
+
+    Returns:
+        Tensor: in the promoted dtype; under torch.autocast float16/bfloat16 operands become float32, as in torch.
+
+    Autograd: both input and target are differentiable. Double backward and torch.func (vmap, grad, jacrev, jvp,
+    jacfwd) are supported. The backend: pyengine.use_backend, else the environment variable PYENGINE_BACKEND,
+    else the tensors' device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+        tensor(2.)
+        >>> PF.mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), reduction="none")
+        tensor([0., 4.])
+    """
     if weight is not None:
         raise NotImplementedError("pyengine.mse_loss has no weight argument; multiply the per-element loss instead")
     reduction = _check_reduction(reduction, size_average, reduce)

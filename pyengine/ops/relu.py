@@ -27,7 +27,25 @@ _RELU_FOR_COMPILE = jvp_free_twin(ReLUFunction)
 
 
 def relu(input):
-    """torch.relu: elementwise max(input, 0). Integer tensors (which carry no gradient) take the reference."""
+    """Elementwise max(input, 0): torch.relu, and torch.nn.functional.relu without its inplace argument.
+
+    Args:
+        input (Tensor): any shape, floating-point (float16, bfloat16, float32, float64) on the CPU or a GPU.
+            Integer tensors, which carry no gradient, are computed by the python reference; bool raises
+            NotImplementedError, as torch.relu does.
+
+    Returns:
+        Tensor: input's shape and dtype. A NaN input gives NaN.
+
+    Autograd: the backward reads only the saved output (dx = dy where y > 0). Double backward and torch.func
+    (vmap, grad, jacrev, jvp, jacfwd) are supported. The backend: pyengine.use_backend, else the environment
+    variable PYENGINE_BACKEND, else the tensor's device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.relu(torch.tensor([-1.0, 0.5, 2.0]))
+        tensor([0.0000, 0.5000, 2.0000])
+    """
     if input.dtype == torch.bool:
         raise NotImplementedError("Boolean inputs not supported for relu")
     if not input.is_floating_point():

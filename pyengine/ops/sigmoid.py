@@ -30,7 +30,27 @@ _SIGMOID_FOR_COMPILE = jvp_free_twin(SigmoidFunction)
 
 
 def sigmoid(input):
-    """torch.sigmoid. Integer and bool inputs are promoted to the default float dtype, as torch does."""
+    """Elementwise 1 / (1 + exp(-input)): torch.sigmoid (torch.nn.functional.sigmoid).
+
+    Args:
+        input (Tensor): any shape, on the CPU or a GPU. Integer and bool inputs are promoted to the default
+            float dtype, as torch does; complex inputs raise NotImplementedError. float16 and bfloat16 are
+            computed in float32 and rounded once.
+
+    Returns:
+        Tensor: input's shape, in input's (floating-point) dtype.
+
+    Autograd: the backward reads only the saved output (dx = dy * y * (1 - y)). Double backward and torch.func
+    (vmap, grad, jacrev, jvp, jacfwd) are supported. The backend: pyengine.use_backend, else the environment
+    variable PYENGINE_BACKEND, else the tensor's device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.sigmoid(torch.tensor([0.0, 2.0]))
+        tensor([0.5000, 0.8808])
+        >>> PF.sigmoid(torch.tensor([0]))  # an integer tensor: promoted to float
+        tensor([0.5000])
+    """
     input = promote_to_float(input, "sigmoid")
     compiled = _backend.compiled_autograd(input)
     return compiled.sigmoid(input) if compiled is not None else apply(SigmoidFunction, _SIGMOID_FOR_COMPILE, input)

@@ -30,7 +30,25 @@ _TANH_FOR_COMPILE = jvp_free_twin(TanhFunction)
 
 
 def tanh(input):
-    """torch.tanh. Integer and bool inputs are promoted to the default float dtype, as torch does."""
+    """Elementwise hyperbolic tangent: torch.tanh (torch.nn.functional.tanh).
+
+    Args:
+        input (Tensor): any shape, on the CPU or a GPU. Integer and bool inputs are promoted to the default
+            float dtype, as torch does; complex inputs raise NotImplementedError. float16 and bfloat16 are
+            computed in float32 and rounded once.
+
+    Returns:
+        Tensor: input's shape, in input's (floating-point) dtype, each value in [-1, 1].
+
+    Autograd: the backward reads only the saved output (dx = dy * (1 - y^2)). Double backward and torch.func
+    (vmap, grad, jacrev, jvp, jacfwd) are supported. The backend: pyengine.use_backend, else the environment
+    variable PYENGINE_BACKEND, else the tensor's device (see help(pyengine)).
+
+    Example:
+        >>> import torch, pyengine.functional as PF
+        >>> PF.tanh(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7616])
+    """
     input = promote_to_float(input, "tanh")
     compiled = _backend.compiled_autograd(input)
     return compiled.tanh(input) if compiled is not None else apply(TanhFunction, _TANH_FOR_COMPILE, input)
