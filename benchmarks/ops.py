@@ -192,6 +192,10 @@ def _lce_make(p, dtype, device):
             [torch.randint(0, v, (n,), device=device)])
 
 
+def _lce_pyengine(x, w, b, t):
+    return PF.linear_cross_entropy(x, w, t, linear_bias=b)
+
+
 def _lce_torch(x, w, b, t):
     return F.cross_entropy(F.linear(x, w, b), t)
 
@@ -207,7 +211,7 @@ def _lce_floor(p, s):
 
 OPS["linear_cross_entropy"] = Op(
     "linear_cross_entropy", {"tiny": (TINY_ROWS, 8, 10), "medium": (1024, 512, 8000), "large": (4096, 1024, 32000)},
-    _lce_make, PF.linear_cross_entropy, _lce_torch, _lce_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}")
+    _lce_make, _lce_pyengine, _lce_torch, _lce_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}")
 
 @dataclass
 class Model:

@@ -448,16 +448,70 @@ class FusedMLP(_Scriptable, torch.nn.Module):
                 f"output_activation={self.output_activation!r}")
 
 
+_TORCH_LINEAR_CROSS_ENTROPY_LOSS = getattr(torch.nn, "LinearCrossEntropyLoss", None)  # torch 2.14 and later
+
+if _TORCH_LINEAR_CROSS_ENTROPY_LOSS is not None:
+    class LinearCrossEntropyLoss(_TORCH_LINEAR_CROSS_ENTROPY_LOSS):
+        """torch.nn.LinearCrossEntropyLoss whose forward runs pyengine.functional.linear_cross_entropy: the loss
+        of the input, linearly transformed to logits, against the target, computed over chunks of rows so that
+        the (N, C) logits never exist whole. New in torch 2.14: pyengine.nn has it only where torch does.
+
+        Args (torch's constructor, unchanged):
+            in_features (int): H, the size of each input sample.
+            num_classes (int): C.
+            out_features (tuple of int, optional): (d1, ..., dK) for a K-dimensional loss. Default: ().
+            bias (bool, optional): a learnable bias of the logits. Default: False.
+            device, dtype (optional): of the linear layer's parameters. Default: None.
+            reduction (str, optional): 'mean', 'sum' or 'none'. Default: 'mean'.
+            weight (Tensor, optional): (C,) class weights, a buffer as in torch. Default: None.
+            ignore_index (int, optional): None means -100 for class indices. Default: None.
+            label_smoothing (float, optional): in [0.0, 1.0]. Default: 0.0.
+            options (torch.nn.LinearCrossEntropyOptions, optional): passed on; pyengine always chunks and reads
+                only its batch_chunk_size (the rows per chunk). Default: None.
+
+        Parameters and state_dict are torch's (linear.weight (C * prod(out_features), in_features), linear.bias),
+        so weights load either way and pyengine.nn.convert swaps a torch module in place. Shapes, values and
+        what differs from torch (leading batch dims accepted, no double backward): see
+        pyengine.functional.linear_cross_entropy. torch.jit.script raises (use torch.compile).
+
+        Example:
+            >>> import torch, pyengine.nn as pnn
+            >>> _ = torch.manual_seed(0)
+            >>> loss_fn = pnn.LinearCrossEntropyLoss(4, 10, bias=True, label_smoothing=0.1)
+            >>> x, target = torch.randn(8, 4), torch.randint(0, 10, (8,))
+            >>> loss_fn(x, target).backward()
+            >>> loss_fn.linear.weight.grad.shape
+            torch.Size([10, 4])
+            >>> list(loss_fn.state_dict())
+            ['linear.weight', 'linear.bias']
+        """
+
+        def __prepare_scriptable__(self):
+            raise RuntimeError("torch.jit.script of pyengine.nn.LinearCrossEntropyLoss is not supported: its forward "
+                               "runs pyengine's Python linear_cross_entropy. Use torch.compile instead.")
+
+        def forward(self, input, target):
+            linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
+                                                        self.linear.in_features))
+            linear_bias = (None if self.linear.bias is None
+                           else self.linear.bias.reshape((self.num_classes, *self.out_features)))
+            return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                          reduction=self.reduction, ignore_index=self.ignore_index,
+                                          label_smoothing=self.label_smoothing, options=self.options)
+
+
 _SWAPS = {torch.nn.Linear: Linear, torch.nn.ReLU: ReLU, torch.nn.Sigmoid: Sigmoid, torch.nn.Tanh: Tanh,
           torch.nn.LeakyReLU: LeakyReLU, torch.nn.CrossEntropyLoss: CrossEntropyLoss, torch.nn.MSELoss: MSELoss,
-          torch.nn.BCEWithLogitsLoss: BCEWithLogitsLoss}
+          torch.nn.BCEWithLogitsLoss: BCEWithLogitsLoss,
+          **({} if _TORCH_LINEAR_CROSS_ENTROPY_LOSS is None
+             else {_TORCH_LINEAR_CROSS_ENTROPY_LOSS: LinearCrossEntropyLoss})}
 
 
 def convert(model):
     """Swaps every torch.nn module pyengine has a twin of (Linear, ReLU, Sigmoid, Tanh, LeakyReLU,
-    CrossEntropyLoss, MSELoss, BCEWithLogitsLoss) inside `model` (and `model` itself) for
-    pyengine's, keeping parameters, buffers and hooks; returns the model. Subclasses of those torch modules
-    are left alone, since they may override forward."""
+    CrossEntropyLoss, MSELoss, BCEWithLogitsLoss, and LinearCrossEntropyLoss where torch has it (2.14 and later))
+    inside `model` (and `model` itself) for pyengine's, keeping parameters, buffers and hooks; returns the model.
+    Subclasses of those torch modules are left alone, since they may override forward."""
     for module in model.modules():
         swap = _SWAPS.get(type(module))
         if swap is not None:
@@ -466,7 +520,7 @@ def convert(model):
 
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "FusedMLP", "LeakyReLU", "Linear", "MSELoss", "ReLU", "Sigmoid",
-           "Tanh", "convert"]
+           "Tanh", "convert"] + ([] if _TORCH_LINEAR_CROSS_ENTROPY_LOSS is None else ["LinearCrossEntropyLoss"])
 
 _MODULE_ATTRIBUTES = ("__all__", "__doc__", "__file__", "__loader__", "__name__", "__package__", "__spec__")
 

@@ -58,7 +58,7 @@ def _linear_cross_entropy(device, dtype, shape):
     lead = shape[:-1] if len(shape) > 1 else (4,)
     target = torch.randint(0, 11, lead, device=device)
     target.view(-1)[::3] = -100
-    return ((lambda x, w, b, t: PF.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)),
+    return ((lambda x, w, b, t: PF.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)),
             (lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b).reshape(-1, 11), t.reshape(-1),
                                                 label_smoothing=0.1)),
             (_t((*lead, h), dtype, device), _t((11, h), dtype, device), _t((11,), dtype, device), target))

@@ -107,7 +107,7 @@ def test_linear_cross_entropy_second_derivative_is_a_clear_error(backend, device
     x, w, b = _r(5, 4, device=device), _r(7, 4, device=device), _r(7, device=device)
     target = torch.randint(0, 7, (5,), device=device)
     with on(backend):
-        loss = PF.linear_cross_entropy(x, w, b, target, reduction=reduction).sum()
+        loss = PF.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction).sum()
     first = torch.autograd.grad(loss, [x, w, b], create_graph=True)
     expected = torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), target, reduction=reduction).sum(), [x, w, b])
     for g, g_ref in zip(first, expected):

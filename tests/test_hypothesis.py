@@ -322,7 +322,7 @@ def test_linear_cross_entropy(backend, device, data, lead, h, v, bias, reduction
     chunk = chunk_rows * v * (8 if dtype == torch.float64 else 4)
 
     def ours(x, w, b=None):
-        return PF.linear_cross_entropy(x, w, b, target, chunk_bytes=chunk, **kw)
+        return PF.linear_cross_entropy(x, w, target, linear_bias=b, chunk_bytes=chunk, **kw)
 
     def theirs(x, w, b=None):
         loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, v), target.reshape(-1), **kw)

@@ -251,7 +251,7 @@ AUTOCAST_CASES = {
     "mse_loss": (lambda x: PF.mse_loss(x, x.detach() * 0.5), lambda x: F.mse_loss(x, x.detach() * 0.5)),
     "binary_cross_entropy_with_logits": (lambda x: PF.binary_cross_entropy_with_logits(x, x.sigmoid()),
                                          lambda x: F.binary_cross_entropy_with_logits(x, x.sigmoid())),
-    "linear_cross_entropy": (lambda x: PF.linear_cross_entropy(x, x.new_ones(5, 4), x.new_ones(5), _T),
+    "linear_cross_entropy": (lambda x: PF.linear_cross_entropy(x, x.new_ones(5, 4), _T, linear_bias=x.new_ones(5)),
                              lambda x: F.cross_entropy(F.linear(x, x.new_ones(5, 4), x.new_ones(5)), _T)),
     "fused_mlp": (lambda x: PF.fused_mlp(x, *_mlp_params(x), "relu"), _torch_mlp),
 }
