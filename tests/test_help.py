@@ -21,10 +21,8 @@ MODULES = {"pyengine": pyengine, "pyengine.functional": pyengine.functional, "py
 MIN_LENGTH = {"pyengine": 60, "pyengine.functional": 400, "pyengine.nn": 150, "pyengine.autograd": 50}
 MODULE_ATTRIBUTES = {"__all__", "__doc__", "__file__", "__loader__", "__name__", "__package__", "__path__", "__spec__",
                      "__version__"}
-# public names whose docstrings belong to a change still in progress (linear_cross_entropy's new signature and
-# nn.LinearCrossEntropyLoss): checked, but a miss there is expected for now
-PENDING = {("pyengine.functional", "linear_cross_entropy"), ("pyengine.autograd", "LinearCrossEntropyFunction"),
-           ("pyengine.nn", "LinearCrossEntropyLoss")}
+# public names whose docstrings are allowed to miss for now (none)
+PENDING = set()
 # the ones documented with an example (the rest: classes with no behaviour of their own to show, or PENDING)
 NO_EXAMPLE = {("pyengine.nn", "convert")}
 

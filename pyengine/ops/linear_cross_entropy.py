@@ -156,7 +156,10 @@ def _flatten(input, weight, bias, target, label_smoothing):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows.
+    """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows:
+    apply(input (*, H), weight (V, H), bias (V) or None, target (*) int64, ignore_index=-100, reduction='mean',
+    label_smoothing=0.0, chunk_bytes=None) with the arguments of cross_entropy, no class weights, and chunk_bytes
+    the logits budget per chunk (None: PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 128 MiB).
     apply(...) returns (loss, lse, denom, dx, dweight, dbias): the loss and, not differentiable, what the backward
     reads (the gradients of the summed loss where the forward computed them, else None); the functional
     pyengine.functional.linear_cross_entropy returns the loss alone."""
