@@ -298,6 +298,21 @@ at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, cons
   return CrossEntropyFunction::apply(input, target, weight, ignore_index, reduction, label_smoothing, fused);
 }
 
+void name_fused_mlp_graph_nodes();  // autograd_fused_mlp.cpp
+
+void name_graph_nodes() {
+  name_graph_node<OutputSavingFunction<Relu>>("ReLUFunctionBackward");
+  name_graph_node<OutputSavingFunction<Sigmoid>>("SigmoidFunctionBackward");
+  name_graph_node<OutputSavingFunction<Tanh>>("TanhFunctionBackward");
+  name_graph_node<LeakyReLUFunction>("LeakyReLUFunctionBackward");
+  name_graph_node<LinearFunction>("LinearFunctionBackward");
+  name_graph_node<AddFunction>("BroadcastAddFunctionBackward");
+  name_graph_node<MSELossFunction>("MSELossFunctionBackward");
+  name_graph_node<BinaryCrossEntropyWithLogitsFunction>("BinaryCrossEntropyWithLogitsFunctionBackward");
+  name_graph_node<CrossEntropyFunction>("SoftmaxCrossEntropyFunctionBackward");
+  name_fused_mlp_graph_nodes();
+}
+
 void set_reference(pybind11::object kernels) {
   pybind11::object* previous = reference_kernels;
   reference_kernels = new pybind11::object(std::move(kernels));

@@ -36,6 +36,9 @@ at::Tensor fused_mlp_training_step(const at::Tensor& x, const at::Tensor& params
                                    int64_t activation, int64_t output_activation, const at::Tensor& target,
                                    int64_t loss, double lr);
 
+// Names the graph nodes of the C++ Functions as the Python Functions' nodes are named (ReLUFunctionBackward, ...).
+void name_graph_nodes();
+
 // The python backend's kernels (pyengine._backend.REFERENCE), which a backward runs while autograd records it.
 void set_reference(pybind11::object kernels);
 

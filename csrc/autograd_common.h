@@ -3,6 +3,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
 
 #include <string>
 
@@ -31,6 +32,16 @@ inline variable_list link_to_error(variable_list grads, const variable_list& sav
   variable_list linked = (*error)(std::move(grads));
   linked.resize(count);
   return linked;
+}
+
+// Gives the graph nodes of Function a Python type named `name`: torch prints an unnamed C++ node as
+// grad_fn=<name().rsplit("::")[-1]>, which for torch::autograd::CppNode<T> keeps the template's closing '>'
+// ("CrossEntropyFunction>>"); registered, it prints as the Python Function's node does (type(grad_fn).__name__).
+template <typename Function>
+void name_graph_node(const char* name) {
+  static PyTypeObject type{};  // one per Function: torch keeps the pointer
+  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, nullptr);
+  torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<Function>), &type);
 }
 
 // (M, K) with M the product of the leading dims (not numel / K: K may be 0)

@@ -234,5 +234,10 @@ at::Tensor fused_mlp_packed(const at::Tensor& x, const at::Tensor& params, const
   return PackedFusedMLPFunction::apply(x, params, widths, activation, output_activation);
 }
 
+void name_fused_mlp_graph_nodes() {
+  name_graph_node<FusedMLPFunction>("FusedMLPFunctionBackward");
+  name_graph_node<PackedFusedMLPFunction>("FusedMLPFunctionBackward");  // the same op to its user
+}
+
 }  // namespace autograd
 }  // namespace pyengine

@@ -252,6 +252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("fused_mlp_training_step", &autograd::fused_mlp_training_step, py::arg("x"), py::arg("params"),
          py::arg("widths"), py::arg("activation"), py::arg("output_activation"), py::arg("target"), py::arg("loss"),
          py::arg("lr"));
+  autograd::name_graph_nodes();
   ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
          "Registers the python backend's kernels, which a backward runs while autograd records it");
 
