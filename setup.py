@@ -10,11 +10,24 @@ Environment:
 """
 import glob
 import os
-import subprocess
-
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
+
+SUPPORTED_TORCH = ">=2.11,<2.15"  # as pyproject.toml's dependencies; tested by .ci/run at both ends
+NO_TORCH = f"""
+pyengine compiles its kernels against the torch installed in the environment it goes into, and this build sees
+no torch. Either pip built it in an isolated build environment (pip's default, which would otherwise download
+a torch of its own, several GB, and build against that one), or torch is not installed.
+Install torch{SUPPORTED_TORCH} first if needed, then build against it:
+    pip install setuptools wheel ninja
+    pip install --no-build-isolation {{target}}
+(or `python -m build --no-isolation` for an sdist and a wheel). See README.md, "Install".
+"""
+# Commands that compile the extension; metadata and sdist commands need no torch (an sdist carries sources only).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "develop", "install", "editable_wheel", "bdist_egg"}
 
 
 def _locate_cuda_home():
@@ -32,8 +45,13 @@ def _locate_cuda_home():
 
 _locate_cuda_home()
 
-import torch  # noqa: E402  (after CUDA_HOME is settled: torch.utils.cpp_extension reads it at import)
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+try:
+    import torch  # after CUDA_HOME is settled: torch.utils.cpp_extension reads it at import
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    if BUILD_COMMANDS & set(sys.argv[1:]):
+        sys.exit(NO_TORCH.format(target="." if os.path.exists(".git") else "<the pyengine sdist or checkout>"))
+    torch = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -144,8 +162,9 @@ def extension():
 
 
 setup(
+    # benchmarks/ ships inside the package as pyengine.benchmarks, so `pyengine bench` runs after any install
     packages=find_packages(include=["pyengine", "pyengine.*"]) + ["pyengine.benchmarks"],
     package_dir={"pyengine.benchmarks": "benchmarks"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[extension()] if torch is not None else [],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if torch is not None else {},
 )

@@ -7,6 +7,8 @@ float64/float32 compare with torch directly (utils.assert_close); float16/bfloat
 float64 reference with torch's own error as the bound (utils.assert_half_close). Gradients are taken with
 respect to the tensors the views were made from, so a view's backward (the sum over an expanded dim, the
 scatter into a strided slice) is checked too."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,9 @@ from test_cross_entropy import gradient_terms
 from utils import (BACKEND_DEVICES, HALF_DTYPES, assert_close, assert_half_close, magnitude, on,
                    output_gradient_magnitude, product_magnitudes)
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# PYENGINE_HYPOTHESIS_EXAMPLES: fewer examples where a second configuration reruns the suite (.ci/oldest-torch)
+SETTINGS = settings(max_examples=int(os.environ.get("PYENGINE_HYPOTHESIS_EXAMPLES", 100)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 dtypes = st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16])
 # Mostly small sizes (empty, 1, odd), sometimes past a vector of float (16 lanes with AVX-512) or of half (32).
 sizes = st.one_of(st.integers(0, 6), st.integers(7, 40))
