@@ -1,11 +1,15 @@
 // Broadcast add on the CPU.
 //   forward:  out = input + alpha * other, shapes broadcast as in PyTorch (aligned from the right, a missing or
-//             size-1 dim repeats), out contiguous of the broadcast shape. Floating types compute fma(other,
-//             alpha, input) in acc_t and round once; integers wrap; bool is input || (other && alpha).
+//             size-1 dim repeats), out of the broadcast shape laid out as torch.add lays it out (common/layout.h:
+//             channels_last + channels_last or + a (C, 1, 1) bias stays channels_last; where the operands'
+//             layouts disagree input's wins). Floating types compute fma(other, alpha, input) in acc_t and round
+//             once; integers wrap; bool is input || (other && alpha).
 //   backward: d operand = scale * (grad summed over the dims broadcasting added or stretched), of the operand's
-//             shape (scale is 1 for input, alpha for other).
-// Both first collapse the dims: size-1 dims dropped, neighbours that broadcast the same way merged. Same shape,
-// row bias and scalar operands then all become one vectorized loop over the last dim.
+//             shape (scale is 1 for input, alpha for other): contiguous when it sums (torch's sum_to), laid out
+//             as grad when it does not (torch's grad * alpha).
+// Both first collapse the dims, taken in the output's memory order: size-1 dims dropped, neighbours that
+// broadcast the same way merged. Same shape and layout, row bias (a channels_last tensor's channel bias too) and
+// scalar operands then all become one vectorized loop over the last dim.
 #include "cpu/elementwise.h"  // first: see cpu/vec_math.h
 
 #include <ATen/Dispatch.h>
@@ -14,6 +18,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 
@@ -38,9 +43,9 @@ std::vector<int64_t> broadcast_shape(at::IntArrayRef a, at::IntArrayRef b, const
 }
 
 // t's strides over the dims of `shape` it broadcasts to: 0 where t lacks the dim or stretches a size-1 one.
-std::vector<int64_t> broadcast_strides(const at::Tensor& t, at::IntArrayRef shape) {
+at::DimVector broadcast_strides(const at::Tensor& t, at::IntArrayRef shape) {
   const int64_t lead = shape.size() - t.dim();
-  std::vector<int64_t> s(shape.size(), 0);
+  at::DimVector s(shape.size(), 0);
   for (int64_t d = lead; d < static_cast<int64_t>(shape.size()); ++d)
     if (t.size(d - lead) != 1) s[d] = t.stride(d - lead);
   return s;
@@ -49,7 +54,7 @@ std::vector<int64_t> broadcast_strides(const at::Tensor& t, at::IntArrayRef shap
 // Drops size-1 dims and merges each dim into the next one when every operand steps through both as through
 // one dim (stride[d] == stride[d+1] * size[d+1]). An empty result means a single element.
 template <int N>
-cpu::StridedDims<N> collapse(at::IntArrayRef sizes, const std::array<std::vector<int64_t>, N>& strides) {
+cpu::StridedDims<N> collapse(at::IntArrayRef sizes, const std::array<at::IntArrayRef, N>& strides) {
   cpu::StridedDims<N> dims;
   for (int64_t d = 0; d < static_cast<int64_t>(sizes.size()); ++d) {
     if (sizes[d] == 1) continue;
@@ -154,9 +159,13 @@ at::Tensor add_forward_cpu(const at::Tensor& input, const at::Tensor& other, con
   TORCH_CHECK(at::isFloatingType(dtype) || alpha.isIntegral(true), "add_forward_cpu: for integral input tensors, ",
               "argument alpha must not be a floating point number.");
   const std::vector<int64_t> shape = broadcast_shape(input.sizes(), other.sizes(), "add_forward_cpu");
-  at::Tensor out = cpu::empty_output(shape, input.options());
+  const at::DimVector out_strides = elementwise_output_strides(shape, {input, other});
+  at::Tensor out = cpu::empty_output(shape, out_strides, input.options());
   if (out.numel() == 0) return out;
-  const auto dims = collapse<2>(shape, {broadcast_strides(input, shape), broadcast_strides(other, shape)});
+  // The dims outermost first in out's memory: out is contiguous over them in that order, as add_strided writes it.
+  const at::DimVector order = dims_outermost_first(out_strides);
+  const auto dims = collapse<2>(permuted(shape, order), {permuted(broadcast_strides(input, shape), order),
+                                                         permuted(broadcast_strides(other, shape), order)});
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, dtype, "add_forward_cpu", [&] {
     using alpha_t = std::conditional_t<is_float_v<scalar_t>, acc_t<scalar_t>, scalar_t>;
     // bool: any nonzero alpha keeps other, as bool(alpha) in the python reference
@@ -182,14 +191,19 @@ at::Tensor add_backward_cpu(const at::Tensor& grad, at::IntArrayRef shape, const
       next *= grad.size(d);
     }
   }
-  std::vector<int64_t> grad_strides(grad.strides().begin(), grad.strides().end());
-  auto dims = collapse<2>(grad.sizes(), {grad_strides, out_strides});
+  auto dims = collapse<2>(grad.sizes(), {grad.strides(), out_strides});
   bool any_summed = false;
   for (int64_t st : dims.strides[1]) any_summed |= st == 0;
 
-  at::Tensor out = cpu::empty_output(shape, grad.options());
+  // torch's gradient is grad * scale when the shapes match, laid out by the general rule of common/layout.h (the
+  // scalar is an operand of another shape): a dense grad's own layout; with dims to sum, sum_to's contiguous sum.
+  const bool same_shape = grad.sizes() == shape;
+  at::Tensor out = same_shape ? cpu::empty_output(shape, strides_in_operand_order(shape, {grad}), grad.options())
+                              : cpu::empty_output(shape, grad.options());
   if (out.numel() == 0) return out;
-  if (!any_summed && !grad.is_contiguous()) {  // a copy (strided: torch's copy kernel), scaled in place below
+  // out seen with grad's dims: itself, or contiguous when only dims of one element differ
+  const bool grad_in_order = !any_summed && (same_shape ? same_layout(grad, out.strides()) : grad.is_contiguous());
+  if (!any_summed && !grad_in_order) {  // a copy (strided: torch's copy kernel), scaled in place below
     out.view(grad.sizes()).copy_(grad);
     if (scale.equal(1)) return out;
   }
@@ -198,7 +212,7 @@ at::Tensor add_backward_cpu(const at::Tensor& grad, at::IntArrayRef shape, const
     const acc s = scale.to<acc>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     if (!any_summed) {  // grad times scale: a copy, never grad itself, which the caller may still hold
-      const scalar_t* src = grad.is_contiguous() ? grad.const_data_ptr<scalar_t>() : dst;
+      const scalar_t* src = grad_in_order ? grad.const_data_ptr<scalar_t>() : dst;
       cpu::map_acc(dst, out.numel(), [s](auto v) { return v * s; }, src);
       return;
     }

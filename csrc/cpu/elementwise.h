@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cpu/allocator.h"
 
 namespace pyengine {
@@ -25,7 +26,7 @@ template <typename scalar_t> constexpr bool is_reduced_float() {
   return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 }
 
-// out[i] = op(a[i]) for contiguous a, out of n elements.
+// out[i] = op(a[i]) for contiguous a, out of n elements; out may be a (each element is read before it is written).
 template <typename scalar_t, typename Op>
 void map_contiguous(scalar_t* out, const scalar_t* a, int64_t n, const Op& op) {
   using acc = acc_t<scalar_t>;
@@ -117,27 +118,49 @@ acc_t<scalar_t> sum_acc(int64_t n, const Op& op, const In*... in) {
   return total;
 }
 
-// y = op(x) for an activation: any shape, non-contiguous inputs made contiguous once, contiguous output.
-template <typename Op> at::Tensor activation_forward(const at::Tensor& x_in, const char* name, const Op& op) {
-  check(x_in, "x", name).cpu().floating();
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = empty_output(x.sizes(), x.options());
+// An uninitialized output of shape with the given dense strides (layout.h), from the output cache: a dense
+// layout holds the same elements as the contiguous block the cache hands out, only in another order.
+inline at::Tensor empty_output(at::IntArrayRef shape, at::IntArrayRef strides, const at::TensorOptions& options) {
+  at::Tensor t = empty_output(shape, options);
+  if (t.strides() != strides) t.unsafeGetTensorImpl()->set_sizes_and_strides(shape, strides);
+  return t;
+}
+
+// t's elements in the order of `like` (a dense tensor of t's shape): t itself when they already lie so, else a
+// copy laid out as like (torch's strided copy kernel).
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  return same_layout(t, like.strides()) ? t : empty_output(t.sizes(), like.strides(), t.options()).copy_(t);
+}
+
+// y = op(x) for an activation: any shape, y laid out as torch lays out a unary op's output (common/layout.h): a
+// dense x's own layout (contiguous, channels_last, any permutation), else dense in x's dim order. Either way x's
+// elements are then a flat array in y's order, or are copied into y to be one, and mapped in place.
+template <typename Op> at::Tensor activation_forward(const at::Tensor& x, const char* name, const Op& op) {
+  check(x, "x", name).cpu().floating();
+  at::Tensor y = empty_output(x.sizes(), elementwise_output_strides(x.sizes(), {x}), x.options());
+  const bool gathered = !same_layout(x, y.strides());
+  if (gathered) y.copy_(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "activation_forward_cpu", [&] {
-    map_contiguous(y.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), x.numel(), op);
+    const scalar_t* src = gathered ? y.const_data_ptr<scalar_t>() : x.const_data_ptr<scalar_t>();
+    map_contiguous(y.data_ptr<scalar_t>(), src, x.numel(), op);
   });
   return y;
 }
 
-// dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input).
+// dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input); dx laid
+// out as torch's backward lays it out (`first`: common/layout.h), each operand read flat in that order, copied
+// into it first when its elements lie otherwise (the gradient of a sum, expanded from one value, for one).
 template <typename Op>
-at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& y_in, const char* name, const Op& op) {
-  check(y_in, "saved tensor", name).cpu().floating();
-  check(grad_y_in, "grad_y", name).same_device(y_in).same_dtype(y_in).sizes(y_in.sizes());
-  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
-  at::Tensor grad_x = empty_output(y.sizes(), y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "activation_backward_cpu", [&] {
-    map_contiguous(grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                   y.numel(), op);
+at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& saved_in, const char* name,
+                               FirstOperand first, const Op& op) {
+  check(saved_in, "saved tensor", name).cpu().floating();
+  check(grad_y_in, "grad_y", name).same_device(saved_in).same_dtype(saved_in).sizes(saved_in.sizes());
+  at::Tensor grad_x =
+      empty_output(saved_in.sizes(), activation_grad_strides(grad_y_in, saved_in, first), saved_in.options());
+  const at::Tensor grad_y = in_layout_of(grad_y_in, grad_x), saved = in_layout_of(saved_in, grad_x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "activation_backward_cpu", [&] {
+    map_contiguous(grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
+                   saved.numel(), op);
   });
   return grad_x;
 }

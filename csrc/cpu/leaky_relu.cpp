@@ -12,9 +12,10 @@ at::Tensor leaky_relu_forward_cpu(const at::Tensor& x, double negative_slope) {
 }
 
 at::Tensor leaky_relu_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, double negative_slope) {
-  return cpu::activation_backward(grad_y, x, "leaky_relu_backward_cpu", [negative_slope](auto dy, auto xv) {
-    return leaky_relu_backward_math(dy, xv, decltype(dy)(negative_slope));
-  });
+  return cpu::activation_backward(grad_y, x, "leaky_relu_backward_cpu", FirstOperand::Saved,
+                                   [negative_slope](auto dy, auto xv) {
+                                     return leaky_relu_backward_math(dy, xv, decltype(dy)(negative_slope));
+                                   });
 }
 
 }  // namespace pyengine

@@ -10,7 +10,7 @@ at::Tensor relu_forward_cpu(const at::Tensor& x) {
 }
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cpu::activation_backward(grad_y, y, "relu_backward_cpu",
+  return cpu::activation_backward(grad_y, y, "relu_backward_cpu", FirstOperand::Saved,
                                   [](auto dy, auto yv) { return relu_backward_math(dy, yv); });
 }
 

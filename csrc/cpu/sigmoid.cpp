@@ -10,7 +10,7 @@ at::Tensor sigmoid_forward_cpu(const at::Tensor& x) {
 }
 
 at::Tensor sigmoid_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cpu::activation_backward(grad_y, y, "sigmoid_backward_cpu",
+  return cpu::activation_backward(grad_y, y, "sigmoid_backward_cpu", FirstOperand::Grad,
                                   [](auto dy, auto yv) { return sigmoid_backward_math(dy, yv); });
 }
 

@@ -10,7 +10,7 @@ at::Tensor tanh_forward_cpu(const at::Tensor& x) {
 }
 
 at::Tensor tanh_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cpu::activation_backward(grad_y, y, "tanh_backward_cpu",
+  return cpu::activation_backward(grad_y, y, "tanh_backward_cpu", FirstOperand::Grad,
                                   [](auto dy, auto yv) { return tanh_backward_math(dy, yv); });
 }
 

@@ -1,14 +1,19 @@
 // Broadcast add on the GPU.
 //   forward:  out = input + alpha * other, shapes broadcast as in PyTorch (aligned from the right, a missing or
-//             size-1 dim repeats), out contiguous of the broadcast shape. Floating types compute
-//             fma(other, alpha, input) in acc_t and round once; integers wrap; bool is input || (other && alpha).
+//             size-1 dim repeats), out of the broadcast shape laid out as torch.add lays it out (common/layout.h:
+//             channels_last + channels_last or + a (C, 1, 1) bias stays channels_last; where the operands'
+//             layouts disagree input's wins). Floating types compute fma(other, alpha, input) in acc_t and round
+//             once; integers wrap; bool is input || (other && alpha).
 //   backward: d operand = scale * (grad summed over the dims broadcasting added or stretched), of the operand's
-//             shape (scale is 1 for input, alpha for other); deterministic sums in cuda/reduce.cuh.
-// Both first collapse the dims (size-1 dims dropped, neighbours that every operand steps through as one dim
-// merged), so same shapes become one vectorized loop, a bias over rows a (rows, cols) loop, and the rest a
-// strided loop over at most kMaxDims dims.
+//             shape (scale is 1 for input, alpha for other); deterministic sums in cuda/reduce.cuh. Contiguous
+//             when it sums (torch's sum_to), laid out as grad when it does not (torch's grad * alpha).
+// Both first collapse the dims, taken in the output's memory order (size-1 dims dropped, neighbours that every
+// operand steps through as one dim merged), so same shapes and layouts become one vectorized loop, a bias over
+// rows (a channels_last tensor's channel bias too) a (rows, cols) loop, and the rest a strided loop over at most
+// kMaxDims dims.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 
 #include <array>
@@ -107,7 +112,7 @@ struct Collapsed {
 
 // Drops size-1 dims and merges each dim into the next inner one when both operands step through the two as
 // through one dim (stride[d] == stride[d + 1] * size[d + 1]). No dims left means a single element.
-Collapsed collapse(at::IntArrayRef sizes, const std::vector<int64_t>& s0, const std::vector<int64_t>& s1) {
+Collapsed collapse(at::IntArrayRef sizes, at::IntArrayRef s0, at::IntArrayRef s1) {
   Collapsed c;
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (sizes[d] == 1) continue;
@@ -123,9 +128,9 @@ Collapsed collapse(at::IntArrayRef sizes, const std::vector<int64_t>& s0, const 
 }
 
 // t's strides over the dims of `shape` it broadcasts to: 0 where t lacks the dim or stretches a size-1 one.
-std::vector<int64_t> broadcast_strides(const at::Tensor& t, at::IntArrayRef shape) {
+at::DimVector broadcast_strides(const at::Tensor& t, at::IntArrayRef shape) {
   const int64_t lead = static_cast<int64_t>(shape.size()) - t.dim();
-  std::vector<int64_t> s(shape.size(), 0);
+  at::DimVector s(shape.size(), 0);
   for (int64_t d = lead; d < static_cast<int64_t>(shape.size()); ++d)
     if (t.size(d - lead) != 1) s[d] = t.stride(d - lead);
   return s;
@@ -228,18 +233,28 @@ at::Tensor add_forward_cuda(const at::Tensor& input, const at::Tensor& other, co
               "argument alpha must not be a floating point number.");
   const c10::cuda::CUDAGuard guard(input.device());
   const std::vector<int64_t> shape = broadcast_shape(input.sizes(), other.sizes(), "add_forward_cuda");
-  const Collapsed c = collapse(shape, broadcast_strides(input, shape), broadcast_strides(other, shape));
-  if (c.ndim() > cuda::kMaxDims)  // more alternating broadcast dims than a kernel argument holds: expand both
-    return add_forward_cuda(input.expand(shape).contiguous(), other.expand(shape).contiguous(), alpha);
-  at::Tensor out = at::empty(shape, input.options());
+  at::Tensor out = at::empty_strided(shape, elementwise_output_strides(shape, {input, other}), input.options());
   const int64_t n = out.numel();
   if (n == 0) return out;
+  // The dims outermost first in out's memory: out is contiguous over them in that order, as launch_add writes it.
+  const at::DimVector order = dims_outermost_first(out.strides());
+  const auto collapse_in_order = [&](const at::Tensor& a, const at::Tensor& b) {
+    return collapse(permuted(shape, order), permuted(broadcast_strides(a, shape), order),
+                    permuted(broadcast_strides(b, shape), order));
+  };
+  at::Tensor lhs = input, rhs = other;
+  Collapsed c = collapse_in_order(lhs, rhs);
+  if (c.ndim() > cuda::kMaxDims) {  // more alternating broadcast dims than a kernel argument holds: expand both
+    lhs = cuda::in_layout_of(input.expand(shape), out);
+    rhs = cuda::in_layout_of(other.expand(shape), out);
+    c = collapse_in_order(lhs, rhs);
+  }
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, dtype, "add_forward_cuda", [&] {
     using alpha_t = opmath_t<scalar_t>;
     // bool: any nonzero alpha keeps other, as bool(alpha) in the python reference
     const alpha_t a = std::is_same_v<scalar_t, bool> ? alpha_t(alpha.isBoolean() ? alpha.toBool() : alpha.toLong() != 0)
                                                      : alpha.to<alpha_t>();
-    launch_add(out.data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), c, n, a);
+    launch_add(out.data_ptr<scalar_t>(), lhs.const_data_ptr<scalar_t>(), rhs.const_data_ptr<scalar_t>(), c, n, a);
   });
   return out;
 }
@@ -261,18 +276,22 @@ at::Tensor add_backward_cuda(const at::Tensor& grad, at::IntArrayRef shape, cons
   }
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.numel() == 0) return at::zeros(shape, grad.options());  // an empty sum is 0
-  const std::vector<int64_t> grad_strides(grad.strides().begin(), grad.strides().end());
-  const Collapsed c = collapse(grad.sizes(), grad_strides, out_strides);
+  const Collapsed c = collapse(grad.sizes(), grad.strides(), out_strides);
   int summed_dims = 0;
   for (int d = 0; d < c.ndim(); ++d) summed_dims += c.strides[d][1] == 0;
-  if (summed_dims == 0 && scale.equal(1)) return grad.reshape(shape);  // nothing to sum: grad itself, as torch
+  // torch's gradient is grad itself (grad * scale) when the shapes match, laid out by the general rule of
+  // common/layout.h (the scalar is an operand of another shape): a dense grad's own layout; with dims to sum, even
+  // only dims of one element, sum_to's contiguous sum.
+  const bool same_shape = grad.sizes() == shape;
+  if (summed_dims == 0 && scale.equal(1)) return same_shape ? grad : grad.reshape(shape).contiguous();
 
-  at::Tensor out = at::empty(shape, grad.options());
+  at::Tensor out = same_shape ? at::empty_strided(shape, strides_in_operand_order(shape, {grad}), grad.options())
+                              : at::empty(shape, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "add_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     const acc s = scale.to<acc>();
-    if (summed_dims == 0) {  // a copy times scale
-      const at::Tensor g = grad.contiguous();
+    if (summed_dims == 0) {  // a copy times scale, grad read flat in out's order
+      const at::Tensor g = cuda::in_layout_of(grad, out.view(grad.sizes()));
       cuda::launch_elementwise(out.data_ptr<scalar_t>(), g.numel(), ScaleOp<acc>{s}, g.const_data_ptr<scalar_t>());
       return;
     }

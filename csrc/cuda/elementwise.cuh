@@ -6,10 +6,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 
 #include <type_traits>
 #include <utility>
 
+#include "common/layout.h"
 #include "cuda/common.cuh"
 
 namespace pyengine {
@@ -99,29 +101,42 @@ void launch_elementwise(scalar_t* out, int64_t n, const Op& op, const In*... in)
   PE_CUDA_CHECK_LAUNCH();
 }
 
-// y = op(x) for an activation: any shape (non-contiguous x is made contiguous once), contiguous output.
+// t's elements in the order of `like` (a dense tensor of t's shape): t itself when they already lie so, else a
+// copy laid out as like (torch's strided copy kernel).
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  return same_layout(t, like.strides()) ? t : at::empty_strided(t.sizes(), like.strides(), t.options()).copy_(t);
+}
+
+// y = op(x) for an activation: any shape, y laid out as torch lays out a unary op's output (common/layout.h): a
+// dense x's own layout (contiguous, channels_last, any permutation), else dense in x's dim order. x is read as a
+// flat array in y's order, copied into that order first when it is not dense (not into y itself: the kernel's
+// output is __restrict__).
 template <typename Op> at::Tensor activation_forward(const at::Tensor& x_in, const char* name, const Op& op) {
   check(x_in, "x", name).cuda().floating();
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = at::empty_strided(x_in.sizes(), elementwise_output_strides(x_in.sizes(), {x_in}), x_in.options());
+  const at::Tensor x = in_layout_of(x_in, y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "activation_forward_cuda", [&] {
     launch_elementwise(y.data_ptr<scalar_t>(), x.numel(), op, x.const_data_ptr<scalar_t>());
   });
   return y;
 }
 
-// dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input).
+// dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input); dx laid
+// out as torch's backward lays it out (`first`: common/layout.h), each operand read flat in that order, copied
+// into it first when its elements lie otherwise (the gradient of a sum, expanded from one value, for one).
 template <typename Op>
-at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& y_in, const char* name, const Op& op) {
-  check(y_in, "saved tensor", name).cuda().floating();
-  check(grad_y_in, "grad_y", name).same_device(y_in).same_dtype(y_in).sizes(y_in.sizes());
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
-  at::Tensor grad_x = at::empty(y.sizes(), y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "activation_backward_cuda", [&] {
-    launch_elementwise(grad_x.data_ptr<scalar_t>(), y.numel(), op, grad_y.const_data_ptr<scalar_t>(),
-                       y.const_data_ptr<scalar_t>());
+at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& saved_in, const char* name,
+                               FirstOperand first, const Op& op) {
+  check(saved_in, "saved tensor", name).cuda().floating();
+  check(grad_y_in, "grad_y", name).same_device(saved_in).same_dtype(saved_in).sizes(saved_in.sizes());
+  const c10::cuda::CUDAGuard guard(saved_in.device());
+  at::Tensor grad_x =
+      at::empty_strided(saved_in.sizes(), activation_grad_strides(grad_y_in, saved_in, first), saved_in.options());
+  const at::Tensor grad_y = in_layout_of(grad_y_in, grad_x), saved = in_layout_of(saved_in, grad_x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "activation_backward_cuda", [&] {
+    launch_elementwise(grad_x.data_ptr<scalar_t>(), saved.numel(), op, grad_y.const_data_ptr<scalar_t>(),
+                       saved.const_data_ptr<scalar_t>());
   });
   return grad_x;
 }

@@ -27,7 +27,8 @@ at::Tensor leaky_relu_forward_cuda(const at::Tensor& x, double negative_slope) {
 }
 
 at::Tensor leaky_relu_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, double negative_slope) {
-  return cuda::activation_backward(grad_y, x, "leaky_relu_backward_cuda", LeakyReluBackward{negative_slope});
+  return cuda::activation_backward(grad_y, x, "leaky_relu_backward_cuda", FirstOperand::Saved,
+                                   LeakyReluBackward{negative_slope});
 }
 
 }  // namespace pyengine

@@ -21,7 +21,7 @@ at::Tensor relu_forward_cuda(const at::Tensor& x) {
 }
 
 at::Tensor relu_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cuda::activation_backward(grad_y, y, "relu_backward_cuda", ReluBackward{});
+  return cuda::activation_backward(grad_y, y, "relu_backward_cuda", FirstOperand::Saved, ReluBackward{});
 }
 
 }  // namespace pyengine

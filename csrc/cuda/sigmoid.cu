@@ -21,7 +21,7 @@ at::Tensor sigmoid_forward_cuda(const at::Tensor& x) {
 }
 
 at::Tensor sigmoid_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cuda::activation_backward(grad_y, y, "sigmoid_backward_cuda", SigmoidBackward{});
+  return cuda::activation_backward(grad_y, y, "sigmoid_backward_cuda", FirstOperand::Grad, SigmoidBackward{});
 }
 
 }  // namespace pyengine

@@ -21,7 +21,7 @@ at::Tensor tanh_forward_cuda(const at::Tensor& x) {
 }
 
 at::Tensor tanh_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y) {
-  return cuda::activation_backward(grad_y, y, "tanh_backward_cuda", TanhBackward{});
+  return cuda::activation_backward(grad_y, y, "tanh_backward_cuda", FirstOperand::Grad, TanhBackward{});
 }
 
 }  // namespace pyengine

@@ -86,10 +86,13 @@ def _register():
         grads = _grads("linear_backward", grad_y.contiguous(), x, weight, need_x, need_w, need_b, ctx.activation, *y)
         return (*grads, None)
 
-    # relu, sigmoid, tanh: any shape, contiguous output; the backward reads the saved output y
+    # relu, sigmoid, tanh: any shape; the backward reads the saved output y. The kernels lay their outputs out as
+    # torch lays out its own (csrc/common/layout.h), so the fakes take the layout of torch's ops.
+    torch_backward = {"relu": lambda grad_y, y: torch.ops.aten.threshold_backward(grad_y, y, 0),
+                      "sigmoid": torch.ops.aten.sigmoid_backward, "tanh": torch.ops.aten.tanh_backward}
     for op in ("relu", "sigmoid", "tanh"):
-        _fake(f"{op}_forward")(lambda x: _contiguous_like(x))
-        _fake(f"{op}_backward")(lambda grad_y, y: _contiguous_like(y))
+        _fake(f"{op}_forward")(lambda x: torch.empty_like(x))
+        _fake(f"{op}_backward")(lambda grad_y, y, op=op: torch_backward[op](grad_y, y))
 
         def output_setup(ctx, inputs, output):
             ctx.save_for_backward(output)
@@ -101,8 +104,9 @@ def _register():
         _autograd(f"{op}_forward", output_setup)(output_backward)
 
     # leaky_relu: the backward reads the saved input
-    _fake("leaky_relu_forward")(lambda x, negative_slope=0.01: _contiguous_like(x))
-    _fake("leaky_relu_backward")(lambda grad_y, x, negative_slope=0.01: _contiguous_like(x))
+    _fake("leaky_relu_forward")(lambda x, negative_slope=0.01: torch.empty_like(x))
+    _fake("leaky_relu_backward")(lambda grad_y, x, negative_slope=0.01: torch.ops.aten.leaky_relu_backward(
+        grad_y, x, negative_slope, False))
 
     def leaky_relu_setup(ctx, inputs, output):
         x, ctx.negative_slope = _with_defaults(inputs, (None, 0.01))
@@ -116,9 +120,11 @@ def _register():
     # add: input + alpha * other, broadcast; the backward sums over the broadcast dims down to `shape`
     @_fake("add_forward")
     def _(input, other, alpha=1):
-        return input.new_empty(torch.broadcast_shapes(input.shape, other.shape))
+        return torch.add(input, other)  # alpha does not change the layout
 
-    _fake("add_backward")(lambda grad, shape, scale=1: grad.new_empty(shape))
+    # grad * scale, laid out as grad, when nothing is summed; torch's sum_to's contiguous sum otherwise
+    _fake("add_backward")(lambda grad, shape, scale=1: torch.empty_like(grad) if grad.shape == tuple(shape)
+                          else grad.new_empty(shape))
 
     def add_setup(ctx, inputs, output):
         input, other, alpha = _with_defaults(inputs, (None, None, 1))

@@ -14,6 +14,7 @@ import torch
 
 from .. import _backend
 from ._function import C_TYPE_NAMES, acc_dtype, apply, result_type, jvp_free_twin
+from ._layout import widen
 
 
 @_backend.reference
@@ -21,8 +22,8 @@ def add_forward(input, other, alpha=1):
     if input.dtype == torch.bool:  # bool + bool is logical or; a true alpha keeps other, a false one drops it
         return torch.logical_or(input, other & bool(alpha))
     if input.is_floating_point():  # float16/bfloat16 computed in float and rounded once, as the kernels do
-        acc = acc_dtype(input.dtype)
-        return (input.to(acc) + alpha * other.to(acc)).to(input.dtype)
+        acc = acc_dtype(input.dtype)  # widen: laid out as torch's (_layout.py)
+        return (widen(input, acc) + alpha * widen(other, acc)).to(input.dtype)
     return input + alpha * other
 
 
@@ -40,7 +41,7 @@ def add_backward(grad, shape, scale=1):
         g = g.sum(dim=stretched, keepdim=True)  # size-1 dims repeated to match the other operand
     if scale != 1:
         g = g * scale
-    g = g.to(grad.dtype).reshape(shape)
+    g = g.to(grad.dtype)  # of `shape` already: no reshape, which would restride grad's dims of one element
     # never grad itself (nor a view of it): autograd would store the caller's tensor as .grad (and both operands'
     # grads in one). Told by what ran, not by data_ptr, which a batched tensor under torch.func does not have.
     return g.clone() if not (lead or stretched or scale != 1 or acc != grad.dtype) else g

@@ -11,6 +11,7 @@ import torch
 
 from .. import _backend
 from ._function import acc_dtype, apply, scalar_type_name, jvp_free_twin
+from ._layout import once, widen
 
 
 @_backend.reference
@@ -22,9 +23,9 @@ def leaky_relu_forward(x, negative_slope=0.01):
 
 @_backend.reference
 def leaky_relu_backward(grad_y, x, negative_slope=0.01):
-    acc = acc_dtype(x.dtype)
-    g = grad_y.to(acc)
-    return torch.where(x > 0, g, g * negative_slope).to(grad_y.dtype)
+    # x first, as torch's leaky_relu_backward reads it; once, widen: laid out as torch's (_layout.py)
+    g = widen(grad_y, acc_dtype(x.dtype))
+    return torch.where((once(x) > 0).expand(x.shape), g, g * negative_slope).to(grad_y.dtype)
 
 
 class LeakyReLUFunction(torch.autograd.Function):

@@ -8,6 +8,7 @@ import torch
 
 from .. import _backend
 from ._function import acc_dtype, apply, jvp_free_twin, output_saving_function, promote_to_float
+from ._layout import widen
 
 
 @_backend.reference
@@ -22,7 +23,7 @@ def sigmoid_forward(x):
 def sigmoid_backward(grad_y, y):
     acc = acc_dtype(y.dtype)
     y_acc = y.to(acc)
-    return (grad_y.to(acc) * y_acc * (1.0 - y_acc)).to(y.dtype)
+    return (widen(grad_y, acc) * y_acc * (1.0 - y_acc)).to(y.dtype)  # widen: laid out as torch's (_layout.py)
 
 
 SigmoidFunction = output_saving_function("sigmoid", "SigmoidFunction")

@@ -8,6 +8,7 @@ import torch
 
 from .. import _backend
 from ._function import acc_dtype, apply, jvp_free_twin, output_saving_function, promote_to_float
+from ._layout import widen
 
 
 @_backend.reference
@@ -22,7 +23,7 @@ def tanh_forward(x):
 @_backend.reference
 def tanh_backward(grad_y, y):
     ya = y.to(acc_dtype(y.dtype))
-    return (grad_y.to(ya.dtype) * (1.0 - ya * ya)).to(y.dtype)
+    return (widen(grad_y, ya.dtype) * (1.0 - ya * ya)).to(y.dtype)  # widen: laid out as torch's (_layout.py)
 
 
 TanhFunction = output_saving_function("tanh", "TanhFunction")
