@@ -2,8 +2,9 @@
 
 Environment:
   PYENGINE_CUDA=1|0      force the CUDA kernels on or off (default: on when torch has CUDA and nvcc is found)
-  PYENGINE_CPU_ARCH=...  -march value for the C++ kernels (default: native, since pip builds on the machine
-                         that runs it; set "x86-64-v3" or "" for a portable build)
+  PYENGINE_CPU_ARCH=...  build the CPU kernels once, with this -march (e.g. native: fastest on the machine that
+                         builds, and only there). Default: once per x86-64 instruction set (baseline, AVX2,
+                         AVX-512), the best this CPU runs chosen at load time, so one build runs on any x86-64
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default with no GPU visible: 8.0 9.0+PTX)
   PYENGINE_WERROR=1      compiler warnings are errors (the CI quality gate)
   MAX_JOBS               parallel compile jobs
@@ -70,6 +71,38 @@ def want_cuda():
     return have
 
 
+# The CPU kernels (csrc/cpu/*.cpp but the output cache, allocator.cpp) are compiled once per instruction set, as
+# ATen compiles its own, with ATen's names and flags; each build's code lives in its own namespace, the name
+# `pyengine` renamed pyengine_<CAPABILITY> for those sources, so one library holds all of them and
+# csrc/cpu_capability.cpp chooses one at run time. The lowest build's objects link first, so that where builds
+# share an inline function of torch's headers (one symbol for all), the copy the library keeps is the lowest's.
+CPU_BUILDS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+KERNEL_SOURCES = sorted(set(glob.glob("csrc/cpu/*.cpp")) - {"csrc/cpu/allocator.cpp"})
+
+
+def cpu_builds():
+    """(the -march asked for, {capability: flags}) of the builds of the CPU kernels."""
+    march = os.environ.get("PYENGINE_CPU_ARCH", "").strip()
+    if march:
+        return march, {cpu_capability(march): [f"-march={march}"]}
+    return "", CPU_BUILDS if os.uname().machine == "x86_64" else {"DEFAULT": []}
+
+
+def cpu_build_flags(capability, flags):
+    return flags + [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+                    f"-Dpyengine=pyengine_{capability}"]
+
+
+def cpu_dispatch_flags(builds):
+    """What the rest of the library (csrc/route.h, csrc/cpu_capability.cpp) knows of the builds."""
+    return [f"-DPYENGINE_CPU_KERNELS_HAVE_{c}" for c in builds] + [
+        f"-DPYENGINE_CPU_KERNELS_LOWEST=pyengine_{next(iter(builds))}"]
+
+
 def cpu_capability(march):
     """The at::vec capability the compiler will target with -march=<march>: AVX512, AVX2 or DEFAULT."""
     cmd = ["c++", "-dM", "-E", "-x", "c++", "-"] + ([f"-march={march}"] if march else [])
@@ -127,21 +160,19 @@ def write_build_info(**info):
 
 
 def extension():
-    march = os.environ.get("PYENGINE_CPU_ARCH", "native" if os.uname().machine == "x86_64" else "").strip()
-    cap = cpu_capability(march)
+    march, builds = cpu_builds()
     # cpu/vec_math.h ahead of every C++ source: its pragma must see torch's vec headers first (see the header)
     cxx = ["-O3", "-fopenmp", "-include", "cpu/vec_math.h"] + warning_flags()["cxx"] + torch_system_include_flags()
-    if march:
-        cxx.append(f"-march={march}")
-    if cap != "DEFAULT":
-        cxx += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
+    cxx += cpu_dispatch_flags(builds)
+    sources = sorted(glob.glob("csrc/*.cpp")) + ["csrc/cpu/allocator.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    info = dict(torch_version=torch.__version__, cpu_arch=march, simd_level=cap, cuda_archs="")
+    info = dict(torch_version=torch.__version__, cpu_arch=march, cpu_builds=list(builds), cuda_archs="")
     if not want_cuda():
         write_build_info(**info)
-        return CppExtension("pyengine._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("pyengine._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext.cpu_builds = builds
+        return ext
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0 9.0+PTX"  # no GPU to ask: Ampere, Hopper, PTX for newer
     elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -151,7 +182,7 @@ def extension():
     write_build_info(**info)
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills", "-DPYENGINE_WITH_CUDA"]
     nvcc += warning_flags()["nvcc"] + torch_system_include_flags()
-    return CUDAExtension(
+    ext = CUDAExtension(
         "pyengine._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
@@ -159,6 +190,28 @@ def extension():
                             "nvcc": nvcc + cuda_header_flags()},
         extra_link_args=["-fopenmp"],
     )
+    ext.cpu_builds = builds
+    return ext
+
+
+if torch is not None:
+    class BuildWithCpuBuilds(BuildExtension):
+        """torch's BuildExtension, which first compiles the CPU kernels once per build in ext.cpu_builds (each
+        into its own folder of objects), for the extension to link after its own sources, the lowest build
+        first."""
+
+        def build_extension(self, ext):
+            builds = getattr(ext, "cpu_builds", None)
+            if builds:
+                base = ext.extra_compile_args["cxx"]
+                objects = []
+                for capability, flags in builds.items():
+                    objects += self.compiler.compile(
+                        KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, f"cpu_{capability}"),
+                        include_dirs=ext.include_dirs,
+                        extra_postargs={"cxx": base + cpu_build_flags(capability, flags), "nvcc": []})
+                ext.extra_objects = objects
+            super().build_extension(ext)
 
 
 setup(
@@ -166,5 +219,5 @@ setup(
     packages=find_packages(include=["pyengine", "pyengine.*"]) + ["pyengine.benchmarks"],
     package_dir={"pyengine.benchmarks": "benchmarks"},
     ext_modules=[extension()] if torch is not None else [],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if torch is not None else {},
+    cmdclass={"build_ext": BuildWithCpuBuilds.with_options(use_ninja=True)} if torch is not None else {},
 )

@@ -105,7 +105,7 @@ std::pair<at::Tensor, at::Tensor> training_step_in_one_pass(const at::Tensor& x2
                                                             int64_t loss) {
   const at::Tensor t = loss == 2 ? target.reshape({-1}) : target.reshape({x2.size(0), weights.back().size(0)});
   const variable_list r =
-      pyengine::fused_mlp_training_step_cpu(x2, weights, biases, activation, output_activation, t, loss);
+      fused_mlp_training_step_on_cpu(x2, weights, biases, activation, output_activation, t, loss);
   return {r[0], r[1]};
 }
 

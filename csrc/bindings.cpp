@@ -15,9 +15,6 @@
 namespace pyengine {
 namespace {
 
-#define PE_STR_(x) #x
-#define PE_STR(x) PE_STR_(x)
-
 // torch's pybind11 caster cannot load a c10::Scalar from Python (it asserts), so numbers are converted here.
 at::Scalar to_scalar(const pybind11::object& obj, const char* name) {
   if (PyBool_Check(obj.ptr())) return at::Scalar(obj.cast<bool>());
@@ -43,13 +40,6 @@ bool with_cuda() {
 #endif
 }
 
-std::string simd_level() {
-#ifdef CPU_CAPABILITY
-  return PE_STR(CPU_CAPABILITY);
-#else
-  return "DEFAULT";
-#endif
-}
 
 pybind11::dict cpu_cache_info() {
   const cpu::OutputCacheInfo info = cpu::output_cache_info();
@@ -92,31 +82,31 @@ struct AsOptionalList<Kernel> {
   }
 };
 
-#define PE_LIBRARY_IMPL(dev)                                                                                 \
-  m.impl("linear_forward", &linear_forward_##dev);                                                          \
-  m.impl("linear_backward", &AsTuple<3, &linear_backward_##dev>::call);                                     \
-  m.impl("relu_forward", &relu_forward_##dev);                                                              \
-  m.impl("relu_backward", &relu_backward_##dev);                                                            \
-  m.impl("sigmoid_forward", &sigmoid_forward_##dev);                                                        \
-  m.impl("sigmoid_backward", &sigmoid_backward_##dev);                                                      \
-  m.impl("tanh_forward", &tanh_forward_##dev);                                                              \
-  m.impl("tanh_backward", &tanh_backward_##dev);                                                            \
-  m.impl("leaky_relu_forward", &leaky_relu_forward_##dev);                                                  \
-  m.impl("leaky_relu_backward", &leaky_relu_backward_##dev);                                                \
-  m.impl("add_forward", &add_forward_##dev);                                                                \
-  m.impl("add_backward", &add_backward_##dev);                                                              \
-  m.impl("cross_entropy_forward", &AsTuple<3, &cross_entropy_forward_##dev>::call);                         \
-  m.impl("cross_entropy_backward", &cross_entropy_backward_##dev);                                          \
-  m.impl("mse_loss_forward", &mse_loss_forward_##dev);                                                      \
-  m.impl("mse_loss_backward", &AsTuple<2, &mse_loss_backward_##dev>::call);                                 \
-  m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward_##dev);      \
+#define PE_LIBRARY_IMPL(suffix)                                                                                 \
+  m.impl("linear_forward", &linear_forward##suffix);                                                          \
+  m.impl("linear_backward", &AsTuple<3, &linear_backward##suffix>::call);                                     \
+  m.impl("relu_forward", &relu_forward##suffix);                                                              \
+  m.impl("relu_backward", &relu_backward##suffix);                                                            \
+  m.impl("sigmoid_forward", &sigmoid_forward##suffix);                                                        \
+  m.impl("sigmoid_backward", &sigmoid_backward##suffix);                                                      \
+  m.impl("tanh_forward", &tanh_forward##suffix);                                                              \
+  m.impl("tanh_backward", &tanh_backward##suffix);                                                            \
+  m.impl("leaky_relu_forward", &leaky_relu_forward##suffix);                                                  \
+  m.impl("leaky_relu_backward", &leaky_relu_backward##suffix);                                                \
+  m.impl("add_forward", &add_forward##suffix);                                                                \
+  m.impl("add_backward", &add_backward##suffix);                                                              \
+  m.impl("cross_entropy_forward", &AsTuple<3, &cross_entropy_forward##suffix>::call);                         \
+  m.impl("cross_entropy_backward", &cross_entropy_backward##suffix);                                          \
+  m.impl("mse_loss_forward", &mse_loss_forward##suffix);                                                      \
+  m.impl("mse_loss_backward", &AsTuple<2, &mse_loss_backward##suffix>::call);                                 \
+  m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward##suffix);      \
   m.impl("binary_cross_entropy_with_logits_backward",                                                       \
-         &AsTuple<2, &binary_cross_entropy_with_logits_backward_##dev>::call);                               \
-  m.impl("fused_mlp_forward", &fused_mlp_forward_##dev);                                                    \
-  m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward_##dev>::call);                        \
-  m.impl("linear_cross_entropy_forward", &AsTuple<6, &linear_cross_entropy_forward_##dev>::call);          \
-  m.impl("linear_cross_entropy_backward", &AsTuple<3, &linear_cross_entropy_backward_##dev>::call);        \
-  m.impl("cross_entropy_forward_with_grad", &AsTuple<3, &cross_entropy_forward_with_grad_##dev>::call);
+         &AsTuple<2, &binary_cross_entropy_with_logits_backward##suffix>::call);                               \
+  m.impl("fused_mlp_forward", &fused_mlp_forward##suffix);                                                    \
+  m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward##suffix>::call);                        \
+  m.impl("linear_cross_entropy_forward", &AsTuple<6, &linear_cross_entropy_forward##suffix>::call);          \
+  m.impl("linear_cross_entropy_backward", &AsTuple<3, &linear_cross_entropy_backward##suffix>::call);        \
+  m.impl("cross_entropy_forward_with_grad", &AsTuple<3, &cross_entropy_forward_with_grad##suffix>::call);
 
 }  // namespace
 }  // namespace pyengine
@@ -161,15 +151,16 @@ TORCH_LIBRARY(pyengine, m) {
         "int reduction=1, float label_smoothing=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
+// The CPU kernels through route.h, which calls the build of them chosen for this CPU (csrc/cpu_capability.cpp).
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   using namespace pyengine;
-  PE_LIBRARY_IMPL(cpu)
+  PE_LIBRARY_IMPL()
 }
 
 #ifdef PYENGINE_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   using namespace pyengine;
-  PE_LIBRARY_IMPL(cuda)
+  PE_LIBRARY_IMPL(_cuda)
 }
 #endif
 
@@ -257,7 +248,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          "Registers the python backend's kernels, which a backward runs while autograd records it");
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
-  m.def("simd_level", &simd_level, "The at::vec instruction set the CPU kernels were compiled for");
+  m.def("simd_level", &cpu_kernels_name,
+        "The instruction set of the CPU kernels that run here (DEFAULT, AVX2 or AVX512), chosen at the first call");
+  m.def("cpu_kernels_built", &cpu_kernels_built, "The instruction sets this build has CPU kernels for");
 
   // The cache of large CPU outputs (cpu/allocator.h); pyengine/_cpu_cache.py documents them for users.
   m.def("cpu_cache_info", &cpu_cache_info, "Counters of the CPU output cache, as a dict");

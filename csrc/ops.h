@@ -90,10 +90,11 @@ namespace pyengine {
 // network as for fused_mlp_forward, loss 0 mse (target (M, n_L)), 1 bce with logits (target (M, n_L)),
 // 2 cross_entropy (target (M) int64, -100 ignored), each the mean -> {loss (0-dim), grad (the parameters packed
 // as pyengine.nn.FusedMLP.params: W_0, b_0, W_1, ...)}.
-std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                                                    const std::vector<at::Tensor>& biases, int64_t activation,
-                                                    int64_t output_activation, const at::Tensor& target,
-                                                    int64_t loss);
+#define PYENGINE_CPU_ONLY_OPS                                                                                  \
+  std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights, \
+                                                      const std::vector<at::Tensor>& biases, int64_t activation,  \
+                                                      int64_t output_activation, const at::Tensor& target,        \
+                                                      int64_t loss);
 
 // linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) int64; reduction 0 none, 1 mean, 2 sum.
 // cross_entropy(x @ weight^T + bias, target) computed over chunks of rows of at most chunk_bytes of logits.
@@ -135,7 +136,10 @@ std::vector<at::Tensor> fused_mlp_training_step_cpu(const at::Tensor& x, const s
   PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev)    \
   PYENGINE_CROSS_ENTROPY_WITH_GRAD_OPS(dev)
 
+// The CPU kernels: defined in csrc/cpu/*.cpp, which are compiled once per CPU capability with this namespace
+// renamed pyengine_<CAPABILITY> (route.h declares each build's and calls the one chosen at run time).
 PYENGINE_ALL_OPS(cpu)
+PYENGINE_CPU_ONLY_OPS
 #ifdef PYENGINE_WITH_CUDA
 PYENGINE_ALL_OPS(cuda)
 #endif

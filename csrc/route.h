@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -22,12 +23,65 @@ inline bool on_cuda(const at::Tensor& t, const char* op) {
   return dev.is_cuda();
 }
 
+// The CPU kernels, built once per instruction set (setup.py: DEFAULT, AVX2 and AVX512, or the one
+// PYENGINE_CPU_ARCH names), each in its namespace pyengine_<CAPABILITY>; cpu_kernels() is the build that runs
+// here, chosen at the first call (csrc/cpu_capability.cpp). PYENGINE_CPU_KERNELS_LOWEST names the lowest build
+// and PYENGINE_CPU_KERNELS_HAVE_<CAPABILITY> each one built.
+enum class CpuKernels { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+CpuKernels cpu_kernels();
+std::string cpu_kernels_name();
+std::vector<std::string> cpu_kernels_built();
+
+}  // namespace pyengine
+
+#ifdef PYENGINE_CPU_KERNELS_HAVE_DEFAULT
+namespace pyengine_DEFAULT {
+PYENGINE_ALL_OPS(cpu)
+PYENGINE_CPU_ONLY_OPS
+}  // namespace pyengine_DEFAULT
+#endif
+#ifdef PYENGINE_CPU_KERNELS_HAVE_AVX2
+namespace pyengine_AVX2 {
+PYENGINE_ALL_OPS(cpu)
+PYENGINE_CPU_ONLY_OPS
+}  // namespace pyengine_AVX2
+#define PE_CPU_CASE_AVX2(...) \
+  case CpuKernels::AVX2:      \
+    __VA_ARGS__
+#else
+#define PE_CPU_CASE_AVX2(...)
+#endif
+#ifdef PYENGINE_CPU_KERNELS_HAVE_AVX512
+namespace pyengine_AVX512 {
+PYENGINE_ALL_OPS(cpu)
+PYENGINE_CPU_ONLY_OPS
+}  // namespace pyengine_AVX512
+#define PE_CPU_CASE_AVX512(...) \
+  case CpuKernels::AVX512:      \
+    __VA_ARGS__
+#else
+#define PE_CPU_CASE_AVX512(...)
+#endif
+
+namespace pyengine {
+
+// fn's CPU kernel from the build chosen for this CPU (the lowest build where no higher one is chosen).
+#define PE_CPU_CALL(fn, ...)                                                 \
+  switch (cpu_kernels()) {                                                   \
+    PE_CPU_CASE_AVX512(return ::pyengine_AVX512::fn##_cpu(__VA_ARGS__);)     \
+    PE_CPU_CASE_AVX2(return ::pyengine_AVX2::fn##_cpu(__VA_ARGS__);)         \
+    default:                                                                 \
+      return ::PYENGINE_CPU_KERNELS_LOWEST::fn##_cpu(__VA_ARGS__);           \
+  }
+
 #ifdef PYENGINE_WITH_CUDA
-#define PE_ROUTE(t, fn, ...) return on_cuda(t, #fn) ? fn##_cuda(__VA_ARGS__) : fn##_cpu(__VA_ARGS__)
+#define PE_ROUTE(t, fn, ...)                                  \
+  if (on_cuda(t, #fn)) return fn##_cuda(__VA_ARGS__);         \
+  PE_CPU_CALL(fn, __VA_ARGS__)
 #else
 #define PE_ROUTE(t, fn, ...) \
   on_cuda(t, #fn);           \
-  return fn##_cpu(__VA_ARGS__)
+  PE_CPU_CALL(fn, __VA_ARGS__)
 #endif
 
 using OptTensor = c10::optional<at::Tensor>;
@@ -138,6 +192,14 @@ inline std::vector<at::Tensor> cross_entropy_forward_with_grad(const at::Tensor&
                                                                const OptTensor& weight, int64_t ignore_index,
                                                                int64_t reduction, double label_smoothing) {
   PE_ROUTE(logits, cross_entropy_forward_with_grad, logits, target, weight, ignore_index, reduction, label_smoothing);
+}
+
+// FusedMLP's training step: CPU only (the CUDA path composes kernels in autograd_fused_mlp.cpp).
+inline std::vector<at::Tensor> fused_mlp_training_step_on_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                                              const std::vector<at::Tensor>& biases,
+                                                              int64_t activation, int64_t output_activation,
+                                                              const at::Tensor& target, int64_t loss) {
+  PE_CPU_CALL(fused_mlp_training_step, x, weights, biases, activation, output_activation, target, loss);
 }
 
 }  // namespace pyengine

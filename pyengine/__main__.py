@@ -21,6 +21,17 @@ def _benchmarks():
         return importlib.import_module("benchmarks")
 
 
+def _cpu_kernels(c, build):
+    """Which build of the CPU kernels runs, of which were built, and what chose it."""
+    if c is None:
+        return "n/a (extension not built)"
+    built = c.cpu_kernels_built()
+    how = (f"the only build: PYENGINE_CPU_ARCH={build.get('CPU_ARCH')} at build time" if len(built) == 1 else
+           f"chosen at load from {', '.join(built)}: the best this CPU runs, lowered by PYENGINE_CPU_CAPABILITY "
+           "or ATEN_CPU_CAPABILITY")
+    return f"{c.simd_level()} ({how})"
+
+
 def info(check=False):
     from . import _backend
 
@@ -40,7 +51,7 @@ def info(check=False):
         ("default backend", _backend.current_backend() or "by device (cpu: %s, cuda: %s)"
          % (_backend._default("cpu"), _backend._default("cuda"))),
         ("CPU", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
-        ("CPU SIMD (pyengine kernels)", c.simd_level() if c else "n/a (extension not built)"),
+        ("CPU kernels running", _cpu_kernels(c, build)),
         ("CUDA architectures compiled", build.get("CUDA_ARCHS") or "none"),
         ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"),
     ]

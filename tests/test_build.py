@@ -57,3 +57,70 @@ def test_warnings_are_not_silenced_globally():
             text = f.read()
         assert "-Wall" in text and "-Wextra" in text, f"{name} lost -Wall -Wextra"
         assert not re.findall(r"-Wno-[\w-]+", text), f"{name} silences warnings globally"
+
+
+# The CPU kernels' builds: one per instruction set (setup.py CPU_BUILDS), the best this CPU runs chosen at load.
+_needs_cpp = pytest.mark.skipif("cpp" not in pyengine.built_backends(), reason="pyengine._C is not built")
+_LEVELS = ["DEFAULT", "AVX2", "AVX512"]
+_CHOICE = """
+import torch, pyengine, pyengine.functional as PF
+from pyengine import _C
+x = torch.randn(301, 67, dtype=torch.float64, requires_grad=True)
+w = torch.randn(19, 67, dtype=torch.float64, requires_grad=True)
+t = torch.randint(0, 19, (301,))
+ours = PF.cross_entropy(PF.tanh(PF.linear(x, w)), t)
+theirs = torch.nn.functional.cross_entropy(torch.tanh(torch.nn.functional.linear(x, w)), t)
+torch.testing.assert_close(ours, theirs)
+for g, h in zip(torch.autograd.grad(ours, [x, w]), torch.autograd.grad(theirs, [x, w])):
+    torch.testing.assert_close(g, h)
+print(_C.simd_level(), torch._C._get_cpu_capability())
+"""
+
+
+def _run_with(env):
+    return subprocess.run([__import__("sys").executable, "-c", _CHOICE], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT)
+
+
+@_needs_cpp
+def test_the_cpu_kernels_come_in_one_build_per_instruction_set():
+    from pyengine import _build_info
+
+    built = _backend._C.cpu_kernels_built()
+    if _build_info.CPU_ARCH:  # PYENGINE_CPU_ARCH: one build, for that -march
+        assert len(built) == 1
+    elif os.uname().machine == "x86_64":
+        assert built == _LEVELS
+    chosen = _backend._C.simd_level()
+    assert chosen in built
+    wanted = os.environ.get("PYENGINE_CPU_CAPABILITY", "").upper() or "AVX512"
+    import torch
+
+    best = min(_LEVELS.index(torch._C._get_cpu_capability()), _LEVELS.index(wanted))
+    assert chosen == max((b for b in built if _LEVELS.index(b) <= best), key=_LEVELS.index)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("level", ["default", "avx2", "avx512"])
+def test_each_build_runs_when_chosen(level):
+    """PYENGINE_CPU_CAPABILITY lowers the choice (for tests, and to compare builds); the values and gradients are
+    torch's whichever build runs."""
+    import torch
+
+    if _LEVELS.index(level.upper()) > _LEVELS.index(torch._C._get_cpu_capability()):
+        pytest.skip(f"this CPU does not run {level.upper()} (torch runs {torch._C._get_cpu_capability()})")
+    if level.upper() not in _backend._C.cpu_kernels_built():
+        pytest.skip(f"this build has no {level.upper()} kernels (PYENGINE_CPU_ARCH)")
+    result = _run_with({"PYENGINE_CPU_CAPABILITY": level})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == level.upper()
+
+
+@_needs_cpp
+def test_atens_own_choice_lowers_ours_and_a_bad_name_says_what_to_use():
+    result = _run_with({"ATEN_CPU_CAPABILITY": "default", "PYENGINE_CPU_CAPABILITY": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["DEFAULT", "DEFAULT"]
+    result = _run_with({"PYENGINE_CPU_CAPABILITY": "sse9"})
+    assert result.returncode != 0
+    assert "PYENGINE_CPU_CAPABILITY=sse9: choose default, avx2 or avx512" in result.stderr

@@ -24,7 +24,7 @@
 #include <sys/mman.h>
 #endif
 
-namespace pyengine {
+namespace pyengine_shared {
 namespace cpu {
 namespace {
 
@@ -264,4 +264,4 @@ void set_output_cache_limit(int64_t bytes) {
 }
 
 }  // namespace cpu
-}  // namespace pyengine
+}  // namespace pyengine_shared

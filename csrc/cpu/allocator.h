@@ -14,7 +14,10 @@
 
 #include <cstdint>
 
-namespace pyengine {
+// In namespace pyengine_shared, not pyengine: the kernels are compiled once per CPU capability with the name
+// pyengine renamed (setup.py, csrc/cpu_capability.cpp), and every build of them shares this one cache, compiled
+// once (allocator.cpp is not a kernel file). The using-declarations below make it pyengine::cpu's in every build.
+namespace pyengine_shared {
 namespace cpu {
 
 // An uninitialized contiguous tensor for an output the kernel writes in full: it may hold a freed tensor's data.
@@ -35,5 +38,15 @@ void empty_output_cache();
 // Sets the cap on the bytes kept (0: no caching) and frees the oldest kept blocks beyond it.
 void set_output_cache_limit(int64_t bytes);
 
+}  // namespace cpu
+}  // namespace pyengine_shared
+
+namespace pyengine {
+namespace cpu {
+using pyengine_shared::cpu::empty_output;
+using pyengine_shared::cpu::empty_output_cache;
+using pyengine_shared::cpu::output_cache_info;
+using pyengine_shared::cpu::OutputCacheInfo;
+using pyengine_shared::cpu::set_output_cache_limit;
 }  // namespace cpu
 }  // namespace pyengine
