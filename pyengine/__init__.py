@@ -21,6 +21,9 @@ Environment variables read at run time:
                                linear_cross_entropy's budget for the logits of one chunk of rows when its
                                chunk_bytes is not given (read at each call; default 128 MiB)
     PYENGINE_EXPECT_BACKENDS   comma-separated backends that `python -m pyengine info --check` requires built
+    PYENGINE_CPU_CAPABILITY    'default', 'avx2' or 'avx512': run a lower build of the CPU kernels than the best
+                               this CPU runs (read once, at the first kernel call; ATEN_CPU_CAPABILITY lowers it
+                               too); `python -m pyengine info` says which build runs
 Build time (setup.py): PYENGINE_CUDA, PYENGINE_CPU_ARCH, PYENGINE_WERROR; see README.md.
 
 The CPU output cache: cpu_cache_info() reports it, empty_cache() frees its kept blocks (as torch.cuda.empty_cache
