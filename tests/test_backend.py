@@ -184,5 +184,5 @@ def test_without_extension_falls_back_to_python_and_warns_once():
 def test_info_command():
     code, out, err = run_python("import sys; from pyengine.__main__ import main; sys.exit(main(['info']))")
     assert code == 0, err
-    for key in ("torch", "backends built", "CUDA architectures compiled", "CPU SIMD", "threads"):
+    for key in ("torch", "backends built", "CUDA architectures compiled", "CPU kernels running", "threads"):
         assert key in out
