@@ -9,6 +9,7 @@ leaky_relu, add, mse_loss, binary_cross_entropy_with_logits). cross_entropy does
 saved log-sum-exp as a constant, so a second derivative through it would be silently wrong; it raises instead.
 """
 import functools
+import math
 
 import torch
 from torch._C import _functions
@@ -60,6 +61,17 @@ def needs_grad(ctx, count):
     """ctx.needs_input_grad padded with False to `count` entries: a Function applied with its optional
     arguments left out (LinearFunction.apply(x, w)) has fewer inputs than its signature."""
     return tuple(ctx.needs_input_grad) + (False,) * (count - len(ctx.needs_input_grad))
+
+
+def as_matrix(x):
+    """x as the (M, K) matrix the kernels take: leading dims flattened (M computed, not -1, which is ambiguous when
+    K = 0), as csrc/autograd_common.h as_matrix."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def contiguous(*tensors):
+    """Each tensor contiguous, None kept: the kernels' optional operands."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def acc_dtype(dtype):

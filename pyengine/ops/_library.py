@@ -17,13 +17,12 @@ It also gives them what torch.func and torch.jit.trace need:
     torch.jit.trace records, pyengine.functional calls it (pyengine/_backend.py compiled_autograd), so the trace
     holds pyengine::<op>_forward calls, which run, differentiate, save and load (after `import pyengine`).
 """
-import math
 import types
 
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, first_order_only
+from ._function import acc_dtype, contiguous, first_order_only
 
 NAMESPACE = "pyengine"
 REDUCTION_NONE = 0
@@ -383,14 +382,6 @@ def _per_member(op):
     return rule
 
 
-def _rows(x):
-    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous with 0 rows
-
-
-def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
 def _traced_namespace():
     """pyengine._C.autograd's functions, same arguments, as calls of the differentiable registered operators."""
     ops = torch.ops.pyengine
@@ -419,9 +410,9 @@ def _traced_namespace():
     return types.SimpleNamespace(
         linear=linear, relu=ops.relu_forward, sigmoid=ops.sigmoid_forward, tanh=ops.tanh_forward,
         leaky_relu=ops.leaky_relu_forward, add=ops.add_forward, cross_entropy=cross_entropy,
-        mse_loss=lambda input, target, reduction=1: ops.mse_loss_forward(*_contiguous(input, target), reduction),
+        mse_loss=lambda input, target, reduction=1: ops.mse_loss_forward(*contiguous(input, target), reduction),
         binary_cross_entropy_with_logits=lambda input, target, weight=None, pos_weight=None, reduction=1: (
-            ops.binary_cross_entropy_with_logits_forward(*_contiguous(input, target, weight, pos_weight), reduction)),
+            ops.binary_cross_entropy_with_logits_forward(*contiguous(input, target, weight, pos_weight), reduction)),
         fused_mlp=fused_mlp, fused_mlp_packed=fused_mlp_packed)
 
 

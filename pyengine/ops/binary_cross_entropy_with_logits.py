@@ -13,8 +13,8 @@ formulas: bce_with_logits_*_math in csrc/common/math.h.
 import torch
 
 from .. import _backend
-from ._function import (NOT_DIFFERENTIABLE, acc_dtype, apply, autocast, needs_grad, not_differentiable, result_type,
-                        scalar_type_name, jvp_free_twin)
+from ._function import (NOT_DIFFERENTIABLE, acc_dtype, apply, autocast, contiguous, jvp_free_twin, needs_grad,
+                        not_differentiable, result_type, scalar_type_name)
 from .mse_loss import REDUCTIONS, _check_reduction, _reduce, elementwise_loss_jvp
 
 
@@ -58,10 +58,6 @@ def binary_cross_entropy_with_logits_backward(grad_loss, input, target, weight=N
     return grad_input, grad_target
 
 
-def _contiguous(*tensors):
-    return tuple(None if t is None else t.contiguous() for t in tensors)
-
-
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight=None, pos_weight=None, reduction='mean'):
     BCE with logits for input, target, weight and pos_weight all of one shape and dtype (the weights may be None;
@@ -77,7 +73,7 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
                                    f"{list(input.shape)} and dtype {input.dtype}, got {list(t.shape)} {t.dtype}")
         code = REDUCTIONS[_check_reduction(reduction, None, None)]
         return _backend.kernels(input.device).binary_cross_entropy_with_logits_forward(
-            *_contiguous(input, target, weight, pos_weight), code)
+            *contiguous(input, target, weight, pos_weight), code)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -89,7 +85,7 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
+        input, target, weight, pos_weight = contiguous(*ctx.saved_tensors)
         need_input, need_target, need_weight, need_pos_weight = needs_grad(ctx, 4)[:4]
         if need_weight or need_pos_weight:  # the Function applied directly (the functional raises in the forward,
             raise RuntimeError(NOT_DIFFERENTIABLE.format(  # as torch)
@@ -104,7 +100,7 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         if weight_tangent is not None or pos_weight_tangent is not None:
             raise RuntimeError(NOT_DIFFERENTIABLE.format(
                 op="binary_cross_entropy_with_logits", name="weight" if weight_tangent is not None else "pos_weight"))
-        input, target, weight, pos_weight = _contiguous(*ctx.saved_tensors)
+        input, target, weight, pos_weight = contiguous(*ctx.saved_tensors)
         kernels = _backend.backward_kernels(ctx.kernels)
         return elementwise_loss_jvp(
             lambda ones, *need: kernels.binary_cross_entropy_with_logits_backward(ones, input, target, weight,

@@ -12,12 +12,12 @@ and (in the kernels) activations that stay in cache or shared memory between lay
 the kernels as codes: 0 none, 1 relu, 2 sigmoid. Leading batch dims are flattened: (*, n_0) -> (M, n_0).
 Kernels: csrc/cpu/fused_mlp.cpp, csrc/cuda/fused_mlp.cu; shared contract: csrc/common/fused_mlp.h.
 """
-import math
 
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, apply, autocast, first_order_only, jvp_free_twin, note_functorch_level
+from ._function import (acc_dtype, apply, as_matrix, autocast, first_order_only, jvp_free_twin,
+                        note_functorch_level)
 
 MAX_WIDTH = 128  # csrc/common/fused_mlp.h kMaxWidth: a block of rows keeps every layer's activations on chip
 MAX_LAYERS = 16  # kMaxLayers: the CUDA kernels take the layer table as a fixed-size kernel argument
@@ -122,7 +122,7 @@ class FusedMLPFunction(torch.autograd.Function):
     def forward(x, activation, output_activation, *params):
         layers = len(params) // 2
         weights, biases = params[:layers], params[layers:]
-        y, *hidden = _backend.kernels(x.device).fused_mlp_forward(_rows(x), weights, biases, activation,
+        y, *hidden = _backend.kernels(x.device).fused_mlp_forward(as_matrix(x), weights, biases, activation,
                                                                   output_activation)
         return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1]), *hidden)
 
@@ -148,7 +148,7 @@ class FusedMLPFunction(torch.autograd.Function):
         weights, hidden = rest[:layers], rest[layers:]
         need_w = any(ctx.needs_input_grad[3:3 + layers])
         need_b = any(ctx.needs_input_grad[3 + layers:])
-        x2 = _rows(x)
+        x2 = as_matrix(x)
         grad_x, *grads = _backend.backward_kernels(ctx.kernels).fused_mlp_backward(
             grad_y.reshape(x2.shape[0], grad_y.shape[-1]), x2, weights, hidden, y.reshape(x2.shape[0], y.shape[-1]),
             *ctx.activations, ctx.needs_input_grad[0], need_w, need_b)
@@ -163,10 +163,6 @@ class FusedMLPFunction(torch.autograd.Function):
 
 
 _FUSED_MLP_FOR_COMPILE = jvp_free_twin(FusedMLPFunction)
-
-
-def _rows(x):
-    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous with 0 rows
 
 
 def fused_mlp(input, weights, biases, activation="relu", output_activation=None):

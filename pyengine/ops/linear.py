@@ -12,12 +12,11 @@ code from ACTIVATIONS). Both derivatives are functions of the output y alone, so
 and dz takes the place of dy in the three products above.
 Kernels: csrc/cpu/linear.cpp, csrc/cuda/linear.cu.
 """
-import math
 
 import torch
 
 from .. import _backend
-from ._function import acc_dtype, apply, autocast, needs_grad, jvp_free_twin
+from ._function import acc_dtype, apply, as_matrix, autocast, needs_grad, jvp_free_twin
 
 
 # The activation codes of the kernels' `activation` argument.
@@ -86,11 +85,6 @@ def check_linear_args(x, weight, bias):
                            f"Target sizes: {out}.  Tensor sizes: {list(bias.shape)} (linear's bias is (out_features,))")
 
 
-def _rows(x):
-    """x as the (M, K) matrix the kernels take: leading dims flattened (explicit sizes: -1 is ambiguous when K = 0)."""
-    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-
-
 class LinearFunction(torch.autograd.Function):
     """y = act(x @ weight^T + bias) for x (*, in), weight (out, in), bias (out) or None, activation a name or code
     of ACTIVATIONS (0: none). Forward-mode AD: dz = dx W^T + x dW^T + db, dy = act'(y) dz."""
@@ -100,7 +94,7 @@ class LinearFunction(torch.autograd.Function):
     def forward(x, weight, bias=None, activation=0):
         activation = activation if isinstance(activation, int) else activation_code(activation)
         check_linear_args(x, weight, bias)
-        y = _backend.kernels(x.device).linear_forward(_rows(x), weight, bias, activation)
+        y = _backend.kernels(x.device).linear_forward(as_matrix(x), weight, bias, activation)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -118,7 +112,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, *y = ctx.saved_tensors
-        x2 = _rows(x)
+        x2 = as_matrix(x)
         y = [t.reshape(x2.shape[0], weight.shape[0]) for t in y]
         need_x, need_w, need_b = needs_grad(ctx, 3)[:3]
         grad_x, grad_w, grad_b = _backend.backward_kernels(ctx.kernels).linear_backward(
@@ -132,11 +126,11 @@ class LinearFunction(torch.autograd.Function):
     def jvp(ctx, x_tangent, weight_tangent, bias_tangent, _):
         x, weight, *y = ctx.saved_tensors
         kernels = _backend.backward_kernels(ctx.kernels)
-        x2 = _rows(x)
+        x2 = as_matrix(x)
         out = (x2.shape[0], weight.shape[0])
         dz = None  # the products by the kernels' own linear_forward; the bias tangent joins the first of them
         if x_tangent is not None:
-            dz = kernels.linear_forward(_rows(x_tangent), weight, bias_tangent, 0)
+            dz = kernels.linear_forward(as_matrix(x_tangent), weight, bias_tangent, 0)
         if weight_tangent is not None:
             term = kernels.linear_forward(x2, weight_tangent, None if dz is not None else bias_tangent, 0)
             dz = term if dz is None else dz + term
