@@ -7,14 +7,15 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 import torch
 
 import pyengine
 from pyengine import _backend
 
-from . import harness, memory, report
-from .ops import GRAD_IN_FORWARD, MODELS, MODES, OPS, SIZES
+from . import harness, memory, peers, report
+from .ops import GRAD_IN_FORWARD, MODELS, MODES, NO_GRAD, OPS, SIZES
 
 DEVICE_BACKENDS = {"cpu": ("cpp", "python"), "cuda": ("cuda", "python")}
 BUDGET = {"quick": 0.25, "full": 0.8}  # seconds of interleaved timing per (op, size, mode)
@@ -27,7 +28,13 @@ def parse(argv):
                                  + ", ".join(list(OPS) + list(MODELS)))
     p.add_argument("--backends", help="comma-separated pyengine backends (default: every built one that runs on "
                                       "the device: cpp and python on cpu, cuda and python on cuda)")
-    p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32)")
+    p.add_argument("--dtype", default="float32", help="comma-separated dtypes (default float32): float32, float64, "
+                                                      "float16, bfloat16; every op and model runs in each")
+    p.add_argument("--peer", help="comma-separated extra implementations timed beside torch eager and pyengine in "
+                                  "the same rounds: compile (torch.compile, inductor, default mode, dynamic=False, of "
+                                  "the torch column's code; its compile time is reported apart, never in the "
+                                  "medians; the table gains 'compile' and 'vs compile'). linear_cross_entropy and its "
+                                  "LM head case always run torch's chunked path beside torch, where torch has it")
     p.add_argument("--quick", action="store_true", help="tiny and medium sizes, shorter timing (about a minute)")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, speedup.png")
     p.add_argument("--sizes", help="comma-separated sizes to run, of " + ", ".join(SIZES)
@@ -49,6 +56,7 @@ def parse(argv):
     args.ops = pick(args.ops, list(OPS) + list(MODELS), "op")
     args.sizes = pick(args.sizes, SIZES, "size") if args.sizes else (["tiny", "medium"] if args.quick else list(SIZES))
     args.dtypes = pick(args.dtype, ("float32", "float64", "float16", "bfloat16"), "dtype")
+    args.peers = pick(args.peer, peers.SELECTABLE, "peer") if args.peer else []
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible to torch")
     runnable = [b for b in DEVICE_BACKENDS[args.device] if b in _backend.built_backends()]
@@ -150,7 +158,7 @@ def _rate(amount, seconds, scale=1e9):
     return None if amount is None or not seconds else amount / seconds / scale
 
 
-def timing_row(base, mode, impl, timed, floor, bw):
+def timing_row(base, mode, impl, timed, floor, bw, peer_names=(), peer_info=None):
     """One row of the speed table: impl's and torch's timings of one mode ({impl: time_interleaved's entry}),
     the floor (bytes, flops) of that mode, the machine's copy bandwidth bw in GB/s, and the flags that say how
     far to trust it."""
@@ -159,7 +167,7 @@ def timing_row(base, mode, impl, timed, floor, bw):
     nbytes, flops = floor
     share = _rate(nbytes, pe, bw * 1e9)
     spreads = [s for s in (mine.get("spread"), theirs.get("spread")) if s is not None]
-    return {
+    row = {
         **base, "mode": mode, "backend": impl, "pyengine_s": pe, "torch_s": t,
         "pyengine_iqr_s": mine.get("iqr"), "torch_iqr_s": theirs.get("iqr"),
         "pyengine_spread": mine.get("spread"), "torch_spread": theirs.get("spread"), "rounds": mine.get("rounds"),
@@ -174,40 +182,70 @@ def timing_row(base, mode, impl, timed, floor, bw):
         "grad_in_forward": base["dtype"] in GRAD_IN_FORWARD.get(base["op"], ()),
         "pyengine_peak_bytes": None, "torch_peak_bytes": None,
     }
+    for peer in peer_names:
+        row.update(peers.row_fields(peer, mode, timed, pe, harness.NOISY_SPREAD, *(peer_info or ({}, {}, {}))))
+    return row
 
 
-def time_case(kind, name, size, dtype, device, impls, budget, bw, progress):
-    """Timing rows for one op (or model) at one size: every mode, every backend beside torch."""
+def _prepare(kind, name, size, impl, inputs, modes):
+    """impl's callables of every mode, each called once now (a failure is recorded here, not in the middle of the
+    timing), with the seconds each first call took (compile time, for the compiled peer) and the first warning
+    they raised."""
+    first = {}
+    with harness.backend_ctx(impl), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        fns = harness.calls(kind, name, size, impl, inputs)  # runs the first forward (or step): the primed one
+        first[modes[0]] = time.perf_counter() - start
+        for mode in modes[1:]:
+            start = time.perf_counter()
+            fns[mode]()
+            first[mode] = time.perf_counter() - start
+    warning = next((str(w.message).strip().splitlines()[0][:200] for w in caught if str(w.message).strip()), None)
+    return fns, first, warning
+
+
+def time_case(kind, name, size, dtype, device, impls, budget, bw, progress, selected_peers=(), compile_log=None):
+    """Timing rows for one op (or model) at one size: every mode, every backend beside torch (and torch's
+    peers). compile_log: a list that gets the compiled peer's first-call times of this case."""
     entry = harness.case(kind, name)
     params = entry.sizes[size]
     floor = entry.floor(params, torch.empty((), dtype=dtype).element_size())
     modes = MODES if kind == "op" else ("step",)
     base = {"kind": kind, "op": name, "size": size, "shape": entry.describe(params), "dtype": str(dtype)[6:],
             "device": device.type}
-    rows, fns, errors = [], {}, {}
+    case_peers = peers.for_case(entry, kind, selected_peers)
+    rows, fns, errors, first, caught = [], {}, {}, {}, {}
     try:
         inputs = harness.make_inputs(kind, name, size, dtype, device)
     except Exception as exc:
-        inputs, errors = None, {impl: harness.describe_error(exc) for impl in ["torch"] + impls}
-    for impl in ["torch"] + impls:
+        inputs, errors = None, {impl: harness.describe_error(exc) for impl in ["torch"] + case_peers + impls}
+    graphs = peers.graphs_compiled() if "compile" in case_peers else 0
+    for impl in ["torch"] + case_peers + impls:
         if inputs is None:
             break
+        if impl == "compile":
+            peers.reset_compiler()  # this case's compile time is its own, and no recompile limit carries over
         try:
-            with harness.backend_ctx(impl):
-                fns[impl] = harness.calls(kind, name, size, impl, inputs)
-                for mode in modes:
-                    fns[impl][mode]()  # a failure in any mode is recorded now, not in the middle of the timing
+            fns[impl], first[impl], caught[impl] = _prepare(kind, name, size, impl, inputs, modes)
         except Exception as exc:
             errors[impl] = harness.describe_error(exc)
-            fns.pop(impl, None)
     for mode in modes:
+        mode_floor = floor["forward" if mode == NO_GRAD else mode]  # no grad moves what the forward moves
         timed = harness.time_interleaved(
             {impl: (f[mode], lambda impl=impl: harness.backend_ctx(impl)) for impl, f in fns.items()}, budget)
         progress.step(f"{name} {size} {mode}")
         for impl in impls:
-            rows.append({**timing_row(base, mode, impl, timed, floor[mode], bw),
+            rows.append({**timing_row(base, mode, impl, timed, mode_floor, bw, case_peers, (errors, first, caught)),
                          "error": errors.get(impl), "torch_error": errors.get("torch")})
+    if "compile" in case_peers and compile_log is not None:
+        times = first.get("compile", {})
+        compile_log.append({**base, "first_call_s": times, "total_s": sum(times.values()) if times else None,
+                            "graphs": peers.graphs_compiled() - graphs, "error": errors.get("compile"),
+                            "warning": caught.get("compile")})
     del fns, inputs
+    if "compile" in case_peers:
+        peers.reset_compiler()  # frees the compiled code of this case
     if size == "large":
         gc.collect()  # a collection costs ~0.1 s with torch loaded: only where it frees hundreds of MiB
     return rows
@@ -222,26 +260,15 @@ def run(args):
     start = time.perf_counter()
     bw = harness.machine_bandwidth(device, budget_s=0.3 if args.quick else 1.0)
     progress.step("machine bandwidth")
-    timings, numerics = [], []
+    timings, numerics, compile_log = [], [], []
     try:
         for dtype in dtypes:
             for kind, name, sizes in entries:
                 for size in sizes:
                     timings += time_case(kind, name, size, dtype, device, args.backends, args.budget, bw["gbps"],
-                                         progress)
-                size = _numerics_size(sizes)
-                try:
-                    errs = harness.numerics(kind, name, size, dtype, device, ["torch"] + args.backends)
-                except Exception as exc:  # the reference itself failed: say so on every backend's row
-                    errs = {impl: {"error": harness.describe_error(exc)} for impl in ["torch"] + args.backends}
+                                         progress, args.peers, compile_log)
+                numerics += _numerics_rows(kind, name, _numerics_size(sizes), dtype, device, args.backends)
                 progress.step(f"{name} numerics")
-                for impl in args.backends:
-                    mine, theirs = errs[impl], errs["torch"]
-                    numerics.append({"kind": kind, "op": name, "size": size, "dtype": str(dtype)[6:],
-                                     "device": device.type, "backend": impl,
-                                     "pyengine_max_rel": mine.get("max_rel"), "pyengine_mean_rel": mine.get("mean_rel"),
-                                     "torch_max_rel": theirs.get("max_rel"), "torch_mean_rel": theirs.get("mean_rel"),
-                                     "error": mine.get("error") or theirs.get("error")})
         _add_memory(timings, device, args.backends)
         progress.step("peak memory")
     finally:
@@ -250,16 +277,42 @@ def run(args):
         "schema": 1, "machine": machine_info(device),
         "config": {"device": device.type, "dtypes": args.dtypes, "sizes": args.sizes, "ops": args.ops,
                    "backends": args.backends, "not_built": args.not_built, "quick": args.quick,
-                   "budget_s": args.budget, "noisy_spread": harness.NOISY_SPREAD},
-        "bandwidth": bw, "timings": timings, "numerics": numerics, "seconds": time.perf_counter() - start,
+                   "budget_s": args.budget, "noisy_spread": harness.NOISY_SPREAD, "peers": args.peers},
+        "bandwidth": bw, "timings": timings, "numerics": numerics, "compile": compile_log,
+        "seconds": time.perf_counter() - start,
     }
+
+
+def _numerics_rows(kind, name, size, dtype, device, backends):
+    """One numerics row per backend: pyengine's and torch's errors against float64 (and torch's chunked path's,
+    for the ops that have it)."""
+    chunked = peers.for_case(harness.case(kind, name), kind, ())
+    impls = ["torch"] + chunked + backends
+    try:
+        errs = harness.numerics(kind, name, size, dtype, device, impls)
+    except Exception as exc:  # the reference itself failed: say so on every backend's row
+        errs = {impl: {"error": harness.describe_error(exc)} for impl in impls}
+    rows = []
+    for impl in backends:
+        mine, theirs = errs[impl], errs["torch"]
+        row = {"kind": kind, "op": name, "size": size, "dtype": str(dtype)[6:], "device": device.type,
+               "backend": impl, "pyengine_max_rel": mine.get("max_rel"), "pyengine_mean_rel": mine.get("mean_rel"),
+               "torch_max_rel": theirs.get("max_rel"), "torch_mean_rel": theirs.get("mean_rel"),
+               "error": mine.get("error") or theirs.get("error")}
+        for peer in chunked:
+            row.update({f"{peer}_max_rel": errs[peer].get("max_rel"), f"{peer}_mean_rel": errs[peer].get("mean_rel"),
+                        f"{peer}_error": errs[peer].get("error")})
+        rows.append(row)
+    return rows
 
 
 def _add_memory(timings, device, backends):
     """Fills the peak memory of the forward+backward (and training step) rows, for pyengine and torch."""
     rows = [r for r in timings if r["mode"] in ("forward+backward", "step")]
     cases = list(dict.fromkeys((r["kind"], r["op"], r["size"], r["dtype"]) for r in rows))
-    tasks = [(*c, impl) for c in cases for impl in ["torch"] + backends]
+    # torch's chunked path is measured beside torch; the compiled peer is not (a compile in the probe would cost
+    # more than every other case together)
+    tasks = [(*c, impl) for c in cases for impl in ["torch"] + _memory_peers(c) + backends]
     if device.type == "cpu":
         found = memory.peak_memory_cpu(tasks, torch.get_num_threads())
     else:
@@ -274,6 +327,13 @@ def _add_memory(timings, device, backends):
         key = (r["kind"], r["op"], r["size"], r["dtype"])
         r["pyengine_peak_bytes"] = peak.get((*key, r["backend"]))
         r["torch_peak_bytes"] = peak.get((*key, "torch"))
+        for peer in _memory_peers(key):
+            r[f"{peer}_peak_bytes"] = peak.get((*key, peer))
+
+
+def _memory_peers(case):
+    kind, name = case[:2]
+    return [p for p in peers.for_case(harness.case(kind, name), kind, ()) if p != "compile"]
 
 
 def main(argv=None):

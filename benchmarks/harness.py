@@ -1,8 +1,9 @@
 """Measuring: the callables of each op and model for each implementation, interleaved timing with
 torch.utils.benchmark, the machine's copy bandwidth, errors against a float64 reference, CUDA peak memory.
 
-An implementation ("impl") is "torch" (native torch) or a pyengine backend name ("cpp", "cuda", "python"):
-pyengine's calls run inside pyengine.use_backend(impl), torch's outside any.
+An implementation ("impl") is "torch" (native torch), a peer of torch ("compile", "torch_chunked": peers.py) or
+a pyengine backend name ("cpp", "cuda", "python"): pyengine's calls run inside pyengine.use_backend(impl), torch's
+and its peers' outside any.
 """
 import contextlib
 import time
@@ -12,11 +13,12 @@ from torch.utils import benchmark
 
 import pyengine
 
-from .ops import LIBS, MODELS, OPS
+from . import peers
+from .ops import LIBS, MODELS, NO_GRAD, OPS
 
 
 def backend_ctx(impl):
-    return contextlib.nullcontext() if impl == "torch" else pyengine.use_backend(impl)
+    return contextlib.nullcontext() if peers.is_torch_side(impl) else pyengine.use_backend(impl)
 
 
 def case(kind, name):
@@ -45,26 +47,37 @@ def calls(kind, name, size, impl, inputs):
     entry = case(kind, name)
     if kind == "op":
         diff, other, gout = inputs
-        fn = entry.torch if impl == "torch" else entry.pyengine
+        fn = peers.op_function(entry, impl)
         args = diff + other
+        plain = [t.detach() for t in diff] + other  # the same values, no gradient asked for
         primed = fn(*args)
+        backward_fn = peers.backward_function(entry, impl, fn)
+        retained = primed if backward_fn is fn else backward_fn(*args)  # primed is freed on return
         return {
             "forward": lambda: fn(*args),
-            "backward": lambda: torch.autograd.grad(primed, diff, gout, retain_graph=True),
+            NO_GRAD: lambda: fn(*plain),
+            "backward": lambda: torch.autograd.grad(retained, diff, gout, retain_graph=True),
             "forward+backward": lambda: torch.autograd.grad(fn(*args), diff, gout),
         }
     state, x, y = inputs
-    net, loss_fn = entry.build(entry.sizes[size][1], LIBS["torch" if impl == "torch" else "pyengine"])
+    side = "torch" if peers.is_torch_side(impl) else "pyengine"
+    net, loss_fn = entry.build(entry.sizes[size][1], LIBS[side])
     net.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None).load_state_dict(state)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    if impl != "torch" and entry.pyengine_step is not None:  # e.g. FusedMLP.training_step: the same SGD in one call
+    if side == "pyengine" and entry.pyengine_step is not None:  # e.g. FusedMLP.training_step: one-call SGD
         step = entry.pyengine_step(net, x, y, 1e-3)
         step()
         return {"step": step}
 
+    def forward_loss(x, y):
+        return loss_fn(net(x), y)
+
+    if impl == "compile":
+        forward_loss = peers.compiled(forward_loss)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
+        loss = forward_loss(x, y)
         loss.backward()
         opt.step()
         return loss
@@ -142,7 +155,7 @@ def _results(kind, name, size, impl, inputs):
     entry = case(kind, name)
     if kind == "op":
         diff, other, gout = inputs
-        fn = entry.torch if impl in ("torch", "float64") else entry.pyengine
+        fn = peers.op_function(entry, "torch" if impl == "float64" else impl)
         out = fn(*diff, *other)
         return [out, *torch.autograd.grad(out, diff, gout)]
     state, x, y = inputs

@@ -3,7 +3,7 @@
 Each op entry knows its sizes, how to make its inputs, the pyengine and torch calls, and its floor: the bytes
 that must cross memory and the flops that must be done, per mode (see NOTES.md for the reasoning per op).
 Sizes: tiny is the origin notes' 8 -> 6 -> 4 -> 1 MLP at a batch of 759 rows, large is 16M-element
-activations, a 4096x1024 -> 1024 linear and a 4096x32000 cross-entropy.
+activations, a 4096x1024 -> 1024 linear, a 4096x32000 cross-entropy and an LM head (4096x1024 -> 32000 classes).
 """
 import math
 from dataclasses import dataclass, field
@@ -16,13 +16,17 @@ import pyengine.functional as PF
 import pyengine.nn as pnn
 
 SIZES = ("tiny", "medium", "large")
-MODES = ("forward", "backward", "forward+backward")
+NO_GRAD = "forward (no grad)"
+# forward: on inputs that require grad (training's forward, saving what backward needs); NO_GRAD: the same call on
+# detached inputs, nothing recorded for autograd (an inference call: the row that judges cross_entropy's forward)
+MODES = ("forward", NO_GRAD, "backward", "forward+backward")
 # op -> the dtypes in which pyengine's forward computes the gradient for an incoming 1 in the same pass as the
 # loss (training's case), its backward only scaling or returning it: there a backward-only time is not comparable
 # with torch's, whose backward does that work, and only forward+backward compares like with like. cross_entropy
 # keeps float16/bfloat16 out (a saved gradient would be rounded twice).
 GRAD_IN_FORWARD = {"cross_entropy": ("float32", "float64"),
-                   "linear_cross_entropy": ("float32", "float64", "float16", "bfloat16")}
+                   "linear_cross_entropy": ("float32", "float64", "float16", "bfloat16"),
+                   "linear_cross_entropy_lm_head": ("float32", "float64", "float16", "bfloat16")}
 TINY_ROWS = 759  # the notes' batch
 
 
@@ -33,8 +37,11 @@ class Op:
     make: Callable  # (params, dtype, device) -> (inputs that take a gradient, other arguments)
     pyengine: Callable
     torch: Callable
-    floor: Callable  # (params, element bytes) -> {mode: (bytes, flops or None)}
+    floor: Callable  # (params, element bytes) -> {mode: (bytes, flops or None)}; NO_GRAD's is forward's
     describe: Callable = field(default=lambda p: "x".join(map(str, p)))
+    # torch's own chunked implementation of the op, timed beside the composition in `torch` (peer "torch_chunked"):
+    # (*inputs, allow_retain_graph) -> output
+    torch_chunked: Callable = None
 
 
 def _randn(shape, dtype, device):
@@ -185,11 +192,11 @@ OPS = {
 
 
 
-def _lce_make(p, dtype, device):
+def _lce_make(p, dtype, device, bias=True):
     n, h, v = p
     w = torch.randn(v, h, dtype=dtype, device=device) / math.sqrt(h)
-    return ([_randn((n, h), dtype, device), w.requires_grad_(), _randn((v,), dtype, device)],
-            [torch.randint(0, v, (n,), device=device)])
+    params = [_randn((n, h), dtype, device), w.requires_grad_()] + ([_randn((v,), dtype, device)] if bias else [])
+    return params, [torch.randint(0, v, (n,), device=device)]
 
 
 def _lce_pyengine(x, w, b, t):
@@ -200,18 +207,60 @@ def _lce_torch(x, w, b, t):
     return F.cross_entropy(F.linear(x, w, b), t)
 
 
-def _lce_floor(p, s):
+def chunked_options(allow_retain_graph=False):
+    """torch's LinearCrossEntropyOptions (torch 2.14 and later), or an error that names what this torch lacks:
+    the row says so and the run goes on."""
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is None or not hasattr(F, "linear_cross_entropy"):
+        raise RuntimeError(f"torch {torch.__version__} has no chunked linear_cross_entropy "
+                           "(F.linear_cross_entropy with torch.nn.LinearCrossEntropyOptions, torch 2.14 and later)")
+    # allow_retain_graph: the chunked backward consumes gradients computed in the forward, in place, so a second
+    # backward of one graph raises unless asked for (which costs an extra gradient-sized copy per call); only
+    # the backward-only timing, which reruns one retained graph, asks
+    return options(allow_retain_graph=allow_retain_graph)
+
+
+def _lce_chunked(x, w, b, t, allow_retain_graph=False):
+    return F.linear_cross_entropy(x, w, t, linear_bias=b, options=chunked_options(allow_retain_graph))
+
+
+def _lce_floor(p, s, bias=True):
     n, h, v = p
+    b = v if bias else 0
     # forward reads x, W, b and the targets; backward writes dx, dW, db; the (N, V) logits need never touch
     # memory (a fused kernel keeps each tile on chip). Flops: the logits GEMM, then dx = dz W and dW = dz^T x.
-    fwd_b, bwd_b = (n * h + v * h + v) * s + 8 * n, (n * h + v * h + v) * s
+    fwd_b, bwd_b = (n * h + v * h + b) * s + 8 * n, (n * h + v * h + b) * s
     fwd_f, bwd_f = 2 * n * h * v, 4 * n * h * v
     return {"forward": (fwd_b, fwd_f), "backward": (bwd_b, bwd_f), "forward+backward": (fwd_b + bwd_b, fwd_f + bwd_f)}
 
 
+def _lm_head_pyengine(x, w, t):
+    return PF.linear_cross_entropy(x, w, t)
+
+
+def _lm_head_torch(x, w, t):
+    return F.cross_entropy(F.linear(x, w), t)
+
+
+def _lm_head_chunked(x, w, t, allow_retain_graph=False):
+    return F.linear_cross_entropy(x, w, t, options=chunked_options(allow_retain_graph))
+
+
+def _lce_shape(p):
+    return f"{p[0]}x{p[1]}->{p[2]}"
+
+
 OPS["linear_cross_entropy"] = Op(
     "linear_cross_entropy", {"tiny": (TINY_ROWS, 8, 10), "medium": (1024, 512, 8000), "large": (4096, 1024, 32000)},
-    _lce_make, _lce_pyengine, _lce_torch, _lce_floor, lambda p: f"{p[0]}x{p[1]}->{p[2]}")
+    _lce_make, _lce_pyengine, _lce_torch, _lce_floor, _lce_shape, torch_chunked=_lce_chunked)
+# A language model's output layer and loss: 4096 tokens of width 1024 into a 32000-token vocabulary, no bias (as in
+# GPT-2 and Llama heads). The torch composition materializes the 4096x32000 logits (500 MB in float32) and their
+# gradient; pyengine and torch's chunked path never hold them whole. Large only: it is the large sweep's biggest case.
+OPS["linear_cross_entropy_lm_head"] = Op(
+    "linear_cross_entropy_lm_head", {"large": (4096, 1024, 32000)},
+    lambda p, dtype, device: _lce_make(p, dtype, device, bias=False), _lm_head_pyengine, _lm_head_torch,
+    lambda p, s: _lce_floor(p, s, bias=False), _lce_shape, torch_chunked=_lm_head_chunked)
+
 
 @dataclass
 class Model:

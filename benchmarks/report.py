@@ -3,6 +3,9 @@ import json
 import math
 import os
 
+from . import peers
+from .ops import NO_GRAD
+
 SIZE_ORDER = ("tiny", "medium", "large")
 PLOT_MODES = ("forward+backward", "step")  # what a training step costs; the other modes are in results.md
 
@@ -55,19 +58,45 @@ GRAD_IN_FORWARD_NOTE = {"forward": "forward computes the gradient too",
                         "backward": "backward only scales the forward's gradient"}
 
 
-def notes(r):
-    """The row's flags, then its error: what a reader must know before trusting its speedup."""
+def notes(r, peer_names=()):
+    """The row's flags, then its error: what a reader must know before trusting its speedup (and, for each peer
+    in peer_names, its speedup over that peer)."""
     out = ["noisy"] if r.get("noisy") else []
     if r.get("grad_in_forward") and r["mode"] in GRAD_IN_FORWARD_NOTE:
         out.append(GRAD_IN_FORWARD_NOTE[r["mode"]])
+    for peer in peer_names:
+        label = peers.LABELS[peer]
+        if r.get(f"{peer}_error"):
+            out.append(f"{label} failed: {r[f'{peer}_error']}")
+        elif r.get(f"{peer}_noisy"):
+            out.append(f"{label} noisy")
+        if r.get(f"{peer}_warning"):
+            out.append(f"{label} warned: {r[f'{peer}_warning']}")
     return out + [e for e in (r["error"], r["torch_error"]) if e][:1]
 
 
 TIME_HEADER = ["op", "size", "mode", "dtype", "backend", "pyengine", "torch", "spread pe/torch", "speedup", "GB/s",
                "%BW", "GFLOP/s", "peak MiB pe/torch", "note"]
+COMPILE_COLUMNS = ["compile", "vs compile"]  # after speedup, with --peer compile
+
+
+def _compiled(results):
+    return "compile" in results["config"].get("peers", ())
+
+
+def time_header(results):
+    if not _compiled(results):
+        return TIME_HEADER
+    at = TIME_HEADER.index("speedup") + 1
+    return TIME_HEADER[:at] + COMPILE_COLUMNS + TIME_HEADER[at:]
+
+
+def fmt_speedup(x):
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def time_rows(results, note_width=None):
+    compiled = _compiled(results)
     out = []
     for r in results["timings"]:
         mem = ""
@@ -76,11 +105,50 @@ def time_rows(results, note_width=None):
         spread = ""
         if r["pyengine_s"] is not None or r["torch_s"] is not None:
             spread = f"{fmt_spread(r.get('pyengine_spread'))} / {fmt_spread(r.get('torch_spread'))}"
+        versus = [fmt_time(r.get("compile_s")), fmt_speedup(r.get("speedup_vs_compile"))] if compiled else []
         out.append([r["op"], f"{r['size']} {r['shape']}", r["mode"], r["dtype"], r["backend"],
-                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]), spread,
-                    "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]), spread, fmt_speedup(r["speedup"]), *versus,
                     fmt_num(r["pyengine_gbps"]), fmt_share(r), fmt_num(r["pyengine_gflops"]), mem,
-                    _note("; ".join(notes(r)), note_width)])
+                    _note("; ".join(notes(r, ("compile",) if compiled else ())), note_width)])
+    return out
+
+
+CHUNKED_HEADER = ["op", "size", "mode", "dtype", "backend", "pyengine", "torch", "torch chunked", "vs torch",
+                  "vs chunked", "peak MiB pe/torch/chunked", "note"]
+
+
+def chunked_rows(results, note_width=None):
+    """linear_cross_entropy (and its LM head case) beside both of torch's ways: the composition and its chunked
+    linear_cross_entropy, time and peak memory side by side, from the same interleaved rounds."""
+    out = []
+    for r in results["timings"]:
+        if "torch_chunked_s" not in r:
+            continue
+        mem = ""
+        if r["mode"] == "forward+backward":
+            mem = " / ".join(fmt_mem(r.get(k)) for k in ("pyengine_peak_bytes", "torch_peak_bytes",
+                                                          "torch_chunked_peak_bytes"))
+        out.append([r["op"], f"{r['size']} {r['shape']}", r["mode"], r["dtype"], r["backend"],
+                    fmt_time(r["pyengine_s"]), fmt_time(r["torch_s"]), fmt_time(r["torch_chunked_s"]),
+                    fmt_speedup(r["speedup"]), fmt_speedup(r["speedup_vs_torch_chunked"]), mem,
+                    _note("; ".join(notes(r, ("torch_chunked",))), note_width)])
+    return out
+
+
+COMPILE_HEADER = ["op", "size", "dtype", "forward", "forward (no grad)", "backward", "forward+backward", "step",
+                  "total", "graphs", "note"]
+
+
+def compile_rows(results, note_width=None):
+    """The compiled peer's first call of each mode, in the order they ran (the forward with grad first): the
+    compile and recompiles they triggered, plus one call. Never part of a median."""
+    out = []
+    for c in results.get("compile", []):
+        first = c.get("first_call_s") or {}
+        note = "; ".join(x for x in (c.get("error"), c.get("warning")) if x)
+        firsts = [fmt_time(first.get(mode)) for mode in COMPILE_HEADER[3:8]]
+        out.append([c["op"], f"{c['size']} {c['shape']}", c["dtype"], *firsts, fmt_time(c.get("total_s")),
+                    c.get("graphs", "-"), _note(note, note_width)])
     return out
 
 
@@ -99,7 +167,11 @@ def caveats(results):
     grad_ops = list(dict.fromkeys(r["op"] for r in rows if r.get("grad_in_forward")))
     if grad_ops:
         out.append(f"{', '.join(grad_ops)}: pyengine's forward also computes the gradient and its backward only "
-                   "scales it, so only their forward+backward compares like with like")
+                   f"scales it, so only their forward+backward and {NO_GRAD} rows compare like with like")
+    if _compiled(results):
+        out.append("compile: torch.compile (inductor, default mode, dynamic=False) of the torch column's code, timed "
+                   "in the same rounds; vs compile = the compiled median / pyengine's (above 1: pyengine faster); "
+                   "its first calls, which compile, are in their own table and in no median")
     return out
 
 
@@ -110,10 +182,39 @@ def _note(text, width):
     return text if width is None or len(text) <= width else text[:width - 3] + "..."
 
 
+def _numeric_note(n):
+    out = [n["error"]] if n["error"] else []
+    if "torch_chunked_max_rel" in n:  # torch's third way, beside the composition in the torch columns
+        out.append(f"torch chunked: {n['torch_chunked_error']}" if n.get("torch_chunked_error") else
+                   f"torch chunked max {fmt_err(n['torch_chunked_max_rel'])}, "
+                   f"mean {fmt_err(n['torch_chunked_mean_rel'])}")
+    return "; ".join(out)
+
+
 def numeric_rows(results, note_width=None):
     return [[n["op"], n["size"], n["dtype"], n["backend"], fmt_err(n["pyengine_max_rel"]),
              fmt_err(n["pyengine_mean_rel"]), fmt_err(n["torch_max_rel"]), fmt_err(n["torch_mean_rel"]),
-             _note(n["error"] or "", note_width)] for n in results["numerics"]]
+             _note(_numeric_note(n), note_width)] for n in results["numerics"]]
+
+
+CHUNKED_TITLE = ("linear_cross_entropy against torch's two ways, from the same rounds: torch = "
+                 "F.cross_entropy(F.linear(x, w, b), t), torch chunked = F.linear_cross_entropy(x, w, t, "
+                 "options=LinearCrossEntropyOptions()); vs = that time / pyengine's; peak memory of forward+backward "
+                 "above the inputs. linear_cross_entropy_lm_head is an LM head: 4096 tokens x 1024 -> 32000 classes, "
+                 "no bias. torch chunked's backward row reruns a graph kept with allow_retain_graph=True (a "
+                 "gradient-sized copy per call)")
+COMPILE_TITLE = ("torch.compile first calls (seconds each, compile and recompiles included, in the order run; "
+                 "graphs: how many dynamo compiled for the case); the medians above exclude them")
+
+
+def _extra_tables(results, note_width, table):
+    out = []
+    chunked = chunked_rows(results, note_width)
+    if chunked:
+        out += [CHUNKED_TITLE, table(CHUNKED_HEADER, chunked)]
+    if _compiled(results):
+        out += [COMPILE_TITLE, table(COMPILE_HEADER, compile_rows(results, note_width))]
+    return out
 
 
 def text(results):
@@ -127,7 +228,8 @@ def text(results):
         "pyengine's, counting the bytes that must move (NOTES.md); peak memory of forward+backward above the inputs",
         *caveats(results),
         *([f"not benchmarked: backend {', '.join(c['not_built'])} is not built here"] if c.get("not_built") else []),
-        "", _table(TIME_HEADER, time_rows(results, 60)), "",
+        "", _table(time_header(results), time_rows(results, 60)), "",
+        *[x for t in _extra_tables(results, 60, _table) for x in (t, "")],
         "numerics: relative error against float64 (output and gradients), max and mean",
         _table(NUM_HEADER, numeric_rows(results, 60)),
     ])
@@ -156,7 +258,8 @@ def markdown(results):
         "machine's copy bandwidth. Peak memory: one forward+backward (or training step), above its inputs. "
         "speedup.png draws the forward+backward (and training step) speedups; every mode is here.",
         "\n".join(f"- {line}" for line in caveats(results)),
-        "## Speed", md(TIME_HEADER, time_rows(results)),
+        "## Speed", md(time_header(results), time_rows(results)),
+        *_extra_tables(results, None, md),
         "## Numerics", "Relative error against a float64 reference, output and gradients pooled.",
         md(NUM_HEADER, numeric_rows(results)),
     ]) + "\n"

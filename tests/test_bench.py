@@ -1,5 +1,6 @@
 """The benchmark harness itself (schema, coverage, outputs, flags, CLI), never speed: a tiny configuration that
 runs in seconds (--sizes tiny and a small --budget)."""
+import gc
 import io
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pyengine.__main__ import _benchmarks
 from pyengine.__main__ import main as pyengine_main
@@ -70,13 +72,15 @@ def test_json_schema(full_run):
 def test_every_op_mode_and_backend_present(full_run):
     _, res = full_run
     seen = {(r["op"], r["mode"], r["backend"]) for r in res["timings"]}
+    tiny_ops = {name for name, op in ops.OPS.items() if "tiny" in op.sizes}  # the LM head case is large only
+    assert set(ops.OPS) - tiny_ops == {"linear_cross_entropy_lm_head"}
     for backend in res["config"]["backends"]:
-        for name in ops.OPS:
+        for name in tiny_ops:
             for mode in ops.MODES:
                 assert (name, mode, backend) in seen
         for name in ops.MODELS:
             assert (name, "step", backend) in seen
-    assert {n["op"] for n in res["numerics"]} == set(ops.OPS) | set(ops.MODELS)
+    assert {n["op"] for n in res["numerics"]} == tiny_ops | set(ops.MODELS)
     assert {"linear", "relu", "sigmoid", "add", "cross_entropy"} <= set(ops.OPS)
 
 
@@ -106,7 +110,7 @@ def test_ops_filtering_and_backend_errors_recorded(tmp_path, monkeypatch):
     assert {r["op"] for r in res["timings"]} == {"relu", "sigmoid", "mlp_notes"}
     assert {r["backend"] for r in res["timings"]} == {"python"}
     relu = [r for r in res["timings"] if r["op"] == "relu"]
-    assert len(relu) == 3 and all("kernel exploded" in r["error"] and r["torch_s"] > 0 for r in relu)
+    assert len(relu) == len(ops.MODES) and all("kernel exploded" in r["error"] and r["torch_s"] > 0 for r in relu)
     assert all(r["error"] is None and r["pyengine_s"] > 0 for r in res["timings"] if r["op"] != "relu")
     assert "kernel exploded" in next(n for n in res["numerics"] if n["op"] == "relu")["error"]
 
@@ -160,6 +164,7 @@ def test_help_documents_sizes_and_budget(capsys):
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # as argparse wraps it to the terminal's width
     assert "--sizes" in out and "--budget" in out and "tiny, medium, large" in out
+    assert "--peer" in out and "torch.compile" in out and "chunked" in out and "bfloat16" in out
     with pytest.raises(SystemExit):  # once read as "no budget given" and replaced by the default
         cli.parse(["--budget", "0"])
 
@@ -227,3 +232,123 @@ def test_plot_draws_forward_backward_bars_of_the_sizes_that_ran():
     assert set(bars) == {("relu", "tiny"), ("relu", "medium"), ("cross_entropy", "tiny"), ("mlp_notes (step)", "tiny")}
     assert bars["cross_entropy", "tiny"]["speedup"] == 2.0  # forward+backward, not the backward's 1000x
     assert [b["noisy"] for b in data["bars"]] == [False, False, True, False]
+
+
+def test_forward_without_grad_is_its_own_mode(full_run):
+    """Every op has a forward on inputs that need no gradient: the row that judges the forward of the losses whose
+    training forward computes the gradient too, and the per-call cost of a plain functional call."""
+    _, res = full_run
+    no_grad = [r for r in res["timings"] if r["mode"] == ops.NO_GRAD]
+    assert {r["op"] for r in no_grad} == {n for n, op in ops.OPS.items() if "tiny" in op.sizes}
+    forward = {(r["op"], r["backend"]): r for r in res["timings"] if r["mode"] == "forward"}
+    for r in no_grad:
+        assert r["error"] or r["pyengine_s"] > 0
+        assert r["bytes"] == forward[r["op"], r["backend"]]["bytes"]  # it moves what the forward moves
+    note, mode = report.TIME_HEADER.index("note"), report.TIME_HEADER.index("mode")
+    lce = {t[mode]: t[note] for t in report.time_rows(res) if t[0] == "linear_cross_entropy"}
+    assert "forward computes the gradient" in lce["forward"]
+    assert "gradient" not in lce[ops.NO_GRAD]  # the no-grad row is not marked: it compares like with like
+
+
+def test_torch_chunked_path_beside_linear_cross_entropy(full_run):
+    _, res = full_run
+    rows = [r for r in res["timings"] if r["op"] == "linear_cross_entropy"]
+    assert rows and all("torch_chunked_s" in r for r in rows)
+    assert not any("torch_chunked_s" in r for r in res["timings"] if r["op"] != "linear_cross_entropy")
+    for r in rows:
+        assert r["torch_chunked_error"] is None and r["torch_chunked_s"] > 0
+        assert r["speedup_vs_torch_chunked"] == pytest.approx(r["torch_chunked_s"] / r["pyengine_s"])
+        if r["mode"] == "forward+backward":
+            assert r["torch_chunked_peak_bytes"] is not None
+    numerics = [n for n in res["numerics"] if n["op"] == "linear_cross_entropy"]
+    assert all(n["torch_chunked_max_rel"] < 1e-2 for n in numerics)
+    text = report.text(res)
+    assert "torch chunked" in text and "peak MiB pe/torch/chunked" in text
+    assert "compile" not in report.time_header(res)  # without --peer the speed table is as it was
+
+
+def test_torch_without_chunked_path_says_so(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions")  # as on torch before 2.14
+    argv = TINY + ["--ops", "linear_cross_entropy", "--backends", "cpp", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    res = _load(tmp_path)
+    for r in res["timings"]:
+        assert "has no chunked linear_cross_entropy" in r["torch_chunked_error"] and r["torch_chunked_s"] is None
+        assert r["pyengine_s"] > 0 and r["torch_s"] > 0
+    assert "torch chunked: RuntimeError" in report.numeric_rows(res)[0][-1]
+
+
+def test_lm_head_case_in_float32_and_bfloat16(monkeypatch, tmp_path):
+    """The LM head case (large only, 4096x1024 -> 32000) run at a small shape: pyengine, torch's composition and
+    torch's chunked path, time and peak memory side by side, in both dtypes."""
+    lm_head = ops.OPS["linear_cross_entropy_lm_head"]
+    assert lm_head.sizes == {"large": (4096, 1024, 32000)}
+    monkeypatch.setattr(lm_head, "sizes", {"tiny": (64, 16, 50)})
+    argv = TINY + ["--ops", "linear_cross_entropy_lm_head", "--backends", "cpp", "--dtype", "float32,bfloat16",
+                   "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    res = _load(tmp_path)
+    assert {(r["dtype"], r["mode"]) for r in res["timings"]} == {(d, m) for d in ("float32", "bfloat16")
+                                                                  for m in ops.MODES}
+    for r in res["timings"]:
+        assert r["error"] is None and r["torch_chunked_error"] is None
+        assert r["pyengine_s"] > 0 and r["torch_s"] > 0 and r["torch_chunked_s"] > 0
+        if r["mode"] == "forward+backward":  # measured (the probe's process knows only the large shape: an error)
+            assert all(r[k] is not None for k in ("pyengine_peak_bytes", "torch_peak_bytes",
+                                                  "torch_chunked_peak_bytes"))
+    assert len(report.chunked_rows(res)) == 2 * len(ops.MODES)
+    assert {n["dtype"] for n in res["numerics"]} == {"float32", "bfloat16"}
+    memory = import_module(bench.__name__ + ".memory")
+    peaks = memory.probe([("op", lm_head.name, "tiny", "bfloat16", impl) for impl in ("cpp", "torch", "torch_chunked")])
+    gc.unfreeze()  # the probe freezes what exists, for its own process
+    assert all(isinstance(p, int) for p in peaks), peaks
+
+
+def test_bfloat16_covers_every_op_and_model(tmp_path):
+    assert bench.main(TINY + ["--dtype", "bfloat16", "--backends", "cpp", "--out", str(tmp_path)]) == 0
+    res = _load(tmp_path)
+    tiny = {n for n, op in ops.OPS.items() if "tiny" in op.sizes} | set(ops.MODELS)
+    assert {r["op"] for r in res["timings"]} == tiny and {n["op"] for n in res["numerics"]} == tiny
+    for r in res["timings"]:
+        assert r["error"] is None and r["torch_error"] is None and r["pyengine_s"] > 0, r["op"]
+    for n in res["numerics"]:
+        assert n["error"] is None and n["pyengine_max_rel"] >= 0 and n["torch_max_rel"] >= 0, n["op"]
+
+
+def test_compile_peer_timed_beside_torch_and_pyengine(tmp_path):
+    argv = TINY + ["--ops", "relu,mlp_notes", "--backends", "cpp", "--peer", "compile", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    res = _load(tmp_path)
+    assert res["config"]["peers"] == ["compile"]
+    for r in res["timings"]:
+        assert r["compile_error"] is None and r["compile_s"] > 0, r["mode"]
+        assert r["speedup_vs_compile"] == pytest.approx(r["compile_s"] / r["pyengine_s"])
+        assert r["compile_first_call_s"] > 0
+    relu, model = res["compile"]
+    assert set(relu["first_call_s"]) == set(ops.MODES) and set(model["first_call_s"]) == {"step"}
+    # the forward with grad and the no-grad forward each compile a graph; the medians never include them
+    assert relu["graphs"] >= 2 and relu["total_s"] == pytest.approx(sum(relu["first_call_s"].values()))
+    header = report.time_header(res)
+    assert header[header.index("speedup") + 1:][:2] == ["compile", "vs compile"]
+    text = report.text(res)
+    assert "torch.compile first calls" in text and "vs compile" in text
+
+
+def test_compile_failure_is_recorded_not_fatal(monkeypatch, tmp_path):
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("inductor exploded")
+        return call
+
+    peers = import_module(bench.__name__ + ".peers")
+    monkeypatch.setattr(peers, "compiled", broken)
+    argv = TINY + ["--ops", "relu", "--backends", "cpp", "--peer", "compile", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    res = _load(tmp_path)
+    for r in res["timings"]:
+        assert "inductor exploded" in r["compile_error"] and r["compile_s"] is None and r["pyengine_s"] > 0
+    assert "inductor exploded" in res["compile"][0]["error"]
+    note = report.time_header(res).index("note")
+    assert all("compile failed: RuntimeError: inductor exploded" in t[note] for t in report.time_rows(res))
+    with pytest.raises(SystemExit):
+        cli.parse(["--peer", "tensorrt"])
