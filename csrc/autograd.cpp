@@ -53,20 +53,37 @@ c10::optional<at::Tensor> as_optional(const at::Tensor& t) {
 
 // Named outside the anonymous namespace: the names show in grad_fn.name() (torch::autograd::CppNode<...>).
 
-// y = op(x), dx = op_backward(dy, y): relu, sigmoid and tanh need only their output in the backward.
+// y = op(x), dx = op_backward(dy, y): relu, sigmoid and tanh need only their output in the backward. Their node
+// is written as torch writes its own (a Node holding the saved output) rather than as a torch::autograd::Function,
+// whose apply also records every input's and output's metadata and a context: about 1 us a call, as much as the
+// kernel itself on a small tensor.
 template <typename Op>
-struct OutputSavingFunction : torch::autograd::Function<OutputSavingFunction<Op>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
-    at::Tensor y = Op::forward(x);
-    ctx->save_for_backward({y});
-    return y;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor y = ctx->get_saved_variables()[0];
+struct OutputSavingBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable saved_y;
+
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor y = saved_y.unpack(getptr());
+    if (!grads[0].defined()) return {at::Tensor()};
     if (at::GradMode::is_enabled()) return call_reference(Op::backward_name, grads[0], y);
     return {Op::backward(grads[0], y)};
   }
+  void release_variables() override { saved_y.reset_data(); }
 };
+
+template <typename Op>
+at::Tensor output_saving(const at::Tensor& x) {
+  if (!records_graph(x)) return Op::forward(x);
+  at::Tensor y;
+  {
+    at::AutoGradMode no_recording(false);  // as a Function's forward: nothing inside is recorded
+    y = Op::forward(x);
+  }
+  auto node = make_node<OutputSavingBackward<Op>>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x));
+  torch::autograd::set_history(y, node);
+  node->saved_y = torch::autograd::SavedVariable(y, /*is_output=*/true);
+  return y;
+}
 
 struct Relu {
   static constexpr const char* backward_name = "relu_backward";
@@ -102,14 +119,17 @@ struct LeakyReLUFunction : torch::autograd::Function<LeakyReLUFunction> {
 // x (*, K) flattened to (M, K); y = act(x W^T + b) (M, N) viewed back as (*, N). Saves x and W, and y when an
 // activation's derivative needs it (dz = dy * act'(y)).
 struct LinearFunction : torch::autograd::Function<LinearFunction> {
+  static at::Tensor output(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           int64_t activation) {
+    const at::Tensor y = pyengine::linear_forward(as_matrix(x), weight, bias, activation);
+    if (x.dim() == 2) return y;
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return y.view(shape);
+  }
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, int64_t activation) {
-    at::Tensor y = pyengine::linear_forward(as_matrix(x), weight, bias, activation);
-    if (x.dim() != 2) {
-      std::vector<int64_t> shape = x.sizes().vec();
-      shape.back() = weight.size(0);
-      y = y.view(shape);
-    }
+    at::Tensor y = output(x, weight, bias, activation);
     // y as returned, so that it is saved as this node's output and double backward differentiates act'(y) too
     ctx->save_for_backward(activation ? variable_list{x, weight, y} : variable_list{x, weight});
     ctx->saved_data["activation"] = activation;
@@ -243,6 +263,14 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     ctx->save_for_backward({logits, t, weight.value_or(at::Tensor()), r[1], r[2]});
     return reduction == 0 ? r[0].view({input.size(0)}) : r[0];
   }
+  // The loss alone, when no graph is recorded.
+  static at::Tensor loss(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                         int64_t ignore_index, int64_t reduction, double label_smoothing) {
+    const at::Tensor r = pyengine::cross_entropy_forward(input.contiguous().view({input.size(0), input.size(1), 1}),
+                                                         target.contiguous().view({target.size(0), 1}), weight,
+                                                         ignore_index, reduction, label_smoothing)[0];
+    return reduction == 0 ? r.view({input.size(0)}) : r;
+  }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool recording = at::GradMode::is_enabled();
     const variable_list saved = ctx->get_saved_variables();
@@ -269,41 +297,58 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   }
 };
 
+// Each entry builds its node only when records_graph says a gradient will be asked for; else the kernel alone.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   int64_t activation) {
-  return LinearFunction::apply(x, weight, bias, activation);
+  return records_graph(x, weight, bias) ? LinearFunction::apply(x, weight, bias, activation)
+                                        : LinearFunction::output(x, weight, bias, activation);
 }
-at::Tensor relu(const at::Tensor& x) { return OutputSavingFunction<Relu>::apply(x); }
-at::Tensor sigmoid(const at::Tensor& x) { return OutputSavingFunction<Sigmoid>::apply(x); }
-at::Tensor tanh(const at::Tensor& x) { return OutputSavingFunction<Tanh>::apply(x); }
+at::Tensor relu(const at::Tensor& x) {
+  return output_saving<Relu>(x);
+}
+at::Tensor sigmoid(const at::Tensor& x) {
+  return output_saving<Sigmoid>(x);
+}
+at::Tensor tanh(const at::Tensor& x) {
+  return output_saving<Tanh>(x);
+}
 at::Tensor leaky_relu(const at::Tensor& x, double negative_slope) {
-  return LeakyReLUFunction::apply(x, negative_slope);
+  return records_graph(x) ? LeakyReLUFunction::apply(x, negative_slope)
+                          : pyengine::leaky_relu_forward(x, negative_slope);
 }
 at::Tensor add(const at::Tensor& input, const at::Tensor& other, double alpha) {
-  return AddFunction::apply(input, other, alpha);
+  return records_graph(input, other) ? AddFunction::apply(input, other, alpha)
+                                     : pyengine::add_forward(input, other, at::Scalar(alpha));
 }
 at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
-  return MSELossFunction::apply(input, target, reduction);
+  return records_graph(input, target) ? MSELossFunction::apply(input, target, reduction)
+                                      : pyengine::mse_loss_forward(input.contiguous(), target.contiguous(), reduction);
 }
 at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return BinaryCrossEntropyWithLogitsFunction::apply(input, target, weight, pos_weight, reduction);
+  using F = BinaryCrossEntropyWithLogitsFunction;
+  if (records_graph(input, target)) return F::apply(input, target, weight, pos_weight, reduction);
+  return pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
+                                                            F::contiguous(weight), F::contiguous(pos_weight),
+                                                            reduction);
 }
 
 at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                          int64_t ignore_index, int64_t reduction, double label_smoothing) {
-  const bool fused = at::GradMode::is_enabled() && input.requires_grad() && reduction != 0 &&
-                     (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+  if (!records_graph(input)) {
+    return CrossEntropyFunction::loss(input, target, weight, ignore_index, reduction, label_smoothing);
+  }
+  const bool fused = reduction != 0 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
   return CrossEntropyFunction::apply(input, target, weight, ignore_index, reduction, label_smoothing, fused);
 }
 
 void name_fused_mlp_graph_nodes();  // autograd_fused_mlp.cpp
 
 void name_graph_nodes() {
-  name_graph_node<OutputSavingFunction<Relu>>("ReLUFunctionBackward");
-  name_graph_node<OutputSavingFunction<Sigmoid>>("SigmoidFunctionBackward");
-  name_graph_node<OutputSavingFunction<Tanh>>("TanhFunctionBackward");
+  name_node_type<OutputSavingBackward<Relu>>("ReLUFunctionBackward");
+  name_node_type<OutputSavingBackward<Sigmoid>>("SigmoidFunctionBackward");
+  name_node_type<OutputSavingBackward<Tanh>>("TanhFunctionBackward");
   name_graph_node<LeakyReLUFunction>("LeakyReLUFunctionBackward");
   name_graph_node<LinearFunction>("LinearFunctionBackward");
   name_graph_node<AddFunction>("BroadcastAddFunctionBackward");

@@ -3,9 +3,12 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
 
+#include <memory>
 #include <string>
+#include <type_traits>
 
 namespace pyengine {
 namespace autograd {
@@ -34,14 +37,46 @@ inline variable_list link_to_error(variable_list grads, const variable_list& sav
   return linked;
 }
 
-// Gives the graph nodes of Function a Python type named `name`: torch prints an unnamed C++ node as
-// grad_fn=<name().rsplit("::")[-1]>, which for torch::autograd::CppNode<T> keeps the template's closing '>'
+// Gives a C++ node type (a Node subclass, or the CppNode of a Function) a Python type named `name`: torch prints
+// an unnamed C++ node as grad_fn=<name().rsplit("::")[-1]>, which for a template keeps its closing '>'
 // ("CrossEntropyFunction>>"); registered, it prints as the Python Function's node does (type(grad_fn).__name__).
+template <typename Node>
+void name_node_type(const char* name) {
+  static PyTypeObject type{};  // one per node type: torch keeps the pointer
+  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, nullptr);
+  torch::autograd::registerCppFunction(typeid(Node), &type);
+}
 template <typename Function>
 void name_graph_node(const char* name) {
-  static PyTypeObject type{};  // one per Function: torch keeps the pointer
-  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, nullptr);
-  torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<Function>), &type);
+  name_node_type<torch::autograd::CppNode<Function>>(name);
+}
+
+// A new graph node of type T, owned as this torch owns its nodes: c10::intrusive_ptr from torch 2.13 on,
+// std::shared_ptr with torch's deleteNode (which frees long chains without deep recursion) before. Base keeps
+// deleteNode a dependent name, found (by argument-dependent lookup) only where that branch is compiled.
+template <typename T, typename Base = torch::autograd::Node>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, Base>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(static_cast<Base*>(node)); });
+  }
+}
+
+// Whether a call must build a graph node: grad mode is on and some tensor argument wants a gradient. When none
+// does, the entries below run the forward kernel alone: a torch::autograd::Function's apply costs about 0.8 us
+// even then (it makes the node, its context and the output records before it finds nothing to record).
+inline bool wants_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool wants_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && wants_grad(*t); }
+inline bool wants_grad(at::TensorList ts) {
+  for (const at::Tensor& t : ts) {
+    if (wants_grad(t)) return true;
+  }
+  return false;
+}
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (wants_grad(tensors) || ...);
 }
 
 // (M, K) with M the product of the leading dims (not numel / K: K may be 0)

@@ -10,6 +10,7 @@
 #include "autograd.h"
 #include "common/checks.h"
 #include "cpu/allocator.h"
+#include "eager.h"
 #include "route.h"
 
 namespace pyengine {
@@ -246,6 +247,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   autograd::name_graph_nodes();
   ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
          "Registers the python backend's kernels, which a backward runs while autograd records it");
+
+  py::module_ eager = m.def_submodule("eager", "The functional ops' usual calls in one step (csrc/eager.cpp): the "
+                                      "result, graph node included, or None where the Python function must decide");
+  eager.def("relu", &eager::relu, py::arg("input"));
+  eager.def("sigmoid", &eager::sigmoid, py::arg("input"));
+  eager.def("tanh", &eager::tanh, py::arg("input"));
+  eager.def("leaky_relu", &eager::leaky_relu, py::arg("input"), py::arg("negative_slope"));
+  eager.def("add", &eager::add, py::arg("input"), py::arg("other"), py::arg("alpha"));
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &cpu_kernels_name,

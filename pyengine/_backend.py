@@ -215,7 +215,16 @@ def compiled_autograd(tensor):
     return None if select(tensor.device) == "python" else _AUTOGRAD
 
 
+def eager_entries():
+    """pyengine._C.eager (csrc/eager.cpp), the C++ first stop of the elementwise ops and add, when the tensors'
+    device decides the backend (none forced) and torch.compile is not tracing; else None. Its functions return
+    the result of a usual call (floating tensors of one dtype on a device with built kernels, no tracer, torch.func
+    transform or dual tensor) and None for anything else, which the Python function then handles in full."""
+    return None if _EAGER is None or _is_compiling() or _chosen.get() is not None else _EAGER
+
+
 _AUTOGRAD = None if _C is None else _C.autograd
+_EAGER = None if _C is None or _env_backend is not None else _C.eager
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -148,6 +149,36 @@ void add_strided(scalar_t* out, const scalar_t* a, const scalar_t* b, cpu::Strid
   run(Kind<0>{}, Kind<0>{});
 }
 
+// A short last dim with one operand repeating a single row, as a bias added to a narrow matrix ((759, 6) + (6)):
+// rows of n < one vector leave add_row's vector loop idle and pay the row walk per n elements. When the other
+// operand is contiguous over both dims, k rows at a time are one row of k * n elements against the repeated row
+// tiled k times (in a stack buffer), the same sums in the same order; the rows past a multiple of k go the usual
+// way. Returns false when the shape is not of that kind.
+template <typename scalar_t, typename alpha_t>
+bool add_repeated_row(scalar_t* out, const scalar_t* a, const scalar_t* b, const cpu::StridedDims<2>& dims,
+                      alpha_t alpha) {
+  constexpr int64_t kTile = 256, kMaxRow = 32;
+  if (dims.ndim() != 2 || dims.sizes[1] > kMaxRow) return false;
+  const int64_t rows = dims.sizes[0], n = dims.sizes[1], k = kTile / n;
+  const auto matrix = [&](int op) { return dims.strides[op][0] == n && dims.strides[op][1] == 1; };
+  const auto repeated = [&](int op) { return dims.strides[op][0] == 0 && dims.strides[op][1] == 1; };
+  const bool row_is_b = matrix(0) && repeated(1), row_is_a = repeated(0) && matrix(1);
+  if (!(row_is_a || row_is_b) || rows < 2 * k) return false;
+  scalar_t tile[kTile];
+  const scalar_t* row = row_is_b ? b : a;
+  for (int64_t r = 0; r < k; ++r) std::copy(row, row + n, tile + r * n);
+  const int64_t whole = rows / k * k;
+  cpu::StridedDims<2> tiled;
+  tiled.push_back(whole / k, {row_is_a ? 0 : k * n, row_is_b ? 0 : k * n});
+  tiled.push_back(k * n, {1, 1});
+  add_strided(out, row_is_a ? tile : a, row_is_b ? tile : b, tiled, alpha);
+  if (whole == rows) return true;
+  cpu::StridedDims<2> rest = dims;
+  rest.sizes[0] = rows - whole;
+  add_strided(out + whole * n, row_is_a ? a : a + whole * n, row_is_b ? b : b + whole * n, rest, alpha);
+  return true;
+}
+
 }  // namespace
 
 at::Tensor add_forward_cpu(const at::Tensor& input, const at::Tensor& other, const at::Scalar& alpha) {
@@ -171,7 +202,9 @@ at::Tensor add_forward_cpu(const at::Tensor& input, const at::Tensor& other, con
     // bool: any nonzero alpha keeps other, as bool(alpha) in the python reference
     const alpha_t a = std::is_same_v<scalar_t, bool> ? alpha_t(alpha.isBoolean() ? alpha.toBool() : alpha.toLong() != 0)
                                                      : alpha.to<alpha_t>();
-    add_strided(out.data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), dims, a);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t *x = input.const_data_ptr<scalar_t>(), *y = other.const_data_ptr<scalar_t>();
+    if (!add_repeated_row(o, x, y, dims, a)) add_strided(o, x, y, dims, a);
   });
   return out;
 }

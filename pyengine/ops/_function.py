@@ -53,8 +53,43 @@ def jvp_free_twin(function):
 
 
 def apply(function, twin, *args):
-    """function.apply(*args), or its jvp_free_twin's while torch.compile traces."""
-    return (twin if torch.compiler.is_compiling() else function).apply(*args)
+    """Applies an op's autograd Function: its jvp_free_twin while torch.compile traces, the Function itself under
+    torch.func transforms, and otherwise its eager twin (below) with the forward's defaults filled in."""
+    if torch.compiler.is_compiling():
+        return twin.apply(*args)
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    eager, argcount, defaults = _EAGER_TWINS.get(function) or _eager_twin(function)
+    if len(args) < argcount:  # the defaults the setup_context form would have bound
+        args = args + defaults[len(defaults) - (argcount - len(args)):]
+    return eager.apply(*args)
+
+
+_EAGER_TWINS = {}
+
+
+def _eager_twin(function):
+    """The Function in torch's older form, forward(ctx, *inputs), which runs setup_context itself: the same
+    forward, saved tensors, backward and jvp. A Function with a separate setup_context (the form torch.func needs)
+    pays inspect.signature on every apply, to bind its forward's defaults: measured 86 us against 8 us a call for
+    the older form (benchmarks/NOTES.md, "Per-call cost"), which no op on a small tensor can afford. Made once per
+    Function; returns (twin, the forward's positional argument count, its defaults)."""
+    forward, setup_context = function.forward, function.setup_context
+
+    def eager_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    attributes = {"forward": staticmethod(eager_forward), "backward": staticmethod(function.backward),
+                  "__module__": function.__module__, "__doc__": function.__doc__}
+    if function.jvp is not torch.autograd.Function.jvp:
+        attributes["jvp"] = staticmethod(function.jvp)
+    code = forward.__code__
+    entry = (type(function.__name__, (torch.autograd.Function,), attributes), code.co_argcount,
+             forward.__defaults__ or ())
+    _EAGER_TWINS[function] = entry
+    return entry
 
 
 def needs_grad(ctx, count):

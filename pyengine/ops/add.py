@@ -163,6 +163,10 @@ def add(input, other, *, alpha=1):
         >>> PF.add(torch.tensor([1, 2]), 1)  # integers stay integers
         tensor([2, 3])
     """
+    eager = _backend.eager_entries()
+    result = None if eager is None else eager.add(input, other, alpha)
+    if result is not None:
+        return result
     if not torch.is_tensor(input) and not torch.is_tensor(other):
         raise TypeError("pyengine.add needs at least one tensor operand")
     dtype = result_type(input, other)  # Python numbers promote as torch's wrapped numbers do

@@ -81,6 +81,10 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
         >>> PF.leaky_relu(torch.tensor([-2.0, 3.0]), negative_slope=0.5)
         tensor([-1.,  3.])
     """
+    eager = _backend.eager_entries()
+    result = None if eager is None else eager.leaky_relu(input, negative_slope)
+    if result is not None:
+        return result
     if not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"leaky_relu(): negative_slope must be a number, got {type(negative_slope).__name__}")
     if not input.is_floating_point():

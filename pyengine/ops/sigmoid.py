@@ -52,6 +52,10 @@ def sigmoid(input):
         >>> PF.sigmoid(torch.tensor([0]))  # an integer tensor: promoted to float
         tensor([0.5000])
     """
+    eager = _backend.eager_entries()
+    result = None if eager is None else eager.sigmoid(input)
+    if result is not None:
+        return result
     input = promote_to_float(input, "sigmoid")
     compiled = _backend.compiled_autograd(input)
     return compiled.sigmoid(input) if compiled is not None else apply(SigmoidFunction, _SIGMOID_FOR_COMPILE, input)

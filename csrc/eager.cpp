@@ -1,0 +1,108 @@
+// The first stop of pyengine.functional's elementwise ops and add (pyengine/ops/<op>.py), in C++. A call on a
+// tiny tensor costs torch about 1.5 us; the Python route to the same kernel (argument checks, promotion, backend
+// choice, pyengine/_backend.py compiled_autograd) cost as much again. Here the usual call is recognised and run,
+// node included, in one step: floating tensors of one dtype, on a device whose kernels are built, with no tracer,
+// no torch.func transform and no forward-mode dual tensor. Anything else returns None, and the Python function
+// does the whole work (promotion, torch's errors, the python backend, torch.compile's and torch.func's routes),
+// so no behaviour differs between the two. The Python side first checks that no backend is forced and that
+// torch.compile is not tracing (pyengine/_backend.py eager_entries).
+#include "eager.h"
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+
+#include <cmath>
+#include <optional>
+
+#include "autograd.h"
+
+namespace pyengine {
+namespace eager {
+namespace {
+
+using MaybeTensor = std::optional<at::Tensor>;
+
+bool kernels_built_for(const at::Tensor& t) {
+#ifdef PYENGINE_WITH_CUDA
+  return t.is_cpu() || t.is_cuda();
+#else
+  return t.is_cpu();
+#endif
+}
+
+// torch._C._are_functorch_transforms_active: a vmap, grad or jvp level is on this thread.
+bool functorch_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// The usual call: a floating tensor the C++ kernels run, outside every tracer and transform, without a tangent
+// (the C++ Functions have no jvp; the Python ones do).
+bool usual(const at::Tensor& t) {
+  return t.defined() && at::isFloatingType(t.scalar_type()) && kernels_built_for(t) && !functorch_active() &&
+         !torch::jit::tracer::isTracing() && !t._fw_grad(/*level=*/0).defined();
+}
+
+// A Python int or float (not bool, not a tensor or other number type, which the Python functions judge).
+std::optional<double> plain_number(pybind11::handle h) {
+  if (PyFloat_CheckExact(h.ptr())) return PyFloat_AS_DOUBLE(h.ptr());
+  if (PyLong_CheckExact(h.ptr())) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+    if (overflow == 0) return static_cast<double>(v);
+  }
+  return std::nullopt;
+}
+
+std::optional<at::Tensor> tensor(pybind11::handle h) {
+  if (!THPVariable_Check(h.ptr())) return std::nullopt;
+  return THPVariable_Unpack(h.ptr());
+}
+
+// Shapes that broadcast (the Python function raises torch's message for the rest).
+bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
+  for (size_t i = 1; i <= std::min(a.size(), b.size()); ++i) {
+    const int64_t m = a[a.size() - i], n = b[b.size() - i];
+    if (m != n && m != 1 && n != 1) return false;
+  }
+  return true;
+}
+
+constexpr double kFloat16Max = 65504.0;
+
+}  // namespace
+
+MaybeTensor relu(pybind11::handle input) {
+  const std::optional<at::Tensor> x = tensor(input);
+  return x && usual(*x) ? MaybeTensor(autograd::relu(*x)) : std::nullopt;
+}
+MaybeTensor sigmoid(pybind11::handle input) {
+  const std::optional<at::Tensor> x = tensor(input);
+  return x && usual(*x) ? MaybeTensor(autograd::sigmoid(*x)) : std::nullopt;
+}
+MaybeTensor tanh(pybind11::handle input) {
+  const std::optional<at::Tensor> x = tensor(input);
+  return x && usual(*x) ? MaybeTensor(autograd::tanh(*x)) : std::nullopt;
+}
+MaybeTensor leaky_relu(pybind11::handle input, pybind11::handle negative_slope) {
+  const std::optional<at::Tensor> x = tensor(input);
+  const std::optional<double> slope = plain_number(negative_slope);
+  return x && slope && usual(*x) ? MaybeTensor(autograd::leaky_relu(*x, *slope)) : std::nullopt;
+}
+
+// input + alpha * other for two tensors of one floating dtype on one device, shapes broadcasting, a plain alpha
+// (a float16 result with |alpha| past float16's range is left to the Python function, which raises torch's error).
+MaybeTensor add(pybind11::handle input, pybind11::handle other, pybind11::handle alpha) {
+  const std::optional<at::Tensor> a = tensor(input), b = tensor(other);
+  const std::optional<double> scale = plain_number(alpha);
+  if (!a || !b || !scale || !usual(*a) || !usual(*b)) return std::nullopt;
+  if (a->scalar_type() != b->scalar_type() || a->device() != b->device()) return std::nullopt;
+  if (!broadcastable(a->sizes(), b->sizes())) return std::nullopt;
+  if (a->scalar_type() == at::kHalf && std::abs(*scale) > kFloat16Max) return std::nullopt;
+  return autograd::add(*a, *b, *scale);
+}
+
+}  // namespace eager
+}  // namespace pyengine
