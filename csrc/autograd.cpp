@@ -101,19 +101,18 @@ struct Tanh {
   static at::Tensor backward(const at::Tensor& dy, const at::Tensor& y) { return pyengine::tanh_backward(dy, y); }
 };
 
-// y = x if x > 0 else slope * x; the backward needs the input (the slope may be 0 or negative).
-struct LeakyReLUFunction : torch::autograd::Function<LeakyReLUFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double slope) {
-    ctx->save_for_backward({x});
-    ctx->saved_data["slope"] = slope;
-    return pyengine::leaky_relu_forward(x, slope);
+// y = x if x > 0 else slope * x; the backward needs the input (the slope may be 0 or negative). A Node as above.
+struct LeakyReLUBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable saved_x;
+  double slope = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor x = saved_x.unpack();
+    if (!grads[0].defined()) return {at::Tensor()};
+    if (at::GradMode::is_enabled()) return {call_reference("leaky_relu_backward", grads[0], x, slope)[0]};
+    return {pyengine::leaky_relu_backward(grads[0], x, slope)};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor x = ctx->get_saved_variables()[0];
-    const double slope = ctx->saved_data["slope"].toDouble();
-    if (at::GradMode::is_enabled()) return {call_reference("leaky_relu_backward", grads[0], x, slope)[0], {}};
-    return {pyengine::leaky_relu_backward(grads[0], x, slope), {}};
-  }
+  void release_variables() override { saved_x.reset_data(); }
 };
 
 // x (*, K) flattened to (M, K); y = act(x W^T + b) (M, N) viewed back as (*, N). Saves x and W, and y when an
@@ -158,29 +157,25 @@ struct LinearFunction : torch::autograd::Function<LinearFunction> {
 // out = input + alpha * other, broadcast (one dtype and device: the functional form promotes the rest). Its
 // backward sums dout over each operand's broadcast dims; input's gradient is dout itself when input was not
 // broadcast (no copy: autograd copies before it stores a gradient somebody else holds), as torch's add does.
-struct AddFunction : torch::autograd::Function<AddFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& other, double alpha) {
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["input_shape"] = input.sizes().vec();
-    ctx->saved_data["other_shape"] = other.sizes().vec();
-    return pyengine::add_forward(input, other, at::Scalar(alpha));
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+// A Node as above; it saves no tensor, only the operands' shapes and alpha.
+struct AddBackward : torch::autograd::Node {
+  std::vector<int64_t> input_shape, other_shape;
+  double alpha = 1;
+
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
-    const double alpha = ctx->saved_data["alpha"].toDouble();
-    const std::vector<int64_t> input_shape = ctx->saved_data["input_shape"].toIntVector();
-    const std::vector<int64_t> other_shape = ctx->saved_data["other_shape"].toIntVector();
+    if (!grad.defined()) return {at::Tensor(), at::Tensor()};
     const bool recording = at::GradMode::is_enabled();
     auto reduce = [&](const std::vector<int64_t>& shape, double scale) {
       return recording ? call_reference("add_backward", grad, shape, scale)[0]
                        : pyengine::add_backward(grad, shape, at::Scalar(scale));
     };
     at::Tensor grad_input, grad_other;
-    if (ctx->needs_input_grad(0)) {
+    if (task_should_compute_output(0)) {
       grad_input = !recording && grad.sizes() == at::IntArrayRef(input_shape) ? grad : reduce(input_shape, 1.0);
     }
-    if (ctx->needs_input_grad(1)) grad_other = reduce(other_shape, alpha);
-    return {grad_input, grad_other, {}};
+    if (task_should_compute_output(1)) grad_other = reduce(other_shape, alpha);
+    return {grad_input, grad_other};
   }
 };
 
@@ -313,12 +308,33 @@ at::Tensor tanh(const at::Tensor& x) {
   return output_saving<Tanh>(x);
 }
 at::Tensor leaky_relu(const at::Tensor& x, double negative_slope) {
-  return records_graph(x) ? LeakyReLUFunction::apply(x, negative_slope)
-                          : pyengine::leaky_relu_forward(x, negative_slope);
+  if (!records_graph(x)) return pyengine::leaky_relu_forward(x, negative_slope);
+  at::Tensor y;
+  {
+    at::AutoGradMode no_recording(false);
+    y = pyengine::leaky_relu_forward(x, negative_slope);
+  }
+  auto node = make_node<LeakyReLUBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x));
+  node->saved_x = torch::autograd::SavedVariable(x, /*is_output=*/false);
+  node->slope = negative_slope;
+  torch::autograd::set_history(y, node);
+  return y;
 }
 at::Tensor add(const at::Tensor& input, const at::Tensor& other, double alpha) {
-  return records_graph(input, other) ? AddFunction::apply(input, other, alpha)
-                                     : pyengine::add_forward(input, other, at::Scalar(alpha));
+  if (!records_graph(input, other)) return pyengine::add_forward(input, other, at::Scalar(alpha));
+  at::Tensor out;
+  {
+    at::AutoGradMode no_recording(false);
+    out = pyengine::add_forward(input, other, at::Scalar(alpha));
+  }
+  auto node = make_node<AddBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, other));
+  node->input_shape = input.sizes().vec();
+  node->other_shape = other.sizes().vec();
+  node->alpha = alpha;
+  torch::autograd::set_history(out, node);
+  return out;
 }
 at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
   return records_graph(input, target) ? MSELossFunction::apply(input, target, reduction)
@@ -349,9 +365,9 @@ void name_graph_nodes() {
   name_node_type<OutputSavingBackward<Relu>>("ReLUFunctionBackward");
   name_node_type<OutputSavingBackward<Sigmoid>>("SigmoidFunctionBackward");
   name_node_type<OutputSavingBackward<Tanh>>("TanhFunctionBackward");
-  name_graph_node<LeakyReLUFunction>("LeakyReLUFunctionBackward");
+  name_node_type<LeakyReLUBackward>("LeakyReLUFunctionBackward");
   name_graph_node<LinearFunction>("LinearFunctionBackward");
-  name_graph_node<AddFunction>("BroadcastAddFunctionBackward");
+  name_node_type<AddBackward>("BroadcastAddFunctionBackward");
   name_graph_node<MSELossFunction>("MSELossFunctionBackward");
   name_graph_node<BinaryCrossEntropyWithLogitsFunction>("BinaryCrossEntropyWithLogitsFunctionBackward");
   name_graph_node<CrossEntropyFunction>("SoftmaxCrossEntropyFunctionBackward");
