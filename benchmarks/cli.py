@@ -1,5 +1,7 @@
-"""`python -m pyengine bench`: every op, forward, backward and forward+backward, on every built backend of the
-chosen device, timed beside native torch in the same process, with bandwidth, memory and numerics."""
+"""`python -m pyengine bench`: every op, forward (with and without grad), backward and forward+backward, on every
+built backend of the chosen device, timed beside native torch in the same process (and beside torch.compile with
+--peer compile, and torch's chunked linear_cross_entropy for that op and its LM head case), with bandwidth, memory
+and numerics."""
 import argparse
 import datetime
 import gc
@@ -38,7 +40,8 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="tiny and medium sizes, shorter timing (about a minute)")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, speedup.png")
     p.add_argument("--sizes", help="comma-separated sizes to run, of " + ", ".join(SIZES)
-                                   + " (default: all; tiny and medium with --quick)")
+                                   + " (default: all; tiny and medium with --quick; the LM head case, "
+                                     "linear_cross_entropy_lm_head, is large only)")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="seconds of interleaved timing per op, size and mode (default "
                         f"{BUDGET['full']}, {BUDGET['quick']} with --quick); more rounds steady a noisy machine")
@@ -220,12 +223,10 @@ def time_case(kind, name, size, dtype, device, impls, budget, bw, progress, sele
         inputs = harness.make_inputs(kind, name, size, dtype, device)
     except Exception as exc:
         inputs, errors = None, {impl: harness.describe_error(exc) for impl in ["torch"] + case_peers + impls}
-    graphs = peers.graphs_compiled() if "compile" in case_peers else 0
+    graphs = peers.graphs_compiled()  # run inside peers.compile_case: dynamo starts from nothing for this case
     for impl in ["torch"] + case_peers + impls:
         if inputs is None:
             break
-        if impl == "compile":
-            peers.reset_compiler()  # this case's compile time is its own, and no recompile limit carries over
         try:
             fns[impl], first[impl], caught[impl] = _prepare(kind, name, size, impl, inputs, modes)
         except Exception as exc:
@@ -244,8 +245,6 @@ def time_case(kind, name, size, dtype, device, impls, budget, bw, progress, sele
                             "graphs": peers.graphs_compiled() - graphs, "error": errors.get("compile"),
                             "warning": caught.get("compile")})
     del fns, inputs
-    if "compile" in case_peers:
-        peers.reset_compiler()  # frees the compiled code of this case
     if size == "large":
         gc.collect()  # a collection costs ~0.1 s with torch loaded: only where it frees hundreds of MiB
     return rows
@@ -261,12 +260,14 @@ def run(args):
     bw = harness.machine_bandwidth(device, budget_s=0.3 if args.quick else 1.0)
     progress.step("machine bandwidth")
     timings, numerics, compile_log = [], [], []
+    compile_start = peers.start_compiler() if "compile" in args.peers else None
     try:
         for dtype in dtypes:
             for kind, name, sizes in entries:
                 for size in sizes:
-                    timings += time_case(kind, name, size, dtype, device, args.backends, args.budget, bw["gbps"],
-                                         progress, args.peers, compile_log)
+                    with peers.compile_case(args.peers):
+                        timings += time_case(kind, name, size, dtype, device, args.backends, args.budget,
+                                             bw["gbps"], progress, args.peers, compile_log)
                 numerics += _numerics_rows(kind, name, _numerics_size(sizes), dtype, device, args.backends)
                 progress.step(f"{name} numerics")
         _add_memory(timings, device, args.backends)
@@ -279,6 +280,7 @@ def run(args):
                    "backends": args.backends, "not_built": args.not_built, "quick": args.quick,
                    "budget_s": args.budget, "noisy_spread": harness.NOISY_SPREAD, "peers": args.peers},
         "bandwidth": bw, "timings": timings, "numerics": numerics, "compile": compile_log,
+        "compile_start_s": compile_start,
         "seconds": time.perf_counter() - start,
     }
 

@@ -12,7 +12,9 @@ rounds as torch and pyengine, so that pyengine's speed reads against more than o
   (`ops.Op.torch_chunked`); always timed for them, with its peak memory. Where torch lacks it, its rows carry
   the error and the run goes on.
 """
+import contextlib
 import functools
+import time
 
 import torch
 
@@ -63,6 +65,44 @@ def backward_function(entry, impl, fn):
 
 def reset_compiler():
     torch._dynamo.reset()
+
+
+def _fresh_inductor_cache():
+    """torch's own context for a fresh temporary inductor cache (fresh_cache; fresh_inductor_cache before 2.6)."""
+    from torch._inductor import utils
+
+    fresh = getattr(utils, "fresh_cache", None) or getattr(utils, "fresh_inductor_cache", None)
+    return fresh() if fresh is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def compile_case(selected):
+    """Around one case when the compiled peer is selected: dynamo reset before and after (no recompile limit
+    carries over; the compiled code is freed) and inductor's caches fresh and empty, so the case compiles cold."""
+    if "compile" not in selected:
+        yield
+        return
+    reset_compiler()
+    try:
+        with _fresh_inductor_cache():
+            yield
+    finally:
+        reset_compiler()
+
+
+def start_compiler():
+    """Compiles and differentiates a trivial function once, so that the compiler's one-time start in this process
+    (imports, toolchain checks) is charged to no case. Returns its seconds, or None where compiling fails (each
+    case's rows then carry the error)."""
+    start = time.perf_counter()
+    try:
+        with compile_case(("compile",)):
+            x = torch.ones(3, requires_grad=True)
+            compiled(torch.sigmoid)(x).sum().backward()
+            compiled(torch.sigmoid)(x.detach())
+    except Exception:
+        return None
+    return time.perf_counter() - start
 
 
 def graphs_compiled():

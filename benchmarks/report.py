@@ -203,8 +203,9 @@ CHUNKED_TITLE = ("linear_cross_entropy against torch's two ways, from the same r
                  "above the inputs. linear_cross_entropy_lm_head is an LM head: 4096 tokens x 1024 -> 32000 classes, "
                  "no bias. torch chunked's backward row reruns a graph kept with allow_retain_graph=True (a "
                  "gradient-sized copy per call)")
-COMPILE_TITLE = ("torch.compile first calls (seconds each, compile and recompiles included, in the order run; "
-                 "graphs: how many dynamo compiled for the case); the medians above exclude them")
+COMPILE_TITLE = ("torch.compile first calls (each compile and recompile included, in the order run; graphs: how "
+                 "many dynamo compiled for the case); each case compiles cold (dynamo reset, an empty inductor cache); "
+                 "the medians above exclude them")
 
 
 def _extra_tables(results, note_width, table):
@@ -213,7 +214,10 @@ def _extra_tables(results, note_width, table):
     if chunked:
         out += [CHUNKED_TITLE, table(CHUNKED_HEADER, chunked)]
     if _compiled(results):
-        out += [COMPILE_TITLE, table(COMPILE_HEADER, compile_rows(results, note_width))]
+        start = results.get("compile_start_s")
+        title = COMPILE_TITLE + ("" if start is None else f"; the compiler's one-time start in this process, "
+                                                          f"before the first case: {fmt_time(start)}")
+        out += [title, table(COMPILE_HEADER, compile_rows(results, note_width))]
     return out
 
 

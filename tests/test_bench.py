@@ -320,6 +320,7 @@ def test_compile_peer_timed_beside_torch_and_pyengine(tmp_path):
     assert bench.main(argv) == 0
     res = _load(tmp_path)
     assert res["config"]["peers"] == ["compile"]
+    assert res["compile_start_s"] > 0  # the compiler's one-time start, charged to no case
     for r in res["timings"]:
         assert r["compile_error"] is None and r["compile_s"] > 0, r["mode"]
         assert r["speedup_vs_compile"] == pytest.approx(r["compile_s"] / r["pyengine_s"])
