@@ -180,6 +180,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 early and bias is not None and bias.requires_grad)
         loss, lse, denom, dx, dw, db = _backend.kernels(x.device).linear_cross_entropy_forward(
             x, weight, b, t, ignore_index, red, float(label_smoothing), *need, _chunk_bytes(chunk_bytes))
+        if red == 1 and any(need):  # the gradients of the mean, in place: the backward of an incoming 1 is then
+            # these tensors themselves, with no weight-sized copy (every row ignored: 0 stays 0, as torch's)
+            scale = torch.where(denom == 0, torch.ones_like(denom), denom).reciprocal()
+            for d in (dx, dw, db):
+                if d is not None:
+                    d.mul_(scale)
         return loss.reshape(input.shape[:-1]) if red == 0 else loss, lse, denom, dx, dw, db
 
     @staticmethod
@@ -205,10 +211,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need = needs_grad(ctx, 3)[:3]
         need = (need[0], need[1], need[2] and bias is not None)
         if ctx.red != 0 and all(d is not None for d, n in zip((dx, dw, db), need) if n):
+            # the forward's gradients are those of the loss (mean already divided): the usual incoming 1 takes
+            # them as they are, with no weight-sized copy (read only from a plain CPU tensor: on a GPU reading
+            # it would wait for the device, and a traced or batched one has no value)
+            one = (type(grad_loss) is torch.Tensor and grad_loss.is_cpu
+                   and not torch._C._are_functorch_transforms_active() and grad_loss.item() == 1.0)
             scale = grad_loss.to(denom.dtype)
-            if ctx.red == 1:  # every row ignored: the saved gradients are 0 and stay 0, as torch's
-                scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
-            dx, dw, db = (d * scale if d is not None and n else None for d, n in zip((dx, dw, db), need))
+            dx, dw, db = ((d if one else d * scale) if d is not None and n else None
+                          for d, n in zip((dx, dw, db), need))
         else:  # each row's incoming gradient, and the chunks' logits computed again
             x, b, t = _flatten(input, weight, bias, target, ctx.args[1])
             g = grad_loss.reshape(-1).to(lse.dtype)
