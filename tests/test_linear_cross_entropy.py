@@ -99,17 +99,35 @@ def test_gradcheck(backend, device, reduction, bias, smoothing):
             (x, w, b) if bias else (x, w))
 
 
+def logit_gradient_magnitudes(x64, w64, b64, t, g, **kw):
+    """assert_half_close's magnitudes for dx, dW and db: the sizes of the terms of dx = dz W, dW = dz^T x and
+    db = sum_r dz, from |dz| = |d loss / d logits| of the float64 reference. Each sum can cancel far below them,
+    and a half-precision product's rounding error scales with them (with GEMMs in float16/bfloat16, dz itself is
+    rounded to the dtype, as torch's is)."""
+    z = F.linear(x64, w64, b64).detach().requires_grad_()
+    (dz,) = torch.autograd.grad(F.cross_entropy(z, t, **kw), z, g.double())
+    dz = dz.abs()
+    return dz @ w64.abs(), dz.T @ x64.abs(), dz.sum(0)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_half_precision_error_within_twice_torch(backend, device, dtype, reduction, smoothing):
-    x, w, b = params((37,), 64, 300, dtype, device, scale=0.3)
-    t = targets((37,), 300, device, "some")
+# (N, H, V, rows per chunk): odd sizes in one chunk and in several (a ragged last one), a wider vocabulary
+@pytest.mark.parametrize("n,h,v,rows", [(37, 65, 130, None), (37, 65, 130, 5), (37, 64, 300, 5)],
+                         ids=["one-chunk", "chunks", "v300"])
+# the compiled kernels' GEMMs in the half dtype, or widened to float32 (what a CPU without fast half products runs)
+@pytest.mark.parametrize("half_gemm", ["on", "off"])
+def test_half_precision_error_within_twice_torch(backend, device, dtype, reduction, smoothing, n, h, v, rows,
+                                                 half_gemm, monkeypatch):
+    monkeypatch.setenv("PYENGINE_HALF_GEMM", half_gemm)
+    x, w, b = params((n,), h, v, dtype, device, scale=0.3)
+    t = targets((n,), v, device, "some")
     kw = dict(reduction=reduction, label_smoothing=smoothing)
     inputs = [x, w, b]
     with on(backend):
-        loss = PF.linear_cross_entropy(x, w, t, linear_bias=b, chunk_bytes=5 * row_bytes(300, dtype), **kw)
+        loss = PF.linear_cross_entropy(x, w, t, linear_bias=b, chunk_bytes=rows and rows * row_bytes(v, dtype), **kw)
         ours, g = grads(loss, inputs)
     ref = composition(x, w, b, t, **kw)
     theirs, _ = grads(ref, inputs, g)
@@ -117,8 +135,8 @@ def test_half_precision_error_within_twice_torch(backend, device, dtype, reducti
     ref64 = composition(*p64, t, **kw)
     exact, _ = grads(ref64, p64, g.double())
     assert_half_close(loss, ref, ref64)
-    for a, r, e in zip(ours, theirs, exact):
-        assert_half_close(a, r, e)
+    for a, r, e, m in zip(ours, theirs, exact, logit_gradient_magnitudes(*p64, t, g, **kw)):
+        assert_half_close(a, r, e, m)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -291,3 +309,13 @@ def test_kernels_check_their_arguments(backend, device):
     if device == "cpu":
         with pytest.raises(IndexError, match="Target 5 is out of bounds"):
             C.linear_cross_entropy_forward(x, w, b, torch.tensor([0, 5, 1], device=device))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+def test_half_gemm_override_is_checked(backend, device, monkeypatch):
+    """PYENGINE_HALF_GEMM takes on, off or auto; anything else says so rather than picking a path silently."""
+    x, w, b = (p.detach() for p in params((3,), 4, 5, torch.bfloat16, device))
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    monkeypatch.setenv("PYENGINE_HALF_GEMM", "yes")
+    with pytest.raises(RuntimeError, match="PYENGINE_HALF_GEMM=yes: choose on, off or auto"):
+        pyengine._backend._C.linear_cross_entropy_forward(x, w, b, t)

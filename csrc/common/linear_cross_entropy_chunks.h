@@ -1,12 +1,18 @@
 // The host side of linear_cross_entropy, shared by the CPU and CUDA kernels: argument checks and the loop
 // over chunks of rows. x (N, H), weight W (V, H), bias b (V) or none, target t (N) int64. Per chunk of R rows
-//   logits = x_chunk W^T + b           (R, V) in the accumulation type (float for float/half/bfloat16)
+//   logits = x_chunk W^T + b           (R, V) in the GEMM dtype (below)
 //   rows(logits): lse, loss per row and, when gradients are wanted, dlogits = p - y' written over the logits
 //   dx_chunk = dlogits W,  dW += dlogits^T x_chunk,  db += sum over rows of dlogits
-// so the (N, V) logits never exist whole: R follows a byte budget for the chunk's logits, independent of the
-// thread count, so results are the same on any machine. The per-row pass is the device's own (rows_fn). The
-// GEMMs run in the accumulation type: half/bfloat16 x and W are widened once (W) or per chunk (x), and dW, db
-// accumulate in float32.
+// so the (N, V) logits never exist whole: R follows a byte budget for the chunk's logits counted in the
+// accumulation type (float for float/half/bfloat16), independent of the thread count, so results are the same
+// on any number of threads. The per-row pass is the device's own (LceKernels::rows) and computes in the
+// accumulation type whatever the logits' dtype.
+// The GEMM dtype: float16/bfloat16 x and W are multiplied in their own dtype where the device does that faster
+// than float32 (common/half_gemm.h; cuBLAS and oneDNN accumulate in float32 inside): the logits and dlogits of
+// a chunk are then half-precision, as torch's unfused pair has them, and dx's and dW's chunk products are
+// rounded to it once before joining float32 sums. Elsewhere, and always for float32/float64, the GEMMs run in
+// the accumulation type: half x and W are widened once (W) or per chunk (x). dW and db accumulate across
+// chunks in the accumulation type either way and are rounded to x's dtype once, by the caller.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,8 +27,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/half_gemm.h"
 
 namespace pyengine {
+
+inline at::ScalarType lce_acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // What the row pass does to one chunk of logits.
 enum class LceMode {
@@ -31,11 +42,25 @@ enum class LceMode {
   GradFromLse,  // logits := g (p - y') from the saved lse and the per-row incoming gradient g
 };
 
-// The row pass over logits (R, V) contiguous in the accumulation type; target (R) int64; lse, loss, kept and
-// g are (R) slices in the accumulation type (g undefined unless GradFromLse).
-using LceRowsFn = void (*)(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
-                           const at::Tensor& loss, const at::Tensor& kept, const at::Tensor& g, LceMode mode,
-                           int64_t ignore_index, double eps);
+// What each device provides to the chunk loop.
+struct LceKernels {
+  // An uninitialized contiguous tensor (the CPU's output cache, csrc/cpu/allocator.h: a fresh 100 MB block costs
+  // its page faults on every call)
+  at::Tensor (*empty)(at::IntArrayRef shape, const at::TensorOptions& options);
+  // The row pass over logits (R, V) contiguous in the GEMM dtype, computed in the accumulation type; target (R)
+  // int64; lse, loss, kept and g are (R) slices in the accumulation type (g undefined unless GradFromLse).
+  void (*rows)(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& loss,
+               const at::Tensor& kept, const at::Tensor& g, LceMode mode, int64_t ignore_index, double eps);
+  // Half-precision GEMMs only: sum += part (same shape, contiguous), and sum (V) += the column sums of
+  // part (R, V), in the accumulation type (torch's mixed-dtype add_ and sum(dtype=) run a scalar loop on the CPU).
+  void (*add)(const at::Tensor& sum, const at::Tensor& part);
+  void (*add_column_sums)(const at::Tensor& sum, const at::Tensor& part);
+};
+
+// The dtype the chunk GEMMs run in (see the top of this file).
+inline at::ScalarType lce_gemm_dtype(const at::Tensor& x) {
+  return fast_half_gemm(x) ? x.scalar_type() : lce_acc_dtype(x);
+}
 
 struct LceArgs {
   int64_t N, H, V, ignore_index;
@@ -43,10 +68,6 @@ struct LceArgs {
   bool need_x, need_weight, need_bias;
   int64_t chunk_rows;
 };
-
-inline at::ScalarType lce_acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline LceArgs check_linear_cross_entropy_args(const at::Tensor& x, const at::Tensor& weight,
                                                const c10::optional<at::Tensor>& bias, const at::Tensor& target,
@@ -70,42 +91,66 @@ inline LceArgs check_linear_cross_entropy_args(const at::Tensor& x, const at::Te
 
 // The chunk loop. Loss and LossAndGrad fill lse, loss and kept (N); GradFromLse reads lse and g (N). dx (N, H),
 // dw (V, H) and db (V) are the accumulation-type gradients of sum_r g_r loss_r (g = 1 unless GradFromLse),
-// written where defined (dw and db start at zero).
+// written where defined (db starts at zero, and dw too unless the GEMMs are half-precision and N > 0).
 inline void linear_cross_entropy_chunks(const at::Tensor& x, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias, const at::Tensor& target,
-                                        const LceArgs& a, LceMode mode, LceRowsFn rows_fn, const at::Tensor& lse,
+                                        const LceArgs& a, LceMode mode, const LceKernels& k, const at::Tensor& lse,
                                         const at::Tensor& loss, const at::Tensor& kept, const at::Tensor& g,
                                         const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db) {
-  const at::ScalarType acc = lce_acc_dtype(x);
-  const at::Tensor w = weight.to(acc);
+  const at::ScalarType gemm = lce_gemm_dtype(x);
+  const bool half = gemm != lce_acc_dtype(x);  // half-precision products, summed in float32 below
+  const at::Tensor w = weight.to(gemm);
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->to(acc) : at::Tensor();
+  const at::Tensor b = has_bias ? bias->to(gemm) : at::Tensor();
   const bool grad = mode != LceMode::Loss;
-  at::Tensor buffer = at::empty({a.chunk_rows * a.V}, x.options().dtype(acc));
+  const auto opts = x.options().dtype(gemm);
+  at::Tensor buffer = k.empty({a.chunk_rows * a.V}, opts);
+  // A chunk's dx and dW products in the half dtype, reused by every chunk
+  const at::Tensor dx_part = half && grad && dx.defined() ? k.empty({a.chunk_rows, a.H}, opts) : at::Tensor();
+  const at::Tensor dw_part = half && grad && dw.defined() ? k.empty({a.V, a.H}, opts) : at::Tensor();
   for (int64_t r0 = 0; r0 < a.N; r0 += a.chunk_rows) {
     const int64_t n = std::min(a.chunk_rows, a.N - r0);
-    const at::Tensor xc = x.narrow(0, r0, n).to(acc);
+    const at::Tensor xc = x.narrow(0, r0, n).to(gemm);
     at::Tensor logits = buffer.narrow(0, 0, n * a.V).view({n, a.V});
     if (has_bias) at::addmm_out(logits, b, xc, w.t()); else at::mm_out(logits, xc, w.t());
-    rows_fn(logits, target.narrow(0, r0, n), lse.narrow(0, r0, n), loss.defined() ? loss.narrow(0, r0, n) : loss,
-            kept.defined() ? kept.narrow(0, r0, n) : kept, g.defined() ? g.narrow(0, r0, n) : g, mode,
-            a.ignore_index, a.eps);
+    k.rows(logits, target.narrow(0, r0, n), lse.narrow(0, r0, n), loss.defined() ? loss.narrow(0, r0, n) : loss,
+           kept.defined() ? kept.narrow(0, r0, n) : kept, g.defined() ? g.narrow(0, r0, n) : g, mode,
+           a.ignore_index, a.eps);
     if (!grad) continue;
     if (dx.defined()) {
       at::Tensor dx_chunk = dx.narrow(0, r0, n);
-      at::mm_out(dx_chunk, logits, w);
+      if (half) {
+        at::Tensor part = dx_part.narrow(0, 0, n);
+        dx_chunk.copy_(at::mm_out(part, logits, w));
+      } else {
+        at::mm_out(dx_chunk, logits, w);
+      }
     }
-    if (dw.defined()) dw.addmm_(logits.t(), xc);
-    if (db.defined()) db.add_(logits.sum(0));
+    if (dw.defined()) {
+      if (half) {
+        at::Tensor part = dw_part;
+        at::mm_out(part, logits.t(), xc);
+        if (r0 == 0) dw.copy_(part); else k.add(dw, part);  // dw starts uninitialized (lce_grad_buffers)
+      } else {
+        dw.addmm_(logits.t(), xc);
+      }
+    }
+    if (db.defined()) {
+      if (half) k.add_column_sums(db, logits); else db.add_(logits.sum(0));
+    }
   }
 }
 
-// The gradient outputs for the flags of a (undefined where not wanted), in the accumulation type.
-inline std::vector<at::Tensor> lce_grad_buffers(const at::Tensor& x, const LceArgs& a) {
+// The gradient outputs for the flags of a (undefined where not wanted), in the accumulation type. dW sums the
+// chunks' products from zero, except where the first chunk's half-precision product is copied in.
+inline std::vector<at::Tensor> lce_grad_buffers(const at::Tensor& x, const LceArgs& a, const LceKernels& k) {
   const auto opts = x.options().dtype(lce_acc_dtype(x));
-  return {a.need_x ? at::empty({a.N, a.H}, opts) : at::Tensor(),
-          a.need_weight ? at::zeros({a.V, a.H}, opts) : at::Tensor(),
-          a.need_bias ? at::zeros({a.V}, opts) : at::Tensor()};
+  at::Tensor dw;
+  if (a.need_weight) {
+    dw = k.empty({a.V, a.H}, opts);
+    if (lce_gemm_dtype(x) == lce_acc_dtype(x) || a.N == 0) dw.zero_();
+  }
+  return {a.need_x ? k.empty({a.N, a.H}, opts) : at::Tensor(), dw, a.need_bias ? at::zeros({a.V}, opts) : at::Tensor()};
 }
 
 // forward: {loss ((N) or 0-dim, x's dtype), lse (N), denom (0-dim: the count of kept rows), dx, dw, db}.
@@ -113,13 +158,13 @@ inline std::vector<at::Tensor> lce_grad_buffers(const at::Tensor& x, const LceAr
 inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                                                  const c10::optional<at::Tensor>& bias,
                                                                  const at::Tensor& target, const LceArgs& a,
-                                                                 Reduction reduction, LceRowsFn rows_fn) {
+                                                                 Reduction reduction, const LceKernels& k) {
   const auto opts = x.options().dtype(lce_acc_dtype(x));
   at::Tensor lse = at::empty({a.N}, opts), rows = at::empty({a.N}, opts), kept = at::empty({a.N}, opts);
   const bool grad = reduction != Reduction::None && (a.need_x || a.need_weight || a.need_bias);
-  std::vector<at::Tensor> d = grad ? lce_grad_buffers(x, a) : std::vector<at::Tensor>(3);
-  linear_cross_entropy_chunks(x, weight, bias, target, a, grad ? LceMode::LossAndGrad : LceMode::Loss, rows_fn,
-                              lse, rows, kept, at::Tensor(), d[0], d[1], d[2]);
+  std::vector<at::Tensor> d = grad ? lce_grad_buffers(x, a, k) : std::vector<at::Tensor>(3);
+  linear_cross_entropy_chunks(x, weight, bias, target, a, grad ? LceMode::LossAndGrad : LceMode::Loss, k, lse,
+                              rows, kept, at::Tensor(), d[0], d[1], d[2]);
   // Sums on the device: the mean's divisor is never read by the host. No kept row: 0 / 0 = NaN, as torch.
   at::Tensor denom = kept.sum();
   at::Tensor loss = reduction == Reduction::None ? rows
@@ -133,14 +178,14 @@ inline std::vector<at::Tensor> linear_cross_entropy_backward_impl(const at::Tens
                                                                   const at::Tensor& weight,
                                                                   const c10::optional<at::Tensor>& bias,
                                                                   const at::Tensor& target, const at::Tensor& lse,
-                                                                  const LceArgs& a, LceRowsFn rows_fn,
+                                                                  const LceArgs& a, const LceKernels& k,
                                                                   const char* op) {
   const at::ScalarType acc = lce_acc_dtype(x);
   check(grad_loss, "grad_loss", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
   check(lse, "lse", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
-  std::vector<at::Tensor> d = lce_grad_buffers(x, a);
+  std::vector<at::Tensor> d = lce_grad_buffers(x, a, k);
   if (d[0].defined() || d[1].defined() || d[2].defined())
-    linear_cross_entropy_chunks(x, weight, bias, target, a, LceMode::GradFromLse, rows_fn, lse, at::Tensor(),
+    linear_cross_entropy_chunks(x, weight, bias, target, a, LceMode::GradFromLse, k, lse, at::Tensor(),
                                 at::Tensor(), grad_loss, d[0], d[1], d[2]);
   return d;
 }

@@ -1,46 +1,83 @@
 // linear_cross_entropy on the CPU: cross_entropy(x W^T + b, t) over chunks of rows, so the (N, V) logits never
 // exist whole (the chunk loop and its GEMMs: common/linear_cross_entropy_chunks.h). Per row r of a chunk of
-// float/double logits z (V), class target t_r (ignored rows: loss 0, gradient 0), smoothing eps:
+// logits z (V) in the GEMM dtype, computed in float/double, class target t_r (ignored rows: loss 0, gradient
+// 0), smoothing eps:
 //   lse = log sum_c exp(z_c),  loss = (1 - eps)(lse - z_t) + eps / V sum_c (lse - z_c)
 //   dz_c = g (p_c - (1 - eps) [c == t] - eps / V),  p = exp(z - lse)          written over z, in place
 // The row kernels are cross_entropy's (cpu/cross_entropy_rows.h) on a (R, V, 1) view of the chunk; the row
-// stays in the cache between the pass that finds lse and the one that writes dz.
+// stays in the cache between the pass that finds lse and the one that writes dz. With half-precision GEMMs the
+// chunk's dW product and dz's column sums join float32 sums through add_cpu and add_column_sums_cpu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "common/linear_cross_entropy_chunks.h"
+#include "cpu/allocator.h"
 #include "cpu/cross_entropy_rows.h"
+#include "cpu/reduce.h"
 #include "ops.h"
 
 namespace pyengine {
 namespace {
 
-// logits (R, V) float/double, in place; see LceMode for what is read and written.
+// logits (R, V) of any floating dtype, in place; lse, loss, kept, g in its accumulation type; see LceMode for
+// what is read and written.
 void linear_cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
                                    const at::Tensor& loss, const at::Tensor& kept, const at::Tensor& g, LceMode mode,
                                    int64_t ignore_index, double eps) {
   const int64_t R = logits.size(0), V = logits.size(1);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "linear_cross_entropy_rows_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "linear_cross_entropy_rows_cpu",
+                                  [&] {
+    using acc = acc_t<scalar_t>;
     with_target<scalar_t>(false, eps, [&](auto kind) {
       using Op = CrossEntropyCpu<scalar_t, decltype(kind)::value>;
       scalar_t* z = logits.data_ptr<scalar_t>();
       const Op op{z, target.const_data_ptr<int64_t>(), nullptr, nullptr, V, 1, ignore_index,
-                  static_cast<scalar_t>(eps), static_cast<scalar_t>(V)};
-      scalar_t* lse_p = lse.data_ptr<scalar_t>();
-      scalar_t* loss_p = mode == LceMode::GradFromLse ? nullptr : loss.data_ptr<scalar_t>();
-      scalar_t* kept_p = mode == LceMode::GradFromLse ? nullptr : kept.data_ptr<scalar_t>();
-      const scalar_t* g_p = mode == LceMode::GradFromLse ? g.const_data_ptr<scalar_t>() : nullptr;
+                  static_cast<acc>(eps), static_cast<acc>(V)};
+      acc* lse_p = lse.data_ptr<acc>();
+      acc* loss_p = mode == LceMode::GradFromLse ? nullptr : loss.data_ptr<acc>();
+      acc* kept_p = mode == LceMode::GradFromLse ? nullptr : kept.data_ptr<acc>();
+      const acc* g_p = mode == LceMode::GradFromLse ? g.const_data_ptr<acc>() : nullptr;
       at::parallel_for(0, R, grain_for(V), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           if (mode != LceMode::GradFromLse) op.forward_row(r, lse_p, loss_p[r], kept_p[r]);
-          if (mode != LceMode::Loss) op.backward_row(r, g_p ? g_p[r] : scalar_t(1), lse_p[r], z + r * V, false);
+          if (mode != LceMode::Loss) op.backward_row(r, g_p ? g_p[r] : acc(1), lse_p[r], z + r * V, false);
         }
       });
     });
   });
 }
+
+// sum (float) += part (half/bfloat16), elementwise over the same number of contiguous elements.
+void add_cpu(const at::Tensor& sum, const at::Tensor& part) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(part.scalar_type(), "linear_cross_entropy_add_cpu", [&] {
+    float* s = sum.data_ptr<float>();
+    const scalar_t* p = part.const_data_ptr<scalar_t>();
+    at::parallel_for(0, part.numel(), 32768, [&](int64_t i0, int64_t i1) {
+      cpu::accumulate_row(s + i0, p + i0, i1 - i0);
+    });
+  });
+}
+
+// sum (V, float) += the column sums of part (R, V, half/bfloat16). Each task owns a block of columns and adds
+// the rows in order: the same sums on any number of threads.
+void add_column_sums_cpu(const at::Tensor& sum, const at::Tensor& part) {
+  constexpr int64_t kCols = 1024;  // a block's float sums stay in L1 while the rows stream past
+  const int64_t R = part.size(0), V = part.size(1);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(part.scalar_type(), "linear_cross_entropy_add_column_sums_cpu", [&] {
+    float* s = sum.data_ptr<float>();
+    const scalar_t* p = part.const_data_ptr<scalar_t>();
+    at::parallel_for(0, (V + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0 * kCols; c0 < std::min(V, b1 * kCols); c0 += kCols) {
+        const int64_t width = std::min(kCols, V - c0);
+        for (int64_t r = 0; r < R; ++r) cpu::accumulate_row(s + c0, p + r * V + c0, width);
+      }
+    });
+  });
+}
+
+constexpr LceKernels kLceCpu{cpu::empty_output, linear_cross_entropy_rows_cpu, add_cpu, add_column_sums_cpu};
 
 }  // namespace
 
@@ -54,7 +91,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward_cpu(const at::Tensor& x, co
   const Reduction red = check_reduction(reduction, op);
   const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
                                                     need_weight, need_bias, chunk_bytes, false, op);
-  return linear_cross_entropy_forward_impl(x, weight, bias, target, a, red, linear_cross_entropy_rows_cpu);
+  return linear_cross_entropy_forward_impl(x, weight, bias, target, a, red, kLceCpu);
 }
 
 // grad_loss (N) -> {dx (N, H), dweight (V, H), dbias (V)} = the gradients of sum_r grad_loss_r loss_r
@@ -67,8 +104,7 @@ std::vector<at::Tensor> linear_cross_entropy_backward_cpu(const at::Tensor& grad
   const char* op = "linear_cross_entropy_backward_cpu";
   const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
                                                     need_weight, need_bias, chunk_bytes, false, op);
-  return linear_cross_entropy_backward_impl(grad_loss, x, weight, bias, target, lse, a,
-                                            linear_cross_entropy_rows_cpu, op);
+  return linear_cross_entropy_backward_impl(grad_loss, x, weight, bias, target, lse, a, kLceCpu, op);
 }
 
 }  // namespace pyengine

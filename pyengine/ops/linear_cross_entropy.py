@@ -11,7 +11,11 @@ the summed loss; the backward only scales them by grad / denom (denom: the count
 tensor: the host never waits for it). For 'none' the incoming gradient differs per row and is known only in
 the backward: the forward keeps one lse per row and the backward computes each chunk's logits again (a
 fourth GEMM). Ignored rows (t == ignore_index) have loss 0 and gradient 0.
-The GEMMs and dW, db accumulate in float32 for float16/bfloat16 inputs, which are cast back at the end.
+Here (the python reference) the GEMMs run in float32 for float16/bfloat16 inputs. The compiled kernels run them
+in the input's own dtype where the device multiplies it faster than float32 (CUDA; a CPU with avx512_bf16 or
+AMX for bfloat16, avx512_fp16 or AMX-FP16 for float16; PYENGINE_HALF_GEMM=on/off overrides), float32 inside:
+the chunk's logits and dz are then rounded to that dtype, as torch's unfused pair rounds them. Either way the
+row pass computes in float32, and dW, db accumulate in float32 and are cast back once at the end.
 Chunk budget: the chunk_bytes keyword, else the environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES,
 else 128 MiB; the results do not depend on the thread count.
 The kernels take no class weights: the functional linear_cross_entropy (torch 2.14's signature) weights the
