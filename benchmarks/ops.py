@@ -221,7 +221,8 @@ def chunked_options(allow_retain_graph=False):
 
 
 def _lce_chunked(x, w, b, t, allow_retain_graph=False):
-    return F.linear_cross_entropy(x, w, t, linear_bias=b, options=chunked_options(allow_retain_graph))
+    options = chunked_options(allow_retain_graph)  # first: on a torch without it, F has no linear_cross_entropy
+    return F.linear_cross_entropy(x, w, t, linear_bias=b, options=options)
 
 
 def _lce_floor(p, s, bias=True):
@@ -243,7 +244,8 @@ def _lm_head_torch(x, w, t):
 
 
 def _lm_head_chunked(x, w, t, allow_retain_graph=False):
-    return F.linear_cross_entropy(x, w, t, options=chunked_options(allow_retain_graph))
+    options = chunked_options(allow_retain_graph)
+    return F.linear_cross_entropy(x, w, t, options=options)
 
 
 def _lce_shape(p):

@@ -211,11 +211,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cross_entropy_forward", &linear_cross_entropy_forward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("target"), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
         py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
-        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{128} << 20);
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{16} << 20);
   m.def("linear_cross_entropy_backward", &linear_cross_entropy_backward, py::arg("grad_loss"), py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("lse"), py::arg("ignore_index") = -100,
         py::arg("label_smoothing") = 0.0, py::arg("need_x") = true, py::arg("need_weight") = true,
-        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{128} << 20);
+        py::arg("need_bias") = true, py::arg("chunk_bytes") = int64_t{16} << 20);
 
   m.def("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad, py::arg("logits"), py::arg("target"),
         py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,

@@ -19,7 +19,7 @@ Environment variables read at run time:
                                output; default 1 GiB; set_cpu_cache_limit overrides it)
     PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES
                                linear_cross_entropy's budget for the logits of one chunk of rows when its
-                               chunk_bytes is not given (read at each call; default 128 MiB)
+                               chunk_bytes is not given (read at each call; default 16 MiB)
     PYENGINE_HALF_GEMM         'on' or 'off': linear_cross_entropy's and fused_mlp's float16/bfloat16 matrix
                                products in the input's dtype, or widened to float32, whatever the device's fast
                                path (read at each call; default 'auto': in the dtype on CUDA, and on a CPU with

@@ -17,7 +17,7 @@ AMX for bfloat16, avx512_fp16 or AMX-FP16 for float16; PYENGINE_HALF_GEMM=on/off
 the chunk's logits and dz are then rounded to that dtype, as torch's unfused pair rounds them. Either way the
 row pass computes in float32, and dW, db accumulate in float32 and are cast back once at the end.
 Chunk budget: the chunk_bytes keyword, else the environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES,
-else 128 MiB; the results do not depend on the thread count.
+else 16 MiB; the results do not depend on the thread count.
 The kernels take no class weights: the functional linear_cross_entropy (torch 2.14's signature) weights the
 kernels' per-row loss in Python, runs K-dimensional losses one position at a time, and sends class
 probabilities to linear + cross_entropy (see its docstring).
@@ -36,7 +36,7 @@ from ._function import (acc_dtype, apply, autocast, first_order_only, jvp_free_t
 from .cross_entropy import REDUCTIONS, cross_entropy, cross_entropy_backward, cross_entropy_forward
 from .linear import check_linear_args, linear
 
-DEFAULT_CHUNK_BYTES = 128 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20
 CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
 
 
@@ -163,7 +163,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """cross_entropy(linear(input, weight, bias), target, ...) as one autograd node, chunked over rows:
     apply(input (*, H), weight (V, H), bias (V) or None, target (*) int64, ignore_index=-100, reduction='mean',
     label_smoothing=0.0, chunk_bytes=None) with the arguments of cross_entropy, no class weights, and chunk_bytes
-    the logits budget per chunk (None: PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 128 MiB).
+    the logits budget per chunk (None: PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 16 MiB).
     apply(...) returns (loss, lse, denom, dx, dweight, dbias): the loss and, not differentiable, what the backward
     reads (the gradients of the summed loss where the forward computed them, else None); the functional
     pyengine.functional.linear_cross_entropy returns the loss alone."""
@@ -414,7 +414,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             retain_graph=True. Default: None.
         chunk_bytes (int, optional): not in torch, keyword-only: the bytes one chunk's logits may take (rows per
             chunk = chunk_bytes // (C * 4), or // (C * 8) for float64; at least one row). Default: the
-            environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 128 MiB. The results do not
+            environment variable PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 16 MiB. The results do not
             depend on it.
 
     Shape:
