@@ -95,9 +95,14 @@ def test_only_the_needed_gradients(backend, device, wanted):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("activation,output_activation", [("sigmoid", None), ("relu", "sigmoid")])
-def test_half_precision_error_within_twice_torch(backend, device, dtype, activation, output_activation):
-    sizes = [16, 32, 8, 3]
-    x = make((150, sizes[0]), dtype, device, requires_grad=True, low=-1, high=1)
+# the CPU's blocked float32 loop, and a network with enough work for its layer-by-layer half-precision GEMMs
+# where the CPU multiplies the dtype fast (PYENGINE_HALF_GEMM=off keeps the blocked loop)
+@pytest.mark.parametrize("sizes,rows", [([16, 32, 8, 3], 150), ([32, 64, 65, 3], 1027)], ids=["small", "wide"])
+@pytest.mark.parametrize("half_gemm", ["on", "off"])
+def test_half_precision_error_within_twice_torch(backend, device, dtype, activation, output_activation, sizes, rows,
+                                                 half_gemm, monkeypatch):
+    monkeypatch.setenv("PYENGINE_HALF_GEMM", half_gemm)
+    x = make((rows, sizes[0]), dtype, device, requires_grad=True, low=-1, high=1)
     weights, biases = _params(sizes, dtype, device)
     inputs = [x, *weights, *biases]
     with on(backend):

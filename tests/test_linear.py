@@ -39,12 +39,24 @@ def check_against_torch(backend, device, dtype, x_shape, n, bias, activation):
         assert_close(g, g_ref)
 
 
+# (K, N) at 37 rows: the CPU's small-layer path, and the BLAS one (oneDNN's fused linear where the CPU multiplies
+# the dtype natively; PYENGINE_HALF_GEMM=off keeps the bias rows, GEMM and activation pass)
+HALF_SHAPES = [(48, 19), (65, 130)]
+HALF_GEMM = ["on", "off"]
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_half_precision_error_within_twice_torch(backend, device, dtype):
-    x = make((37, 48), dtype, device, requires_grad=True, low=-1, high=1)
-    w = make((19, 48), dtype, device, requires_grad=True, low=-1, high=1)
-    b = make((19,), dtype, device, requires_grad=True, low=-1, high=1)
+@pytest.mark.parametrize("k,n", HALF_SHAPES, ids=str)
+@pytest.mark.parametrize("half_gemm", HALF_GEMM)
+# strided views of the operands named (oneDNN's linear once read a strided bias beside a contiguous weight as if
+# it were contiguous)
+@pytest.mark.parametrize("strided", ["", "bias", "x,weight"], ids=["contiguous", "bias", "x,weight"])
+def test_half_precision_error_within_twice_torch(backend, device, dtype, k, n, half_gemm, strided, monkeypatch):
+    monkeypatch.setenv("PYENGINE_HALF_GEMM", half_gemm)
+    x = make((37, k), dtype, device, requires_grad=True, low=-1, high=1, noncontiguous="x" in strided)
+    w = make((n, k), dtype, device, requires_grad=True, low=-1, high=1, noncontiguous="weight" in strided)
+    b = make((n,), dtype, device, requires_grad=True, low=-1, high=1, noncontiguous="bias" in strided)
     with on(backend):
         ours, gy = grads(PF.linear(x, w, b), [x, w, b])
         y = PF.linear(x, w, b)
@@ -182,17 +194,21 @@ def test_activation_matches_torch_composition(backend, device, dtype, x_shape, n
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("activation", ACTS)
-def test_activation_half_precision_error_within_twice_torch(backend, device, dtype, activation):
-    x = make((37, 48), dtype, device, low=-1, high=1)
-    w = make((19, 48), dtype, device, requires_grad=True, low=-1, high=1)
-    b = make((19,), dtype, device, requires_grad=True, low=-1, high=1)
+@pytest.mark.parametrize("k,n", HALF_SHAPES, ids=str)
+@pytest.mark.parametrize("half_gemm", HALF_GEMM)
+def test_activation_half_precision_error_within_twice_torch(backend, device, dtype, activation, k, n, half_gemm,
+                                                            monkeypatch):
+    monkeypatch.setenv("PYENGINE_HALF_GEMM", half_gemm)
+    x = make((37, k), dtype, device, low=-1, high=1)
+    w = make((n, k), dtype, device, requires_grad=True, low=-1, high=1)
+    b = make((n,), dtype, device, requires_grad=True, low=-1, high=1)
     # relu's derivative jumps at 0: where a rounding of z can flip its sign, the float64 reference says nothing
     # about a half result's error. Rows of x are redrawn until every |z| is well above those roundings.
     for _ in range(1000):
         near_kink = (F.linear(x.double(), w.detach().double(), b.detach().double()).abs() < 0.1).any(1)
         if not near_kink.any():
             break
-        x[near_kink] = make((int(near_kink.sum()), 48), dtype, device, low=-1, high=1)
+        x[near_kink] = make((int(near_kink.sum()), k), dtype, device, low=-1, high=1)
     x.requires_grad_()
     with on(backend):
         y = PF.linear(x, w, b, activation=activation)

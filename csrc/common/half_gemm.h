@@ -26,6 +26,13 @@ inline bool cpu_has_feature(const std::string& name) {
   return found != features.end() && found->second.isBool() && found->second.toBool();
 }
 
+// Whether this CPU has oneDNN's dot-product instructions for the half dtype t (the CPU rule above).
+inline bool cpu_fast_half(at::ScalarType t) {
+  static const bool bf16 = cpu_has_feature("avx512_bf16") || cpu_has_feature("amx_bf16");
+  static const bool fp16 = cpu_has_feature("avx512_fp16") || cpu_has_feature("amx_fp16");
+  return t == at::kBFloat16 ? bf16 : t == at::kHalf ? fp16 : false;
+}
+
 inline bool fast_half_gemm(const at::Tensor& x) {
   const at::ScalarType t = x.scalar_type();
   if (t != at::kHalf && t != at::kBFloat16) return false;
@@ -35,10 +42,7 @@ inline bool fast_half_gemm(const at::Tensor& x) {
   TORCH_CHECK(forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0, "PYENGINE_HALF_GEMM=", forced,
               ": choose on, off or auto (or unset it)");
   if (x.is_cuda()) return true;
-  if (!x.is_cpu() || !at::globalContext().userEnabledMkldnn()) return false;
-  static const bool bf16 = cpu_has_feature("avx512_bf16") || cpu_has_feature("amx_bf16");
-  static const bool fp16 = cpu_has_feature("avx512_fp16") || cpu_has_feature("amx_fp16");
-  return t == at::kBFloat16 ? bf16 : fp16;
+  return x.is_cpu() && at::globalContext().userEnabledMkldnn() && cpu_fast_half(t);
 }
 
 }  // namespace pyengine

@@ -8,6 +8,15 @@
 // Weight gradients are summed per chunk of rows (a chunk is a whole number of blocks; the split depends on M
 // alone) into per-chunk partials, then the partials are added in chunk order: the same result on every run
 // and with any number of threads.
+//
+// float16/bfloat16 networks with enough work, where the CPU multiplies the dtype fast (common/half_gemm.h), go
+// a layer at a time through linear's kernels instead (cpu/linear.cpp): each product is one oneDNN GEMM in the
+// dtype (float32 inside), the bias and activation passes run over a layer's output, and every layer's output
+// is rounded to the dtype, as in torch's unfused Sequential. The blocked loop computes in float32 at the rate
+// of float32 multiply-adds, which takes 2-4x the time of those half-precision products (benchmarks/NOTES.md,
+// "bfloat16 matrix products"); below kLayerGemmMinMacs the GEMMs' fixed cost (~25 us a call) loses instead.
+// oneDNN may split a product's sums by the thread count: this path's results can then differ in the last bit
+// between thread counts, as torch's own do.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/Dispatch.h>
@@ -18,6 +27,7 @@
 #include <vector>
 
 #include "common/fused_mlp.h"
+#include "common/half_gemm.h"
 #include "cpu/allocator.h"
 #include "cpu/fused_mlp_blocks.h"
 #include "cpu/fused_mlp_step.h"
@@ -107,6 +117,19 @@ void backward(const Network<scalar_t>& net, const scalar_t* grad_y, const scalar
   });
 }
 
+// Multiply-adds per forward (M * sum of n_l n_{l+1}) from which the layer GEMMs win; see the top of the file.
+constexpr int64_t kLayerGemmMinMacs = int64_t(1) << 22;
+
+bool use_layer_gemms(const at::Tensor& x, const std::vector<int64_t>& widths) {
+  int64_t macs = 0;
+  for (size_t l = 0; l + 1 < widths.size(); ++l) macs += widths[l] * widths[l + 1];
+  return fast_half_gemm(x) && x.size(0) * macs >= kLayerGemmMinMacs;
+}
+
+int64_t layer_activation(int64_t l, int64_t layers, int64_t act, int64_t out_act) {
+  return l == layers - 1 ? out_act : act;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> fused_mlp_forward_cpu(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
@@ -117,6 +140,15 @@ std::vector<at::Tensor> fused_mlp_forward_cpu(const at::Tensor& x_in, const std:
   const std::vector<int64_t> widths = check_network_call(x_in, weights, biases, activation, output_activation, op);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), L = static_cast<int64_t>(weights.size());
+  if (use_layer_gemms(x, widths)) {  // outputs {y, a_1 .. a_{L-1}}
+    std::vector<at::Tensor> outputs(L);
+    at::Tensor a = x;
+    for (int64_t l = 0; l < L; ++l) {
+      a = linear_forward_cpu(a, weights[l], biases[l], layer_activation(l, L, activation, output_activation));
+      outputs[l == L - 1 ? 0 : l + 1] = a;
+    }
+    return outputs;
+  }
   std::vector<at::Tensor> outputs{cpu::empty_output({M, widths.back()}, x.options())};
   for (int64_t l = 0; l + 1 < L; ++l) outputs.push_back(cpu::empty_output({M, widths[l + 1]}, x.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_forward_cpu", [&] {
@@ -153,6 +185,20 @@ std::vector<at::Tensor> fused_mlp_backward_cpu(const at::Tensor& grad_y_in, cons
   const bool need_params = need_weights || need_biases;
 
   std::vector<at::Tensor> outputs(1 + 2 * L);
+  if (use_layer_gemms(x, widths)) {  // from the top: da_{l+1} -> dz_l -> dW_l, db_l and da_l (the next one's dy)
+    at::Tensor grad = grad_y;
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const int64_t act = layer_activation(l, L, activation, output_activation);
+      const at::Tensor& out = l == L - 1 ? y : hidden[l];
+      std::vector<at::Tensor> d = linear_backward_cpu(grad, l == 0 ? x : hidden[l - 1], weights[l], l > 0 || need_x,
+                                                      need_weights, need_biases, act, out);
+      outputs[1 + l] = d[1];
+      outputs[1 + L + l] = d[2];
+      grad = d[0];
+    }
+    outputs[0] = grad;
+    return outputs;
+  }
   if (need_x) outputs[0] = cpu::empty_output({M, widths[0]}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_mlp_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;

@@ -10,6 +10,9 @@ With a fused activation, y = act(z), z = x @ W^T + b (activation 'relu' or 'sigm
 code from ACTIVATIONS). Both derivatives are functions of the output y alone, so y is saved, not z:
   dz = dy * act'(y)    relu: dy where y > 0 (a NaN y passes dy, as torch); sigmoid: dy * y * (1 - y)
 and dz takes the place of dy in the three products above.
+float16/bfloat16 on a CPU that multiplies the dtype natively (avx512_bf16/AMX for bfloat16, avx512_fp16/AMX-FP16
+for float16): the forward is torch's own oneDNN linear, bias and activation applied to the float32 sums before
+the one rounding (PYENGINE_HALF_GEMM=off keeps the BLAS path below).
 Kernels: csrc/cpu/linear.cpp, csrc/cuda/linear.cu.
 """
 
