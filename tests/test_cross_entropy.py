@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import pyengine
 import pyengine.functional as PF
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   assert_raises_like, grads, magnitude, make, on)
+                   assert_raises_like, backward_aten_calls, grads, magnitude, make, on)
 
 # Input shapes: (C), (N, C) with C = 1, 3, 17, around the vector widths (8, 16, 32) and past 1000,
 # K-dim inputs (N, C, d1[, d2]) with position tiles full, partial and several, and empty batches. Rows in
@@ -456,3 +456,18 @@ def test_class_weight_that_requires_grad_like_torch(backend, device, shape):
             with on(backend):
                 assert torch.autograd.gradcheck(
                     lambda wt, kw=kw: PF.cross_entropy(x.detach(), y, **{**kw, "weight": wt}), (w,))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_backward_makes_no_zeros_for_the_saved_gradient(backend, device):
+    # the forward's non-differentiable outputs (the gradient it computed, lse, the divisor) get no materialized
+    # zero gradients: for the saved gradient that would be a logits-sized block at every backward
+    logits = make((33, 70), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, 70, (33,), device=device)
+    with on(backend):
+        loss = PF.cross_entropy(logits, t)
+    calls = backward_aten_calls(loss)
+    assert not [c for c in calls if c[0].startswith("zeros")], calls
+    ref = logits.detach().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    assert_close(logits.grad, ref.grad)

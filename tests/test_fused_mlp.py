@@ -10,7 +10,7 @@ import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   grads, magnitude, make, on, product_magnitudes)
+                   backward_aten_calls, grads, magnitude, make, on, product_magnitudes)
 
 TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
@@ -466,3 +466,15 @@ def _step_gradient_magnitudes(model64, x, target, loss, outputs=None):
         m_g = (p + onehot + p * m_y) / max(int((t != -100).sum()), 1)
     _, layer_m, _ = product_magnitudes(x64, _layers(model64), m_g)
     return torch.cat([t.reshape(-1) for m_w, m_b in layer_m for t in (m_w, m_b)])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_backward_makes_no_zeros_for_the_hidden_activations(backend, device):
+    # the hidden activations are outputs of the op's node, not differentiable: their gradients are not
+    # materialized as zeros (one activation-sized block per layer at every backward)
+    x = make((50, 6), torch.float32, device, requires_grad=True)
+    weights, biases = _params([6, 9, 7, 2], torch.float32, device)
+    with on(backend):
+        y = PF.fused_mlp(x, weights, biases, "relu", "sigmoid")
+    calls = backward_aten_calls(y.sum())
+    assert not [c for c in calls if c[0].startswith("zeros")], calls

@@ -6,7 +6,7 @@ import pyengine
 import pyengine.functional as PF
 from pyengine.ops.linear_cross_entropy import CHUNK_ENV
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   assert_raises_like, grads, magnitude, make, on)
+                   assert_raises_like, backward_aten_calls, grads, magnitude, make, on)
 
 IGNORE = -100
 REDUCTIONS = ["mean", "sum", "none"]
@@ -319,3 +319,23 @@ def test_half_gemm_override_is_checked(backend, device, monkeypatch):
     monkeypatch.setenv("PYENGINE_HALF_GEMM", "yes")
     with pytest.raises(RuntimeError, match="PYENGINE_HALF_GEMM=yes: choose on, off or auto"):
         pyengine._backend._C.linear_cross_entropy_forward(x, w, b, t)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_of_the_usual_loss_makes_no_weight_sized_tensor(backend, device, reduction):
+    # the forward computed the gradients: the backward of an incoming 1 hands them over (autograd takes dW as
+    # weight.grad without a copy), and no zeros are made for the gradients of the non-differentiable outputs
+    x = make((37, 12), torch.float32, device, requires_grad=True)
+    w = make((29, 12), torch.float32, device, requires_grad=True)
+    b = make((29,), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, 29, (37,), device=device)
+    with on(backend):
+        loss = PF.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+    calls = backward_aten_calls(loss)
+    made = [c for c in calls if c[1] in (tuple(w.shape), tuple(x.shape)) and c[0] not in ("detach", "view")]
+    assert not made and not [c for c in calls if c[0].startswith("zeros")], calls
+    x2, w2, b2 = (a.detach().requires_grad_() for a in (x, w, b))
+    F.cross_entropy(F.linear(x2, w2, b2), t, reduction=reduction).backward()
+    for ours, ref in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        assert_close(ours, ref)

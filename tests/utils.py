@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyengine
 
@@ -210,3 +211,22 @@ def grads(out, inputs, grad_out=None):
     if grad_out is None:
         grad_out = torch.randn_like(out)
     return torch.autograd.grad(out, inputs, grad_out, allow_unused=True), grad_out
+
+
+class _AtenLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def backward_aten_calls(loss):
+    """(aten op name, output shape) of every op that loss.backward() runs: to check that a backward makes no
+    tensor it does not need (zeros for the gradients of an op's non-differentiable outputs)."""
+    with _AtenLog() as log:
+        loss.backward()
+    return log.calls

@@ -151,10 +151,13 @@ def _register():
         logits, target, weight, *ctx.args = _with_defaults(inputs, (None, None, None, -100, 1, 0.0))
         ctx.save_for_backward(logits, target, weight, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
 
     @_autograd("cross_entropy_forward", cross_entropy_setup)
     @first_order_only("cross_entropy")
     def _(ctx, grad_loss, grad_lse, grad_denom):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return None, None, None, None, None, None
         logits, target, weight, lse, denom = ctx.saved_tensors
         grad = ops.cross_entropy_backward(grad_loss.contiguous(), logits, target, weight, lse, denom, *ctx.args)
         return grad, None, None, None, None, None
@@ -261,10 +264,13 @@ def _register():
         x, weight, bias, target, *ctx.args = inputs
         ctx.save_for_backward(x, weight, bias, target, *output[1:])
         ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
+        ctx.set_materialize_grads(False)  # no weight-sized zeros for dweight's gradient at every backward
 
     @_autograd("linear_cross_entropy_forward", lce_setup)
     @first_order_only("linear_cross_entropy", instead="cross_entropy(linear(...)) from torch.nn.functional")
     def _(ctx, grad_loss, *unused):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return (None,) * 11
         x, weight, bias, target, lse, denom, dx, dw, db = ctx.saved_tensors
         ignore_index, reduction, smoothing, need_x, need_w, need_b, chunk_bytes = ctx.args
         if reduction == REDUCTION_NONE:

@@ -219,6 +219,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         input, target, weight, ignore_index, reduction, label_smoothing = inputs
         _, lse, denom, grad = output
         ctx.mark_non_differentiable(*(t for t in (lse, denom, grad) if t is not None))
+        ctx.set_materialize_grads(False)  # no logits-sized zeros for the saved gradient's own gradient
         note_functorch_level(ctx)
         ctx.kernels = _backend.kernels(input.device)
         ctx.inputs = (ignore_index, reduction, label_smoothing)
@@ -233,6 +234,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("cross_entropy")
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return None, None, None, None, None, None
         kernels = _backend.backward_kernels(ctx.kernels)
         if ctx.fused:
             (grad,) = ctx.saved_tensors

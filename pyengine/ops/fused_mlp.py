@@ -136,6 +136,7 @@ class FusedMLPFunction(torch.autograd.Function):
         x, activation, output_activation, *params = inputs
         y, *hidden = output
         ctx.mark_non_differentiable(*hidden)
+        ctx.set_materialize_grads(False)  # no zeros for the hidden activations' gradients, one per layer
         note_functorch_level(ctx)
         ctx.kernels = _backend.kernels(x.device)
         ctx.activations = activation, output_activation
@@ -147,6 +148,8 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("fused_mlp", instead="an unfused torch.nn.Sequential of Linear and activation layers")
     def backward(ctx, grad_y, *unused):
+        if grad_y is None:  # no gradient reached y (grads are not materialized)
+            return (None,) * len(ctx.needs_input_grad)
         x, y, *rest = ctx.saved_tensors
         y = ctx.y_alias if y is None else y
         layers = (len(rest) + 1) // 2

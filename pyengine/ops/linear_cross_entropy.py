@@ -196,6 +196,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_bytes = inputs
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # no zeros made for the gradients of those outputs: dweight's would be a weight-sized block at every
+        # backward (141 MiB transient at the LM head)
+        ctx.set_materialize_grads(False)
         note_functorch_level(ctx)
         ctx.kernels = _backend.kernels(input.device)
         ctx.red = REDUCTIONS[reduction]
@@ -210,6 +213,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("linear_cross_entropy", instead="cross_entropy(linear(...)) from torch.nn.functional")
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return None, None, None, None, None, None, None, None
         input_shape, dtype, bias_shape = ctx.shapes
         input, weight, bias, target, lse, denom, dx, dw, db = ctx.saved_tensors
         need = needs_grad(ctx, 3)[:3]
