@@ -109,6 +109,16 @@ struct AsOptionalList<Kernel> {
   m.impl("linear_cross_entropy_backward", &AsTuple<3, &linear_cross_entropy_backward##suffix>::call);        \
   m.impl("cross_entropy_forward_with_grad", &AsTuple<3, &cross_entropy_forward_with_grad##suffix>::call);
 
+// One set of pyengine._C.eager's entries (csrc/eager.h).
+template <eager::Kernels K>
+void def_eager_entries(py::module_ entries) {
+  entries.def("relu", &eager::relu<K>, py::arg("input"));
+  entries.def("sigmoid", &eager::sigmoid<K>, py::arg("input"));
+  entries.def("tanh", &eager::tanh<K>, py::arg("input"));
+  entries.def("leaky_relu", &eager::leaky_relu<K>, py::arg("input"), py::arg("negative_slope"));
+  entries.def("add", &eager::add<K>, py::arg("input"), py::arg("other"), py::arg("alpha"));
+}
+
 }  // namespace
 }  // namespace pyengine
 
@@ -248,13 +258,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("set_reference", &autograd::set_reference, py::arg("kernels"),
          "Registers the python backend's kernels, which a backward runs while autograd records it");
 
-  py::module_ eager = m.def_submodule("eager", "The functional ops' usual calls in one step (csrc/eager.cpp): the "
-                                      "result, graph node included, or None where the Python function must decide");
-  eager.def("relu", &eager::relu, py::arg("input"));
-  eager.def("sigmoid", &eager::sigmoid, py::arg("input"));
-  eager.def("tanh", &eager::tanh, py::arg("input"));
-  eager.def("leaky_relu", &eager::leaky_relu, py::arg("input"), py::arg("negative_slope"));
-  eager.def("add", &eager::add, py::arg("input"), py::arg("other"), py::arg("alpha"));
+  def_eager_entries<eager::Kernels::kByDevice>(m.def_submodule(
+      "eager", "The functional ops' usual calls in one step (csrc/eager.cpp): the result, graph node included, or "
+               "None where the Python function must decide; the tensors' device picks the kernels"));
+  def_eager_entries<eager::Kernels::kCpp>(
+      m.def_submodule("eager_cpp", "pyengine._C.eager inside use_backend('cpp'): CPU tensors only"));
+  def_eager_entries<eager::Kernels::kCuda>(
+      m.def_submodule("eager_cuda", "pyengine._C.eager inside use_backend('cuda'): CUDA tensors only"));
 
   m.def("with_cuda", &with_cuda, "True when this build contains the CUDA kernels");
   m.def("simd_level", &cpu_kernels_name,

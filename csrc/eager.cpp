@@ -4,8 +4,8 @@
 // node included, in one step: floating tensors of one dtype, on a device whose kernels are built, with no tracer,
 // no torch.func transform and no forward-mode dual tensor. Anything else returns None, and the Python function
 // does the whole work (promotion, torch's errors, the python backend, torch.compile's and torch.func's routes),
-// so no behaviour differs between the two. The Python side first checks that no backend is forced and that
-// torch.compile is not tracing (pyengine/_backend.py eager_entries).
+// so no behaviour differs between the two. The Python side picks the set for the backend forced, if any, and
+// none while torch.compile traces (pyengine/_backend.py eager_entries).
 #include "eager.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -23,12 +23,14 @@ namespace {
 
 using MaybeTensor = std::optional<at::Tensor>;
 
+template <Kernels K>
 bool kernels_built_for(const at::Tensor& t) {
 #ifdef PYENGINE_WITH_CUDA
-  return t.is_cpu() || t.is_cuda();
+  constexpr bool cuda = K != Kernels::kCpp;
 #else
-  return t.is_cpu();
+  constexpr bool cuda = false;
 #endif
+  return (K != Kernels::kCuda && t.is_cpu()) || (cuda && t.is_cuda());
 }
 
 // torch._C._are_functorch_transforms_active: a vmap, grad or jvp level is on this thread.
@@ -40,8 +42,9 @@ bool functorch_active() {
 
 // The usual call: a floating tensor the C++ kernels run, outside every tracer and transform, without a tangent
 // (the C++ Functions have no jvp; the Python ones do).
+template <Kernels K>
 bool usual(const at::Tensor& t) {
-  return t.defined() && at::isFloatingType(t.scalar_type()) && kernels_built_for(t) && !functorch_active() &&
+  return t.defined() && at::isFloatingType(t.scalar_type()) && kernels_built_for<K>(t) && !functorch_active() &&
          !torch::jit::tracer::isTracing() && !t._fw_grad(/*level=*/0).defined();
 }
 
@@ -74,35 +77,51 @@ constexpr double kFloat16Max = 65504.0;
 
 }  // namespace
 
+template <Kernels K>
 MaybeTensor relu(pybind11::handle input) {
   const std::optional<at::Tensor> x = tensor(input);
-  return x && usual(*x) ? MaybeTensor(autograd::relu(*x)) : std::nullopt;
+  return x && usual<K>(*x) ? MaybeTensor(autograd::relu(*x)) : std::nullopt;
 }
+template <Kernels K>
 MaybeTensor sigmoid(pybind11::handle input) {
   const std::optional<at::Tensor> x = tensor(input);
-  return x && usual(*x) ? MaybeTensor(autograd::sigmoid(*x)) : std::nullopt;
+  return x && usual<K>(*x) ? MaybeTensor(autograd::sigmoid(*x)) : std::nullopt;
 }
+template <Kernels K>
 MaybeTensor tanh(pybind11::handle input) {
   const std::optional<at::Tensor> x = tensor(input);
-  return x && usual(*x) ? MaybeTensor(autograd::tanh(*x)) : std::nullopt;
+  return x && usual<K>(*x) ? MaybeTensor(autograd::tanh(*x)) : std::nullopt;
 }
+template <Kernels K>
 MaybeTensor leaky_relu(pybind11::handle input, pybind11::handle negative_slope) {
   const std::optional<at::Tensor> x = tensor(input);
   const std::optional<double> slope = plain_number(negative_slope);
-  return x && slope && usual(*x) ? MaybeTensor(autograd::leaky_relu(*x, *slope)) : std::nullopt;
+  return x && slope && usual<K>(*x) ? MaybeTensor(autograd::leaky_relu(*x, *slope)) : std::nullopt;
 }
 
 // input + alpha * other for two tensors of one floating dtype on one device, shapes broadcasting, a plain alpha
 // (a float16 result with |alpha| past float16's range is left to the Python function, which raises torch's error).
+template <Kernels K>
 MaybeTensor add(pybind11::handle input, pybind11::handle other, pybind11::handle alpha) {
   const std::optional<at::Tensor> a = tensor(input), b = tensor(other);
   const std::optional<double> scale = plain_number(alpha);
-  if (!a || !b || !scale || !usual(*a) || !usual(*b)) return std::nullopt;
+  if (!a || !b || !scale || !usual<K>(*a) || !usual<K>(*b)) return std::nullopt;
   if (a->scalar_type() != b->scalar_type() || a->device() != b->device()) return std::nullopt;
   if (!broadcastable(a->sizes(), b->sizes())) return std::nullopt;
   if (a->scalar_type() == at::kHalf && std::abs(*scale) > kFloat16Max) return std::nullopt;
   return autograd::add(*a, *b, *scale);
 }
+
+#define PYENGINE_EAGER_ENTRIES(K)                                                                          \
+  template MaybeTensor relu<K>(pybind11::handle);                                                          \
+  template MaybeTensor sigmoid<K>(pybind11::handle);                                                       \
+  template MaybeTensor tanh<K>(pybind11::handle);                                                          \
+  template MaybeTensor leaky_relu<K>(pybind11::handle, pybind11::handle);                                  \
+  template MaybeTensor add<K>(pybind11::handle, pybind11::handle, pybind11::handle);
+PYENGINE_EAGER_ENTRIES(Kernels::kByDevice)
+PYENGINE_EAGER_ENTRIES(Kernels::kCpp)
+PYENGINE_EAGER_ENTRIES(Kernels::kCuda)
+#undef PYENGINE_EAGER_ENTRIES
 
 }  // namespace eager
 }  // namespace pyengine

@@ -1,4 +1,6 @@
 // pyengine._C.eager: the functional ops' usual calls in one C++ step (eager.cpp), None for every other call.
+// Three sets of them: for calls whose tensors' device picks the backend, and for calls inside
+// use_backend('cpp') or use_backend('cuda'), which take only that backend's device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,10 +11,18 @@
 namespace pyengine {
 namespace eager {
 
+// The kernels a set of entries may run: the tensors' device's, or one backend's alone.
+enum class Kernels { kByDevice, kCpp, kCuda };
+
+template <Kernels K>
 std::optional<at::Tensor> relu(pybind11::handle input);
+template <Kernels K>
 std::optional<at::Tensor> sigmoid(pybind11::handle input);
+template <Kernels K>
 std::optional<at::Tensor> tanh(pybind11::handle input);
+template <Kernels K>
 std::optional<at::Tensor> leaky_relu(pybind11::handle input, pybind11::handle negative_slope);
+template <Kernels K>
 std::optional<at::Tensor> add(pybind11::handle input, pybind11::handle other, pybind11::handle alpha);
 
 }  // namespace eager

@@ -216,15 +216,20 @@ def compiled_autograd(tensor):
 
 
 def eager_entries():
-    """pyengine._C.eager (csrc/eager.cpp), the C++ first stop of the elementwise ops and add, when the tensors'
-    device decides the backend (none forced) and torch.compile is not tracing; else None. Its functions return
+    """pyengine._C.eager (csrc/eager.cpp), the C++ first stop of the elementwise ops and add: the set for the
+    backend forced (use_backend or PYENGINE_BACKEND: 'cpp' takes CPU tensors alone, 'cuda' CUDA tensors alone,
+    'python' none), else the one the tensors' device decides; None while torch.compile traces. Its functions return
     the result of a usual call (floating tensors of one dtype on a device with built kernels, no tracer, torch.func
     transform or dual tensor) and None for anything else, which the Python function then handles in full."""
-    return None if _EAGER is None or _is_compiling() or _chosen.get() is not None else _EAGER
+    if _is_compiling():
+        return None
+    chosen = _chosen.get()
+    return _EAGER if chosen is None else _EAGER_BY_BACKEND.get(chosen)
 
 
 _AUTOGRAD = None if _C is None else _C.autograd
-_EAGER = None if _C is None or _env_backend is not None else _C.eager
+_EAGER_BY_BACKEND = {} if _C is None else {None: _C.eager, "cpp": _C.eager_cpp, "cuda": _C.eager_cuda}
+_EAGER = _EAGER_BY_BACKEND.get(_env_backend)
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state

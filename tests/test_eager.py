@@ -10,7 +10,7 @@ import pyengine.functional as PF
 from pyengine import _backend
 
 pytestmark = pytest.mark.skipif(_backend._EAGER is None, reason="needs the compiled extension and no "
-                                "PYENGINE_BACKEND (the C++ first stop is off then)")
+                                "PYENGINE_BACKEND=python (the C++ first stop is off then)")
 
 OPS = {
     "relu": (lambda x, y: PF.relu(x), lambda x, y: torch.relu(x)),
@@ -114,12 +114,23 @@ def test_transforms_and_tracers_are_handed_back():
     assert seen == [None, None, None]
 
 
-def test_a_forced_backend_and_compile_skip_it():
+def test_a_forced_backend_takes_its_own_devices_calls():
+    x = torch.randn(3, requires_grad=True)
     with pyengine.use_backend("cpp"):
-        assert _backend.eager_entries() is None
+        eager = _backend.eager_entries()
+        assert eager is not None and eager.relu(x) is not None
+        out = PF.relu(x)
+    assert "pyengine::autograd" in out.grad_fn.name()
+    assert pyengine._C.eager_cuda.relu(x) is None  # a CPU tensor never runs the CUDA backend's entries
+    if torch.cuda.is_available():
+        assert pyengine._C.eager_cpp.relu(x.detach().cuda()) is None
     with pyengine.use_backend("python"):
-        out = PF.relu(torch.randn(3, requires_grad=True))
+        assert _backend.eager_entries() is None
+        out = PF.relu(x)
     assert "pyengine::autograd" not in out.grad_fn.name()
+
+
+def test_compile_skips_it():
     compiled = torch.compile(lambda t: PF.relu(t) + 1, backend="eager", fullgraph=True)
     x = torch.randn(8)
     torch.testing.assert_close(compiled(x), torch.relu(x) + 1)
