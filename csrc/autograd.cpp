@@ -359,7 +359,8 @@ at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, cons
   return CrossEntropyFunction::apply(input, target, weight, ignore_index, reduction, label_smoothing, fused);
 }
 
-void name_fused_mlp_graph_nodes();  // autograd_fused_mlp.cpp
+void name_fused_mlp_graph_nodes();              // autograd_fused_mlp.cpp
+void name_linear_cross_entropy_graph_node();  // autograd_linear_cross_entropy.cpp
 
 void name_graph_nodes() {
   name_node_type<OutputSavingBackward<Relu>>("ReLUFunctionBackward");
@@ -372,6 +373,7 @@ void name_graph_nodes() {
   name_graph_node<BinaryCrossEntropyWithLogitsFunction>("BinaryCrossEntropyWithLogitsFunctionBackward");
   name_graph_node<CrossEntropyFunction>("SoftmaxCrossEntropyFunctionBackward");
   name_fused_mlp_graph_nodes();
+  name_linear_cross_entropy_graph_node();
 }
 
 void set_reference(pybind11::object kernels) {

@@ -26,6 +26,10 @@ at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::T
 // logits (N, C) and int64 class indices (N); the functional form sends every other case to its Python Function.
 at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                          int64_t ignore_index, int64_t reduction, double label_smoothing);
+// x (N, H), weight (V, H), bias (V) or none, int64 class indices (N); chunk_bytes: the logits budget of a chunk.
+at::Tensor linear_cross_entropy(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& target, int64_t ignore_index, int64_t reduction,
+                                double label_smoothing, int64_t chunk_bytes);
 // The whole MLP, its parameters as lists or packed in one tensor (per layer W_l row-major, then b_l).
 at::Tensor fused_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                      const std::vector<at::Tensor>& biases, int64_t activation, int64_t output_activation);

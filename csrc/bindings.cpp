@@ -247,6 +247,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ag.def("cross_entropy", &autograd::cross_entropy, py::arg("input"), py::arg("target"),
          py::arg("weight") = py::none(), py::arg("ignore_index") = -100, py::arg("reduction") = 1,
          py::arg("label_smoothing") = 0.0);
+  ag.def("linear_cross_entropy", &autograd::linear_cross_entropy, py::arg("x"), py::arg("weight"), py::arg("bias"),
+         py::arg("target"), py::arg("ignore_index"), py::arg("reduction"), py::arg("label_smoothing"),
+         py::arg("chunk_bytes"));
   ag.def("fused_mlp", &autograd::fused_mlp, py::arg("x"), py::arg("weights"), py::arg("biases"),
          py::arg("activation") = 1, py::arg("output_activation") = 0);
   ag.def("fused_mlp_packed", &autograd::fused_mlp_packed, py::arg("x"), py::arg("params"), py::arg("widths"),

@@ -153,6 +153,19 @@ inline std::vector<at::Tensor> lce_grad_buffers(const at::Tensor& x, const LceAr
   return {a.need_x ? k.empty({a.N, a.H}, opts) : at::Tensor(), dw, a.need_bias ? at::zeros({a.V}, opts) : at::Tensor()};
 }
 
+// The forward's outputs from the row pass's lse, per-row loss and kept flags (N) and the gradients d (3):
+// {loss ((N) or 0-dim, x's dtype), lse, denom (0-dim: the count of kept rows), dx, dw, db}.
+inline std::vector<at::Tensor> lce_forward_outputs(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& rows,
+                                                   const at::Tensor& kept, Reduction reduction,
+                                                   const std::vector<at::Tensor>& d) {
+  // Sums on the device: the mean's divisor is never read by the host. No kept row: 0 / 0 = NaN, as torch.
+  at::Tensor denom = kept.sum();
+  at::Tensor loss = reduction == Reduction::None ? rows
+                    : reduction == Reduction::Sum ? rows.sum()
+                                                  : at::div(rows.sum(), denom);
+  return {loss.to(x.scalar_type()), lse, denom, d[0], d[1], d[2]};
+}
+
 // forward: {loss ((N) or 0-dim, x's dtype), lse (N), denom (0-dim: the count of kept rows), dx, dw, db}.
 // With reduction mean or sum and any need_* flag the gradients of the summed loss come out of the same pass.
 inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tensor& x, const at::Tensor& weight,
@@ -165,12 +178,7 @@ inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tenso
   std::vector<at::Tensor> d = grad ? lce_grad_buffers(x, a, k) : std::vector<at::Tensor>(3);
   linear_cross_entropy_chunks(x, weight, bias, target, a, grad ? LceMode::LossAndGrad : LceMode::Loss, k, lse,
                               rows, kept, at::Tensor(), d[0], d[1], d[2]);
-  // Sums on the device: the mean's divisor is never read by the host. No kept row: 0 / 0 = NaN, as torch.
-  at::Tensor denom = kept.sum();
-  at::Tensor loss = reduction == Reduction::None ? rows
-                    : reduction == Reduction::Sum ? rows.sum()
-                                                  : at::div(rows.sum(), denom);
-  return {loss.to(x.scalar_type()), lse, denom, d[0], d[1], d[2]};
+  return lce_forward_outputs(x, lse, rows, kept, reduction, d);
 }
 
 // backward of reduction none: the logits of each chunk are computed again and turned into g (p - y').

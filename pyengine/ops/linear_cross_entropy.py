@@ -469,6 +469,16 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if input.dim() == 1 and target.dim() == 1:
         target = target.reshape(())  # a 1-D input's one-element target: torch takes it as the class index
     if weight is None and not out:  # the fused kernels
+        # the usual call, x (N, H) and class indices (N) of one device and dtype, as a C++ node (eagerly, on the
+        # compiled backends; csrc/autograd_linear_cross_entropy.cpp); the Python Function takes every other call
+        compiled = None if autocasting else getattr(_backend.compiled_autograd(input), "linear_cross_entropy", None)
+        if (compiled is not None and input.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
+                and input.is_floating_point() and linear_weight.dtype == input.dtype
+                and linear_weight.device == input.device and target.device == input.device
+                and (linear_bias is None or (linear_bias.dtype == input.dtype
+                                             and linear_bias.device == input.device))):
+            return compiled(input, linear_weight, linear_bias, target, ignore_index, REDUCTIONS[reduction],
+                            float(label_smoothing), _chunk_bytes(chunk_bytes))
         loss = apply(LinearCrossEntropyFunction, _LCE_FOR_COMPILE, input, linear_weight, linear_bias, target,
                      ignore_index, reduction, label_smoothing, chunk_bytes)[0]
         return loss.float() if autocasting and loss.dtype in (torch.float16, torch.bfloat16) else loss
