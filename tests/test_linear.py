@@ -7,7 +7,7 @@ import pyengine.functional as PF
 import pyengine.nn as pnn
 from pyengine import _backend
 from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
-                   grads, make, on, product_magnitudes)
+                   grads, make, mkldnn_enabled, on, product_magnitudes)
 
 # (x shape, out_features): batch dims of every rank, 1-D input, empty batch, K = 0, N = 1, vector tails
 SHAPES = [((5, 3), 4), ((1, 1), 1), ((7,), 3), ((2, 3, 17), 9), ((2, 2, 2, 8), 5), ((0, 6), 4), ((4, 0), 3),
@@ -20,6 +20,26 @@ SHAPES = [((5, 3), 4), ((1, 1), 1), ((7,), 3), ((2, 3, 17), 9), ((2, 2, 2, 8), 5
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_forward_backward_match_torch(backend, device, dtype, x_shape, n, bias):
     check_against_torch(backend, device, dtype, x_shape, n, bias, activation=None)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("strided", ["", "x", "weight", "bias"])
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
+def test_float32_products_through_onednn_and_blas(backend, device, onednn, strided, activation):
+    # past the small-layer path the CPU's float32 forward is oneDNN's linear while torch.backends.mkldnn is on,
+    # BLAS otherwise: both against torch, with strided operands
+    x = make((67, 130), torch.float32, device, requires_grad=True, noncontiguous="x" == strided)
+    w = make((70, 130), torch.float32, device, requires_grad=True, noncontiguous="weight" == strided)
+    b = make((70,), torch.float32, device, requires_grad=True, noncontiguous="bias" == strided)
+    with mkldnn_enabled(onednn), on(backend):
+        y = PF.linear(x, w, b, activation=activation)
+        ours, gy = grads(y, [x, w, b])
+    y_ref = F.linear(x, w, b) if activation is None else torch_linear_act(x, w, b, activation)
+    ref, _ = grads(y_ref, [x, w, b], gy)
+    assert_close(y, y_ref)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
 
 
 def check_against_torch(backend, device, dtype, x_shape, n, bias, activation):

@@ -230,3 +230,14 @@ def backward_aten_calls(loss):
     with _AtenLog() as log:
         loss.backward()
     return log.calls
+
+
+@contextlib.contextmanager
+def mkldnn_enabled(enabled):
+    """torch.backends.mkldnn.enabled for a block (its flags() also sets TF32 options and warns about them)."""
+    saved = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(saved)

@@ -55,6 +55,10 @@ struct LceKernels {
   // part (R, V), in the accumulation type (torch's mixed-dtype add_ and sum(dtype=) run a scalar loop on the CPU).
   void (*add)(const at::Tensor& sum, const at::Tensor& part);
   void (*add_column_sums)(const at::Tensor& sum, const at::Tensor& part);
+  // Optional (nullptr: none): a chunk's logits x W^T + b (b undefined: no bias) as a new contiguous tensor, from
+  // a product faster than at::addmm's on the device, or undefined where it does not run; the loop then writes
+  // them into its own buffer with at::addmm.
+  at::Tensor (*logits)(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 };
 
 // The dtype the chunk GEMMs run in (see the top of this file).
@@ -85,7 +89,11 @@ inline LceArgs check_linear_cross_entropy_args(const at::Tensor& x, const at::Te
   TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
   TORCH_CHECK(chunk_bytes > 0, op, ": chunk_bytes must be positive, got ", chunk_bytes);
   const int64_t row_bytes = std::max<int64_t>(V, 1) * static_cast<int64_t>(c10::elementSize(lce_acc_dtype(x)));
-  const int64_t rows = std::clamp<int64_t>(chunk_bytes / row_bytes, 1, std::max<int64_t>(N, 1));
+  // whole panels of 16 rows where the budget holds more (the GEMMs block their rows by 8-16; the LM head's
+  // 16 MiB then holds 128 rows of 32000 logits, not 131)
+  int64_t rows = chunk_bytes / row_bytes;
+  if (rows > 16) rows -= rows % 16;
+  rows = std::clamp<int64_t>(rows, 1, std::max<int64_t>(N, 1));
   return {N, H, V, ignore_index, std::max(label_smoothing, 0.0), need_x, need_weight, need_bias && has_bias, rows};
 }
 
@@ -104,15 +112,19 @@ inline void linear_cross_entropy_chunks(const at::Tensor& x, const at::Tensor& w
   const at::Tensor b = has_bias ? bias->to(gemm) : at::Tensor();
   const bool grad = mode != LceMode::Loss;
   const auto opts = x.options().dtype(gemm);
-  at::Tensor buffer = k.empty({a.chunk_rows * a.V}, opts);
+  at::Tensor buffer;  // for at::addmm's logits, allocated at the first chunk that needs it
   // A chunk's dx and dW products in the half dtype, reused by every chunk
   const at::Tensor dx_part = half && grad && dx.defined() ? k.empty({a.chunk_rows, a.H}, opts) : at::Tensor();
   const at::Tensor dw_part = half && grad && dw.defined() ? k.empty({a.V, a.H}, opts) : at::Tensor();
   for (int64_t r0 = 0; r0 < a.N; r0 += a.chunk_rows) {
     const int64_t n = std::min(a.chunk_rows, a.N - r0);
     const at::Tensor xc = x.narrow(0, r0, n).to(gemm);
-    at::Tensor logits = buffer.narrow(0, 0, n * a.V).view({n, a.V});
-    if (has_bias) at::addmm_out(logits, b, xc, w.t()); else at::mm_out(logits, xc, w.t());
+    at::Tensor logits = k.logits != nullptr ? k.logits(xc, w, b) : at::Tensor();
+    if (!logits.defined()) {
+      if (!buffer.defined()) buffer = k.empty({a.chunk_rows * a.V}, opts);
+      logits = buffer.narrow(0, 0, n * a.V).view({n, a.V});
+      if (has_bias) at::addmm_out(logits, b, xc, w.t()); else at::mm_out(logits, xc, w.t());
+    }
     k.rows(logits, target.narrow(0, r0, n), lse.narrow(0, r0, n), loss.defined() ? loss.narrow(0, r0, n) : loss,
            kept.defined() ? kept.narrow(0, r0, n) : kept, g.defined() ? g.narrow(0, r0, n) : g, mode,
            a.ignore_index, a.eps);

@@ -30,7 +30,9 @@ namespace {
 
 // Below this, glibc's heap already recycles freed memory without faults: the cache would only add a lock.
 constexpr size_t kMinBlockBytes = size_t{1} << 20;
-// Blocks are aligned to and sized in whole transparent huge pages, so no 4 KB page of a block faults alone.
+// Blocks are aligned to and sized in whole transparent huge pages. The huge-page hint covers the whole huge pages
+// of the first request a block serves: past them, the last part of a huge page the output does not fill stays in
+// 4 KB pages, so the process's resident memory counts the output's bytes (a 125 MiB gradient is not 126 MiB).
 constexpr size_t kHugePage = size_t{2} << 20;
 // Holds two 500 MiB cross_entropy gradients (4096x32000 float32) or sixteen 64 MB activations.
 constexpr size_t kDefaultLimit = size_t{1} << 30;
@@ -94,7 +96,7 @@ class OutputCache final : public c10::Allocator {
     const size_t size = round_to_huge_pages(n);
     size_t block_size = size;
     void* block = take_cached(size, block_size);
-    if (block == nullptr) block = fresh_block(size);
+    if (block == nullptr) block = fresh_block(size, n);
     mark_in_use(block, block_size);
     return {block, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
@@ -168,7 +170,7 @@ class OutputCache final : public c10::Allocator {
                                        c10::Device(c10::DeviceType::CPU));
   }
 
-  void* fresh_block(size_t size) {
+  void* fresh_block(size_t size, size_t used) {
     void* block = nullptr;
     bool ok = posix_memalign(&block, kHugePage, size) == 0;
     if (!ok) {
@@ -178,7 +180,7 @@ class OutputCache final : public c10::Allocator {
     TORCH_CHECK_WITH(OutOfMemoryError, ok, "pyengine: out of memory allocating a CPU output of ", size, " bytes (",
                      info().in_use_bytes, " bytes held by live pyengine outputs). Free some tensors, or use smaller ",
                      "batches.");
-    advise_huge_pages(block, size);
+    advise_huge_pages(block, used);
     return block;
   }
 

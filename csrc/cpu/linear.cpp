@@ -6,12 +6,11 @@
 //   dW = dz^T @ x                  (N, M) @ (M, K)   BLAS
 //   db = sum over rows of dz       (N)               our column reduction (cpu/reduce.h, or the fused pass)
 // Without an activation dz is dy itself. Small layers (cpu/linear_small.h) skip BLAS and do all of it in one pass.
-// float16/bfloat16 on a CPU with dot products for them (common/half_gemm.h): the forward is oneDNN's linear with
-// the bias and activation applied to its float32 sums (onednn_linear below), one call and no pass over y.
+// float32, and float16/bfloat16 on a CPU with dot products for them: the forward is oneDNN's linear with the bias
+// and activation applied to its float32 sums (cpu/onednn_linear.h), one call and no pass over y.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -19,9 +18,9 @@
 #include <cstring>
 
 #include "common/checks.h"
-#include "common/half_gemm.h"
 #include "cpu/elementwise.h"
 #include "cpu/linear_small.h"
+#include "cpu/onednn_linear.h"
 #include "cpu/reduce.h"
 #include "ops.h"
 
@@ -103,23 +102,6 @@ void activation_grad_with_column_sum(scalar_t* dz, scalar_t* db, const scalar_t*
   }
 }
 
-// y = act(x weight^T + bias) through torch's own oneDNN linear (mkldnn::_linear_pointwise, what torch.compile's
-// CPU code calls): the bias and activation are post-ops on the float32 sums, rounded to the dtype once, where
-// the BLAS path writes bias rows, accumulates onto them and runs the activation over y (4096x64 -> 64 bf16 with
-// relu: 193 us against 252 us). Undefined where torch has no such operator (a build without oneDNN).
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         Activation act) {
-  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!op.has_value()) return at::Tensor();
-  const char* attr = act == Activation::kRelu ? "relu" : act == Activation::kSigmoid ? "sigmoid" : "none";
-  // x and weight may be strided; a strided bias is read as if it were contiguous (torch 2.14)
-  const c10::IValue b = bias.has_value() && bias->defined() ? c10::IValue(bias->contiguous()) : c10::IValue();
-  std::vector<c10::IValue> stack{x, weight, b, std::string(attr), c10::List<c10::optional<at::Scalar>>(),
-                                 c10::IValue()};
-  op->callBoxed(stack);
-  return stack[0].toTensor();
-}
-
 }  // namespace
 
 at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -129,10 +111,8 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
-  // oneDNN's linear takes no empty operand
-  if (M > 0 && N > 0 && K > 0 && !cpu::use_small_linear(M, N, K) && fast_half_gemm(x) &&
-      cpu_fast_half(x.scalar_type())) {
-    if (at::Tensor fused = onednn_linear(x, weight, bias, act); fused.defined()) return fused;
+  if (!cpu::use_small_linear(M, N, K)) {
+    if (at::Tensor fused = cpu::onednn_linear(x, weight, bias, act); fused.defined()) return fused;
   }
   at::Tensor y = cpu::empty_output({M, N}, x.options());
   if (cpu::use_small_linear(M, N, K)) {

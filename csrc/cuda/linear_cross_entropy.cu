@@ -117,7 +117,7 @@ void add_column_sums_cuda(const at::Tensor& sum, const at::Tensor& part) {
 
 at::Tensor empty_cuda(at::IntArrayRef shape, const at::TensorOptions& options) { return at::empty(shape, options); }
 
-constexpr LceKernels kLceCuda{empty_cuda, linear_cross_entropy_rows_cuda, add_cuda, add_column_sums_cuda};
+constexpr LceKernels kLceCuda{empty_cuda, linear_cross_entropy_rows_cuda, add_cuda, add_column_sums_cuda, nullptr};
 
 }  // namespace
 }  // namespace cuda

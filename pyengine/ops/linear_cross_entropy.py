@@ -41,9 +41,11 @@ CHUNK_ENV = "PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES"
 
 
 def chunk_rows(n, v, dtype, chunk_bytes):
-    """Rows per chunk: as many as keep the chunk's logits (in the accumulation type) within chunk_bytes."""
-    row = max(v, 1) * (8 if dtype == torch.float64 else 4)
-    return min(max(chunk_bytes // row, 1), max(n, 1))
+    """Rows per chunk: as many as keep the chunk's logits (in the accumulation type) within chunk_bytes, in whole
+    panels of 16 rows where more than 16 fit (the kernels' GEMMs block their rows by 8-16)."""
+    rows = chunk_bytes // (max(v, 1) * (8 if dtype == torch.float64 else 4))
+    rows = rows - rows % 16 if rows > 16 else rows
+    return min(max(rows, 1), max(n, 1))
 
 
 def _grad_buffers(x, v, acc, need_x, need_weight, need_bias):
