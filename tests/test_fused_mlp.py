@@ -63,6 +63,30 @@ def test_forward_and_every_gradient_match_torch(backend, device, dtype, sizes, b
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["layer_gemms", "blocked"])
+@pytest.mark.parametrize("activation,output_activation", [("relu", "sigmoid"), ("sigmoid", None)])
+def test_float32_network_with_enough_work_for_layer_gemms(backend, device, deterministic, activation,
+                                                           output_activation):
+    # 1027 x (32*64 + 64*65 + 65*3) multiply-adds: the CPU's layer GEMMs, or its blocked loop when deterministic
+    x = make((1027, 32), torch.float32, device, requires_grad=True)
+    weights, biases = _params([32, 64, 65, 3], torch.float32, device)
+    inputs = [x, *weights, *biases]
+    saved = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        with on(backend):
+            y = PF.fused_mlp(x, weights, biases, activation, output_activation)
+            ours, gy = grads(y, inputs)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    y_ref = torch_mlp(x, weights, biases, activation, output_activation)
+    ref, _ = grads(y_ref, inputs, gy)
+    assert_close(y, y_ref)
+    for g, g_ref in zip(ours, ref):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_noncontiguous_inputs_and_weights(backend, device):
     x = make((70, 9), torch.float64, device, requires_grad=True, noncontiguous=True)
     w0 = make((9, 12), torch.float64, device).t().requires_grad_()  # a transposed view, (12, 9)
@@ -135,19 +159,25 @@ def test_gradcheck(backend, device, activation, output_activation):
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
-def test_weight_gradients_do_not_depend_on_the_thread_count(backend, device):
-    x = make((1000, 64), torch.float32, device, requires_grad=True)
+@pytest.mark.parametrize("rows", [100, 1000], ids=["blocked", "wide"])
+def test_weight_gradients_do_not_depend_on_the_thread_count(backend, device, rows):
+    # the blocked loop's promise; a network with enough work for the CPU's layer GEMMs keeps the loop under
+    # torch.use_deterministic_algorithms
+    x = make((rows, 64), torch.float32, device, requires_grad=True)
     weights, biases = _params([64, 128, 128, 1], torch.float32, device)
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     results = []
     try:
+        torch.use_deterministic_algorithms(True)
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             with on(backend):
                 results.append(grads(PF.fused_mlp(x, weights, biases, "relu"), [x, *weights, *biases],
-                                     torch.ones(1000, 1, device=device))[0])
+                                     torch.ones(rows, 1, device=device))[0])
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

@@ -9,14 +9,16 @@
 // alone) into per-chunk partials, then the partials are added in chunk order: the same result on every run
 // and with any number of threads.
 //
-// float16/bfloat16 networks with enough work, where the CPU multiplies the dtype fast (common/half_gemm.h), go
-// a layer at a time through linear's kernels instead (cpu/linear.cpp): each product is one oneDNN GEMM in the
-// dtype (float32 inside), the bias and activation passes run over a layer's output, and every layer's output
-// is rounded to the dtype, as in torch's unfused Sequential. The blocked loop computes in float32 at the rate
-// of float32 multiply-adds, which takes 2-4x the time of those half-precision products (benchmarks/NOTES.md,
-// "bfloat16 matrix products"); below kLayerGemmMinMacs the GEMMs' fixed cost (~25 us a call) loses instead.
-// oneDNN may split a product's sums by the thread count: this path's results can then differ in the last bit
-// between thread counts, as torch's own do.
+// Networks with enough work (kLayerGemmMinMacs) in float32, or in float16/bfloat16 where the CPU multiplies
+// the dtype fast (common/half_gemm.h), go a layer at a time through linear's kernels instead (cpu/linear.cpp):
+// each product is one oneDNN or BLAS GEMM, the bias and activation passes run over a layer's output, and every
+// layer's output is rounded to the dtype, as in torch's unfused Sequential. The blocked loop's products are
+// plain vectorized multiply-adds: at 4096x32->64->64->1 float32 its forward+backward took 1.5x the layer GEMMs'
+// time (benchmarks/NOTES.md, "fused_mlp's layer GEMMs in float32"), and in half precision it computes at the
+// float32 rate, 2-4x the time of the dtype's products ("bfloat16 matrix products"). Below kLayerGemmMinMacs the
+// GEMMs' fixed cost (~10-25 us a call) loses instead. The GEMMs may split a product's sums by the thread count,
+// so their results can differ in the last bit between thread counts, as torch's own do: with
+// torch.use_deterministic_algorithms(True) the blocked loop runs at every size.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/Dispatch.h>
@@ -123,7 +125,8 @@ constexpr int64_t kLayerGemmMinMacs = int64_t(1) << 22;
 bool use_layer_gemms(const at::Tensor& x, const std::vector<int64_t>& widths) {
   int64_t macs = 0;
   for (size_t l = 0; l + 1 < widths.size(); ++l) macs += widths[l] * widths[l + 1];
-  return fast_half_gemm(x) && x.size(0) * macs >= kLayerGemmMinMacs;
+  return (x.scalar_type() == at::kFloat || fast_half_gemm(x)) && x.size(0) * macs >= kLayerGemmMinMacs &&
+         !at::globalContext().deterministicAlgorithms();
 }
 
 int64_t layer_activation(int64_t l, int64_t layers, int64_t act, int64_t out_act) {

@@ -10,11 +10,13 @@ output (relu' = (a > 0), sigmoid' = a (1 - a)):
 What fusion saves is the per-layer work around the arithmetic: one autograd node, one kernel call each way,
 and (in the kernels) activations that stay in cache or shared memory between layers. Activations are given to
 the kernels as codes: 0 none, 1 relu, 2 sigmoid. Leading batch dims are flattened: (*, n_0) -> (M, n_0).
-float16/bfloat16 on a CPU that multiplies the dtype fast (avx512_bf16/AMX for bfloat16), from about 4M
-multiply-adds a forward: the CPU kernel runs a layer at a time as linear does (oneDNN GEMMs in the dtype, float32
-inside, each layer's output rounded to the dtype, as torch's unfused Sequential has it) instead of its float32
-loop; PYENGINE_HALF_GEMM=on/off overrides the CPU's rule. There its results may differ in the last bit between
-thread counts (oneDNN's sums), as torch's do.
+From about 4M multiply-adds a forward, in float32, and in float16/bfloat16 on a CPU that multiplies the dtype
+fast (avx512_bf16/AMX for bfloat16), the CPU kernel runs a layer at a time as linear does (oneDNN or BLAS GEMMs,
+float32 inside, each layer's output rounded to the dtype, as torch's unfused Sequential has it) instead of its
+blocked loop, whose plain multiply-adds lose to the GEMMs there; PYENGINE_HALF_GEMM=on/off overrides the CPU's
+rule for the half dtypes. There its results may differ in the last bit between thread counts (the GEMMs' sums),
+as torch's do; under torch.use_deterministic_algorithms(True) the blocked loop, whose sums do not depend on the
+thread count, runs at every size.
 Kernels: csrc/cpu/fused_mlp.cpp, csrc/cuda/fused_mlp.cu; shared contract: csrc/common/fused_mlp.h.
 """
 
