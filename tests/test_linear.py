@@ -27,11 +27,11 @@ def test_forward_backward_match_torch(backend, device, dtype, x_shape, n, bias):
 @pytest.mark.parametrize("strided", ["", "x", "weight", "bias"])
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
 def test_float32_products_through_onednn_and_blas(backend, device, onednn, strided, activation):
-    # past the small-layer path the CPU's float32 forward is oneDNN's linear while torch.backends.mkldnn is on,
-    # BLAS otherwise: both against torch, with strided operands
-    x = make((67, 130), torch.float32, device, requires_grad=True, noncontiguous="x" == strided)
-    w = make((70, 130), torch.float32, device, requires_grad=True, noncontiguous="weight" == strided)
-    b = make((70,), torch.float32, device, requires_grad=True, noncontiguous="bias" == strided)
+    # from 8M multiply-adds the CPU's float32 forward is oneDNN's linear while torch.backends.mkldnn is on, BLAS
+    # otherwise (cpu/onednn_linear.h): both against torch, with strided operands
+    x = make((257, 130), torch.float32, device, requires_grad=True, noncontiguous="x" == strided)
+    w = make((260, 130), torch.float32, device, requires_grad=True, noncontiguous="weight" == strided)
+    b = make((260,), torch.float32, device, requires_grad=True, noncontiguous="bias" == strided)
     with mkldnn_enabled(onednn), on(backend):
         y = PF.linear(x, w, b, activation=activation)
         ours, gy = grads(y, [x, w, b])

@@ -6,7 +6,7 @@ import pyengine
 import pyengine.functional as PF
 from pyengine.ops.linear_cross_entropy import CHUNK_ENV
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   assert_raises_like, backward_aten_calls, grads, magnitude, make, on)
+                   assert_raises_like, backward_aten_calls, grads, magnitude, make, mkldnn_enabled, on)
 
 IGNORE = -100
 REDUCTIONS = ["mean", "sum", "none"]
@@ -339,3 +339,23 @@ def test_backward_of_the_usual_loss_makes_no_weight_sized_tensor(backend, device
     F.cross_entropy(F.linear(x2, w2, b2), t, reduction=reduction).backward()
     for ours, ref in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
         assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_float32_chunk_logits_through_onednn_and_blas(backend, device, onednn, bias):
+    # chunks of 64 rows x 130 -> 1030 classes: 8.6M multiply-adds each, which the CPU computes with oneDNN's
+    # linear while torch.backends.mkldnn is on, at::addmm into the chunk buffer otherwise
+    x = make((300, 130), torch.float32, device, requires_grad=True)
+    w = make((1030, 130), torch.float32, device, requires_grad=True, low=-0.3, high=0.3)
+    b = make((1030,), torch.float32, device, requires_grad=True) if bias else None
+    t = torch.randint(0, 1030, (300,), device=device)
+    inputs = [x, w] + ([b] if bias else [])
+    with mkldnn_enabled(onednn), on(backend):
+        loss = PF.linear_cross_entropy(x, w, t, linear_bias=b, chunk_bytes=64 * 1030 * 4)
+        ours = torch.autograd.grad(loss, inputs)
+    ref_loss = F.cross_entropy(F.linear(x, w, b), t)
+    assert_close(loss, ref_loss)
+    for g, g_ref in zip(ours, torch.autograd.grad(ref_loss, inputs)):
+        assert_close(g, g_ref)

@@ -4,7 +4,8 @@
 // products run faster than MKL's sgemm behind at::mm for the same x W^T on this CPU: float32 1.05-1.2x on square
 // layers, 1.4-1.5x for a short chunk of rows against a tall weight (linear_cross_entropy's logits; numbers in
 // benchmarks/NOTES.md, "oneDNN for the x W^T products"); bfloat16 at the CPU's native rate.
-// Used where it runs natively: float32, and float16/bfloat16 where the CPU multiplies them fast
+// Used where it runs natively: float32 products of at least kOnednnFloatMinMacs (its fixed cost, ~10 us a call,
+// loses to MKL's below: 64x64->32 took 16 us against 6), and float16/bfloat16 where the CPU multiplies them fast
 // (common/half_gemm.h), while torch.backends.mkldnn is enabled (torch's own switch turns this path off too).
 // Returns an undefined tensor where it does not run (float64, an empty operand, a torch without the operator),
 // and the caller takes its BLAS path. oneDNN may split a product's sums by the thread count: results can differ
@@ -23,10 +24,14 @@
 namespace pyengine {
 namespace cpu {
 
+// Where the two meet for float32 here (M x K -> N: 128x256->256, 8.4M multiply-adds, 174 us either way).
+constexpr int64_t kOnednnFloatMinMacs = int64_t(1) << 23;
+
 inline bool onednn_linear_runs(const at::Tensor& x, int64_t M, int64_t N, int64_t K) {
   if (M == 0 || N == 0 || K == 0 || !x.is_cpu() || !at::globalContext().userEnabledMkldnn()) return false;
   const at::ScalarType t = x.scalar_type();
-  return t == at::kFloat || ((t == at::kBFloat16 || t == at::kHalf) && fast_half_gemm(x) && cpu_fast_half(t));
+  if (t == at::kFloat) return M * N * K >= kOnednnFloatMinMacs;
+  return (t == at::kBFloat16 || t == at::kHalf) && fast_half_gemm(x) && cpu_fast_half(t);
 }
 
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
