@@ -273,7 +273,12 @@ def test_loss_linear_and_mlp_outputs_are_right_over_stale_data():
     assert_close(dw, dz.t() @ x, torch.float32)
     weights, biases = [torch.randn(64, 128) / 11, torch.randn(8, 64) / 8], [torch.randn(64), torch.randn(8)]
     x = torch.randn(16384, 128)  # 8 MiB in, a 4 MiB hidden layer
-    out, hidden = poisoned_then_recomputed(lambda: _C.fused_mlp_forward(x, weights, biases, 1, 0))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the blocked loop, whose outputs come from the cache (at this size
+    try:  # the float32 forward otherwise runs a layer at a time, through oneDNN's linear and torch's memory)
+        out, hidden = poisoned_then_recomputed(lambda: _C.fused_mlp_forward(x, weights, biases, 1, 0))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     assert_close(hidden, torch.relu(F.linear(x, weights[0], biases[0])), torch.float32)
     assert_close(out, F.linear(hidden, weights[1], biases[1]), torch.float32)
 
