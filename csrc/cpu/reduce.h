@@ -119,7 +119,7 @@ template <typename scalar_t>
 void sum_columns(scalar_t* out, const scalar_t* g, const StridedDims<1>& kept, const StridedDims<1>& summed,
                  int64_t n, int64_t inner_stride, acc_t<scalar_t> scale) {
   using acc_type = acc_t<scalar_t>;
-  constexpr int64_t kColBlock = 512;  // 2-4 KB of accumulators: stays in L1
+  constexpr int64_t kColBlock = 2048;  // 8-16 KB of accumulators: stays in L1
   constexpr int64_t kRowsPerChunk = 2048;
   constexpr int64_t kMaxChunks = 32;
   constexpr int64_t kRowsPerBlock = 128;  // rows summed apart before joining the total: error ~ 128 + rows/128
