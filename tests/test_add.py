@@ -3,7 +3,7 @@ import torch
 
 import pyengine.functional as PF
 from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
-                   grads, make, on)
+                   grads, magnitude, make, on)
 
 # (input shape, other shape): same shape, row bias, column, 0-dim, missing leading dims, both sides broadcast,
 # 0-size dims, 9 dims, vector tails and multi-chunk sizes
@@ -140,7 +140,10 @@ def test_mixed_dtype_gradients_and_zero_dim(backend, device):
         assert_close(out, ref)
         for p, q in zip(ours, theirs):
             assert p.dtype == q.dtype
-            assert_close(p, q, dtype=torch.float32)
+            # a broadcast operand's gradient sums out.numel() / p.numel() terms of |2.5 g| that can cancel far
+            # below them: its rounding is set by their size (torch sums them in float32, the python backend not)
+            terms = out.numel() // max(p.numel(), 1)
+            assert_close(p, q, dtype=torch.float32, scale=2.5 * magnitude(g) * terms)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
