@@ -201,31 +201,53 @@ struct MSELossFunction : torch::autograd::Function<MSELossFunction> {
   }
 };
 
+// `fused` (a reduced loss whose input alone wants a gradient, float32/float64): the forward computes the input's
+// gradient for an incoming 1 in the same pass as the loss, and the backward only scales it (returns it, for the
+// usual 1): one read of the operands in all, where the backward would read them again. Not for float16/bfloat16,
+// whose saved gradient would be rounded twice when the incoming one is not 1. The operands are saved either way:
+// double backward (create_graph) differentiates the reference's formulas from them.
 struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCrossEntropyWithLogitsFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
-                            int64_t reduction) {
-    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), pos_weight.value_or(at::Tensor())});
+                            int64_t reduction, bool fused) {
     ctx->saved_data["reduction"] = reduction;
-    return pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
-                                                              contiguous(weight), contiguous(pos_weight), reduction);
+    ctx->saved_data["fused"] = fused;
+    variable_list saved{input, target, weight.value_or(at::Tensor()), pos_weight.value_or(at::Tensor())};
+    at::Tensor loss;
+    if (fused) {
+      variable_list r = pyengine::binary_cross_entropy_with_logits_forward_with_grad(
+          input.contiguous(), target.contiguous(), contiguous(weight), contiguous(pos_weight), reduction);
+      loss = std::move(r[0]);
+      saved.push_back(std::move(r[1]));
+    } else {
+      loss = pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
+                                                                contiguous(weight), contiguous(pos_weight), reduction);
+    }
+    ctx->save_for_backward(saved);
+    return loss;
   }
   static c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
     return t.has_value() && t->defined() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
+    const bool recording = at::GradMode::is_enabled();
+    if (ctx->saved_data["fused"].toBool() && !recording) {
+      // the usual incoming 1 returns the saved gradient as it is; on a GPU reading it would wait for the device
+      at::Tensor grad = saved[4];
+      if (!grads[0].is_cpu() || grads[0].item<double>() != 1.0) grad = grad * grads[0];
+      return {grad, {}, {}, {}, {}, {}};
+    }
     const at::Tensor input = saved[0].contiguous(), target = saved[1].contiguous(), grad = grads[0].contiguous();
     const c10::optional<at::Tensor> weight = contiguous(as_optional(saved[2]));
     const c10::optional<at::Tensor> pos_weight = contiguous(as_optional(saved[3]));
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
-    variable_list g = at::GradMode::is_enabled()
-                          ? call_reference("binary_cross_entropy_with_logits_backward", grad, input, target, weight,
-                                           pos_weight, reduction, need_input, need_target)
-                          : pyengine::binary_cross_entropy_with_logits_backward(
-                                grad, input, target, weight, pos_weight, reduction, need_input, need_target);
-    return {g[0], g[1], {}, {}, {}};
+    variable_list g = recording ? call_reference("binary_cross_entropy_with_logits_backward", grad, input, target,
+                                                 weight, pos_weight, reduction, need_input, need_target)
+                                : pyengine::binary_cross_entropy_with_logits_backward(
+                                      grad, input, target, weight, pos_weight, reduction, need_input, need_target);
+    return {g[0], g[1], {}, {}, {}, {}};
   }
 };
 
@@ -344,7 +366,11 @@ at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::T
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
   using F = BinaryCrossEntropyWithLogitsFunction;
-  if (records_graph(input, target)) return F::apply(input, target, weight, pos_weight, reduction);
+  if (records_graph(input, target)) {
+    const bool fused = reduction != 0 && input.requires_grad() && !target.requires_grad() &&
+                       (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+    return F::apply(input, target, weight, pos_weight, reduction, fused);
+  }
   return pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
                                                             F::contiguous(weight), F::contiguous(pos_weight),
                                                             reduction);

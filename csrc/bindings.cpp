@@ -103,6 +103,8 @@ struct AsOptionalList<Kernel> {
   m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward##suffix);      \
   m.impl("binary_cross_entropy_with_logits_backward",                                                       \
          &AsTuple<2, &binary_cross_entropy_with_logits_backward##suffix>::call);                               \
+  m.impl("binary_cross_entropy_with_logits_forward_with_grad",                                              \
+         &AsTuple<2, &binary_cross_entropy_with_logits_forward_with_grad##suffix>::call);                      \
   m.impl("fused_mlp_forward", &fused_mlp_forward##suffix);                                                    \
   m.impl("fused_mlp_backward", &AsOptionalList<&fused_mlp_backward##suffix>::call);                        \
   m.impl("linear_cross_entropy_forward", &AsTuple<6, &linear_cross_entropy_forward##suffix>::call);          \
@@ -148,6 +150,8 @@ TORCH_LIBRARY(pyengine, m) {
   m.def("binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
         "Tensor? weight=None, Tensor? pos_weight=None, int reduction=1, bool need_input=True, "
         "bool need_target=True) -> (Tensor, Tensor)");
+  m.def("binary_cross_entropy_with_logits_forward_with_grad(Tensor input, Tensor target, Tensor? weight=None, "
+        "Tensor? pos_weight=None, int reduction=1) -> (Tensor, Tensor)");
   m.def("fused_mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, int activation=1, "
         "int output_activation=0) -> Tensor[]");
   m.def("fused_mlp_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] hidden, Tensor y, int activation, "
@@ -212,6 +216,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_loss"), py::arg("input"), py::arg("target"), py::arg("weight") = py::none(),
         py::arg("pos_weight") = py::none(), py::arg("reduction") = 1, py::arg("need_input") = true,
         py::arg("need_target") = true);
+  m.def("binary_cross_entropy_with_logits_forward_with_grad", &binary_cross_entropy_with_logits_forward_with_grad,
+        py::arg("input"), py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
+        py::arg("reduction") = 1);
   m.def("fused_mlp_forward", &fused_mlp_forward, py::arg("x"), py::arg("weights"), py::arg("biases"),
         py::arg("activation") = 1, py::arg("output_activation") = 0);
   m.def("fused_mlp_backward", &fused_mlp_backward, py::arg("grad_y"), py::arg("x"), py::arg("weights"),

@@ -64,6 +64,8 @@ namespace pyengine {
 
 // binary_cross_entropy_with_logits: input, target and the optional weight and pos_weight all of one shape and
 // dtype (the caller broadcasts the weights), contiguous. Outputs as mse_loss.
+// forward_with_grad: the training forward of 'mean'/'sum' (reduction 1 or 2) -> {loss (0-dim), dinput for an
+// incoming gradient of 1}: the forward's loss bit for bit, the backward's dinput to a rounding or two.
 #define PYENGINE_BCE_WITH_LOGITS_OPS(dev)                                                                     \
   at::Tensor binary_cross_entropy_with_logits_forward_##dev(                                                  \
       const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,             \
@@ -71,7 +73,10 @@ namespace pyengine {
   std::vector<at::Tensor> binary_cross_entropy_with_logits_backward_##dev(                                    \
       const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,                         \
       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight, int64_t reduction, \
-      bool need_input, bool need_target);
+      bool need_input, bool need_target);                                                                    \
+  std::vector<at::Tensor> binary_cross_entropy_with_logits_forward_with_grad_##dev(                           \
+      const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,             \
+      const c10::optional<at::Tensor>& pos_weight, int64_t reduction);
 
 // fused_mlp: a whole MLP, widths n_0 .. n_L each 1..128 (see common/fused_mlp.h for the math): x (M, n_0),
 // weights[l] (n_{l+1}, n_l), biases[l] (n_{l+1}); activation / output_activation: 0 none, 1 relu, 2 sigmoid.

@@ -157,6 +157,13 @@ inline std::vector<at::Tensor> binary_cross_entropy_with_logits_backward(const a
   PE_ROUTE(input, binary_cross_entropy_with_logits_backward, grad_loss, input, target, weight, pos_weight, reduction,
            need_input, need_target);
 }
+inline std::vector<at::Tensor> binary_cross_entropy_with_logits_forward_with_grad(const at::Tensor& input,
+                                                                                  const at::Tensor& target,
+                                                                                  const OptTensor& weight,
+                                                                                  const OptTensor& pos_weight,
+                                                                                  int64_t reduction) {
+  PE_ROUTE(input, binary_cross_entropy_with_logits_forward_with_grad, input, target, weight, pos_weight, reduction);
+}
 
 using TensorList = std::vector<at::Tensor>;
 

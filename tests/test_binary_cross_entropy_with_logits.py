@@ -5,8 +5,8 @@ import torch.nn.functional as F
 import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
-from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
-                   grads, magnitude, make, on)
+from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
+                   assert_raises_like, backward_aten_calls, grads, magnitude, make, on)
 
 SHAPES = [(), (0,), (1,), (17,), (4, 33), (3, 5, 7), (50001,)]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -25,15 +25,18 @@ def _weights(kind, shape, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weights", WEIGHTS)
-def test_forward_backward_match_torch(backend, device, dtype, shape, reduction, weights):
+# a fixed target (the usual training call) takes the compiled node's forward that computes the input's gradient
+@pytest.mark.parametrize("target_grad", [True, False], ids=["target_grad", "fixed_target"])
+def test_forward_backward_match_torch(backend, device, dtype, shape, reduction, weights, target_grad):
     x = make(shape, dtype, device, requires_grad=True, low=-8, high=8)
-    y = make(shape, dtype, device, requires_grad=True, low=0, high=1)
+    y = make(shape, dtype, device, requires_grad=target_grad, low=0, high=1)
     w, pw = _weights(weights, shape, dtype, device)
+    inputs = [x, y] if target_grad else [x]
     with on(backend):
         loss = PF.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
-        ours, g = grads(loss, [x, y])
+        ours, g = grads(loss, inputs)
     ref_loss = F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
-    ref, _ = grads(ref_loss, [x, y], g)
+    ref, _ = grads(ref_loss, inputs, g)
     assert_close(loss, ref_loss)
     for a, b, scale in zip(ours, ref, gradient_terms(x, y, w, pw, g, reduction)):
         assert_close(a, b, scale=scale)
@@ -50,6 +53,50 @@ def gradient_terms(x, y, w, pw, g, reduction):
     dx = ((1 + (pw64 - 1) * y64).abs() * torch.sigmoid(x64) + (pw64 * y64).abs()) * scale
     dy = ((pw64 - 1).abs() * F.softplus(-x64) + x64.abs()) * scale
     return magnitude(dx), magnitude(dy)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("reduction", [1, 2], ids=["mean", "sum"])
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("n", [0, 1, 17, 70001])  # below a vector, a vector and a tail, several parallel chunks
+def test_forward_with_grad_is_the_forward_and_the_backward_for_one(backend, device, dtype, reduction, weights, n):
+    """The kernels' contract: the training forward's loss is the forward's bit for bit (the same sums in the same
+    order), and its gradient the backward's for an incoming 1 to a rounding or two (the compiler fuses multiply-adds
+    differently in the two loops), so taking it changes no result beyond that."""
+    x, y = make((n,), dtype, device, low=-20, high=20), make((n,), dtype, device, low=0, high=1)
+    w, pw = (None if t is None else t.expand(n).contiguous() for t in _weights(weights, (n,), dtype, device))
+    with on(backend):
+        kernels = pyengine._backend.kernels(torch.device(device))
+        loss, gx = kernels.binary_cross_entropy_with_logits_forward_with_grad(x, y, w, pw, reduction)
+        one = torch.ones((), dtype=dtype, device=device)
+        loss_forward = kernels.binary_cross_entropy_with_logits_forward(x, y, w, pw, reduction)
+        gx_backward, none = kernels.binary_cross_entropy_with_logits_backward(one, x, y, w, pw, reduction, True, False)
+    torch.testing.assert_close(loss, loss_forward, rtol=0, atol=0, equal_nan=True)  # NaN: the mean of nothing
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(gx, gx_backward, rtol=2 * eps, atol=2 * eps * magnitude(gx_backward))
+    assert none is None
+    if dtype in FLOAT_DTYPES:  # (the half dtypes' values: test_half_precision_error_within_twice_torch)
+        (gx_torch,), _ = grads(F.binary_cross_entropy_with_logits(x.requires_grad_(), y, w, pos_weight=pw,
+                                                                  reduction=REDUCTIONS[reduction - 1]), [x], one)
+        assert_close(gx, gx_torch, scale=gradient_terms(x, y, w, pw, one, REDUCTIONS[reduction - 1])[0])
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_of_a_fixed_target_makes_no_input_sized_tensor(backend, device, dtype):
+    """The usual training call (a mean over logits that alone want a gradient): the backward returns the gradient
+    the forward computed (scales it, for an incoming gradient other than 1) instead of reading the operands again."""
+    x = make((33, 7), dtype, device, requires_grad=True)
+    y = make((33, 7), dtype, device, low=0, high=1)
+    for incoming in (1.0, 2.5):
+        x.grad = None
+        with on(backend):
+            calls = backward_aten_calls(PF.binary_cross_entropy_with_logits(x, y) * incoming)
+        assert not [c for c in calls if c[0].startswith("empty") and c[1] == x.shape], calls
+        ref = x.detach().requires_grad_()
+        (F.binary_cross_entropy_with_logits(ref, y) * incoming).backward()
+        assert_close(x.grad, ref.grad)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

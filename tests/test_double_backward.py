@@ -42,6 +42,11 @@ CASES = {
         lambda x, t: PF.binary_cross_entropy_with_logits(x, t, pos_weight=torch.full((5,), 2.0, device=d,
                                                                                   dtype=torch.float64)),
         (_r(3, 5, device=d), _r(3, 5, device=d, low=0.0, high=1.0))),
+    # a fixed target: the compiled node computes the first gradient in the forward; create_graph must still reach x
+    "binary_cross_entropy_with_logits_fixed_target": lambda d: (
+        lambda x: PF.binary_cross_entropy_with_logits(x, torch.linspace(0, 1, 15, device=d, dtype=torch.float64)
+                                                      .reshape(3, 5), reduction="sum"),
+        (_r(3, 5, device=d),)),
 }
 
 

@@ -88,6 +88,11 @@ def _samples(name, dtype, device):
             g = r(5, 3) if reduction == 0 else r()
             weights = (r(5, 3, low=0.5), None) if bce else ()
             yield (g, r(5, 3), r(5, 3, low=0.0, high=1.0), *weights, reduction, *flags)
+    elif name == "binary_cross_entropy_with_logits_forward_with_grad":
+        for shape, weighted in (((5, 3), False), ((17,), True), ((), True), ((0,), False)):
+            weights = (r(*shape, low=0.5), r(*shape, low=0.5)) if weighted else (None, None)
+            for reduction in (1, 2) if math.prod(shape) else (2,):  # opcheck compares NaN (0/0) as unequal
+                yield r(*shape), r(*shape, low=0.0, high=1.0), *weights, reduction
     elif name == "cross_entropy_forward_with_grad":
         for c, d, w in ((5, 1, None), (4, 3, torch.rand(4, dtype=dtype, device=device) + 0.5)):
             target = torch.randint(0, c, (6, d), device=device)

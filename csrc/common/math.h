@@ -77,16 +77,34 @@ template <typename T> PE_HD T mse_loss_math(T x, T y) { return (x - y) * (x - y)
 template <typename T> PE_HD T mse_loss_grad_math(T x, T y, T g) { return T(2) * (x - y) * g; }
 
 // Binary cross-entropy with logits, pw = pos_weight, lw = 1 + (pw - 1) y:
-//   l = (1 - y) x + lw * softplus(-x),   softplus(-x) = log1p(e^-|x|) + max(-x, 0)  (no overflow for any x)
-//   dl/dx = lw * sigmoid(x) - pw * y,    dl/dy = (pw - 1) * softplus(-x) - x
-template <typename T> PE_HD T softplus_neg_math(T x) {
-  return pe_log1p(pe_exp(T(0) - pe_abs(x))) + pe_max_nan(T(0) - x, T(0));
+//   l = (1 - y) x + lw * softplus(-x),   dl/dx = lw * sigmoid(x) - pw * y,   dl/dy = (pw - 1) * softplus(-x) - x
+// Both of x's functions come from one exponential e = e^-|x| in (0, 1], which never overflows:
+//   softplus(-x) = log1p(e) + max(-x, 0)      sigmoid(x) = (x > 0 ? 1 : e) / (1 + e)
+// so a forward that computes the loss and the gradient together (bce_with_logits_loss_and_grad_math) pays one.
+template <typename T> PE_HD T bce_exp_neg_abs(T x) { return pe_exp(T(0) - pe_abs(x)); }
+template <typename T> PE_HD T softplus_neg_from_exp(T x, T e) { return pe_log1p(e) + pe_max_nan(T(0) - x, T(0)); }
+template <typename T> PE_HD T sigmoid_from_exp(T x, T e) { return pe_select_positive(x, T(1), e) / (T(1) + e); }
+template <typename T> PE_HD T softplus_neg_math(T x) { return softplus_neg_from_exp(x, bce_exp_neg_abs(x)); }
+template <typename T> PE_HD T bce_with_logits_loss_from_exp(T x, T y, T pw, T e) {
+  return (T(1) - y) * x + (T(1) + (pw - T(1)) * y) * softplus_neg_from_exp(x, e);
+}
+template <typename T> PE_HD T bce_with_logits_grad_input_from_exp(T x, T y, T pw, T e) {
+  return (T(1) + (pw - T(1)) * y) * sigmoid_from_exp(x, e) - pw * y;
 }
 template <typename T> PE_HD T bce_with_logits_loss_math(T x, T y, T pw) {
-  return (T(1) - y) * x + (T(1) + (pw - T(1)) * y) * softplus_neg_math(x);
+  return bce_with_logits_loss_from_exp(x, y, pw, bce_exp_neg_abs(x));
 }
 template <typename T> PE_HD T bce_with_logits_grad_input_math(T x, T y, T pw) {
-  return (T(1) + (pw - T(1)) * y) * sigmoid_forward_math(x) - pw * y;
+  return bce_with_logits_grad_input_from_exp(x, y, pw, bce_exp_neg_abs(x));
+}
+// The loss and the input gradient together (the training forward of a reduced loss): the two above, from one exp.
+template <typename T> struct LossAndGrad {
+  T loss;
+  T grad;
+};
+template <typename T> PE_HD LossAndGrad<T> bce_with_logits_loss_and_grad_math(T x, T y, T pw) {
+  const T e = bce_exp_neg_abs(x);
+  return {bce_with_logits_loss_from_exp(x, y, pw, e), bce_with_logits_grad_input_from_exp(x, y, pw, e)};
 }
 template <typename T> PE_HD T bce_with_logits_grad_target_math(T x, T pw) {
   return (pw - T(1)) * softplus_neg_math(x) - x;

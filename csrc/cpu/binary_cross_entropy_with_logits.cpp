@@ -3,6 +3,8 @@
 //   l_i = w_i * [(1 - y_i) x_i + (1 + (pw_i - 1) y_i) softplus(-x_i)]      reduced as mse_loss
 //   dx_i = w_i * [(1 + (pw_i - 1) y_i) sigmoid(x_i) - pw_i y_i] * g        dy_i = w_i * [(pw_i - 1) softplus(-x_i) - x_i] * g
 // with g = g_i (none) | g (sum) | g / n (mean). Formulas: bce_with_logits_*_math in common/math.h.
+// forward_with_grad, the training forward of sum/mean: the loss and dx for g = 1 in one pass over x and y, both
+// from one exponential, so that the backward only scales dx (or returns it, for the usual incoming 1).
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/ops/scalar_tensor.h>
@@ -95,6 +97,53 @@ at::Tensor binary_cross_entropy_with_logits_forward_cpu(const at::Tensor& input,
     }
   });
   return out;
+}
+
+std::vector<at::Tensor> binary_cross_entropy_with_logits_forward_with_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const OptTensor& weight_opt, const OptTensor& pos_weight_opt,
+    int64_t reduction) {
+  const char* op = "binary_cross_entropy_with_logits_forward_with_grad_cpu";
+  const at::Tensor *weight = present(weight_opt), *pos_weight = present(pos_weight_opt);
+  check_operands(input, target, weight, pos_weight, op);
+  const Reduction red = check_reduction(reduction, op);
+  TORCH_CHECK(red != Reduction::None, op, ": reduction must be mean or sum (1 or 2), got none");
+  const int64_t n = input.numel();
+  at::Tensor loss, grad_input = cpu::empty_output(input.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "binary_cross_entropy_with_logits_forward_with_grad", [&] {
+    using acc = acc_t<scalar_t>;
+    // the backward's g for an incoming 1, and its multiplication order: dx is what backward(1) would give
+    const acc scale = red == Reduction::Mean ? acc(1) / static_cast<acc>(n) : acc(1);
+    scalar_t* dx = grad_input.data_ptr<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* y = target.const_data_ptr<scalar_t>();
+    const scalar_t* w = data_or_null<scalar_t>(weight);
+    const scalar_t* pw = data_or_null<scalar_t>(pos_weight);
+    const auto weighted = [scale](auto r, auto wv) {
+      return LossAndGrad<decltype(wv)>{r.loss * wv, r.grad * (wv * decltype(wv)(scale))};
+    };
+    acc total;
+    if (w && pw) {
+      total = cpu::sum_and_map_acc(dx, n, [&](auto xv, auto yv, auto pwv, auto wv) {
+        return weighted(bce_with_logits_loss_and_grad_math(xv, yv, pwv), wv);
+      }, x, y, pw, w);
+    } else if (w) {
+      total = cpu::sum_and_map_acc(dx, n, [&](auto xv, auto yv, auto wv) {
+        return weighted(bce_with_logits_loss_and_grad_math(xv, yv, decltype(xv)(1)), wv);
+      }, x, y, w);
+    } else if (pw) {
+      total = cpu::sum_and_map_acc(dx, n, [&](auto xv, auto yv, auto pwv) {
+        return weighted(bce_with_logits_loss_and_grad_math(xv, yv, pwv), decltype(xv)(1));
+      }, x, y, pw);
+    } else {
+      total = cpu::sum_and_map_acc(dx, n, [&](auto xv, auto yv) {
+        return weighted(bce_with_logits_loss_and_grad_math(xv, yv, decltype(xv)(1)), decltype(xv)(1));
+      }, x, y);
+    }
+    if (red == Reduction::Mean) total /= static_cast<acc>(n);
+    loss = at::scalar_tensor(static_cast<double>(total), input.options());
+  });
+  return {loss, grad_input};
 }
 
 std::vector<at::Tensor> binary_cross_entropy_with_logits_backward_cpu(

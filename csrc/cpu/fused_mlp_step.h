@@ -64,8 +64,9 @@ acc block_loss_and_grad(int64_t loss, acc* y, const acc* t, const int64_t* t_ind
         mse_loss_math(yv, tv).store(losses + r);
         mse_loss_grad_math(yv, tv, g).store(yc + r);
       } else {
-        bce_with_logits_loss_math(yv, tv, one).store(losses + r);
-        (bce_with_logits_grad_input_math(yv, tv, one) * g).store(yc + r);
+        const auto loss_and_grad = bce_with_logits_loss_and_grad_math(yv, tv, one);
+        loss_and_grad.loss.store(losses + r);
+        (loss_and_grad.grad * g).store(yc + r);
       }
     }
     for (int64_t r = 0; r < rows; ++r) total += losses[r];

@@ -4,6 +4,7 @@
 //   dx_i = w_i * [(1 + (pw_i - 1) y_i) sigmoid(x_i) - pw_i y_i] * g_i
 //   dy_i = w_i * [(pw_i - 1) softplus(-x_i) - x_i] * g_i               g_i: incoming gradient (1/n for mean)
 // Formulas: bce_with_logits_*_math in common/math.h, shared with the CPU kernels.
+// forward_with_grad (sum, mean): the loss reduced as the forward's, and dx for g = 1 written by the same pass.
 #include <ATen/Dispatch.h>
 
 #include "cuda/loss.cuh"
@@ -29,6 +30,21 @@ template <typename scalar_t> struct BceLossAt {
   __device__ __forceinline__ acc_t<scalar_t> operator()(int64_t i) const {
     using acc = acc_t<scalar_t>;
     return bce_with_logits_loss_math<acc>(op.x[i], op.y[i], op.pos_weight(i)) * op.weight(i);
+  }
+};
+
+// The loss of element i, which also writes dx[i] for an incoming gradient of 1 (`scale`: 1/n for the mean, else 1):
+// launch_loss calls it once per element, so the reduced loss and dx come from one read of the operands.
+template <typename scalar_t> struct BceLossWritingGradAt {
+  BceOperands<scalar_t> op;
+  scalar_t* dx;
+  acc_t<scalar_t> scale;
+  __device__ __forceinline__ acc_t<scalar_t> operator()(int64_t i) const {
+    using acc = acc_t<scalar_t>;
+    const acc w = op.weight(i);
+    const LossAndGrad<acc> r = bce_with_logits_loss_and_grad_math<acc>(op.x[i], op.y[i], op.pos_weight(i));
+    dx[i] = static_cast<scalar_t>(r.grad * (w * scale));
+    return r.loss * w;
   }
 };
 
@@ -81,6 +97,26 @@ at::Tensor binary_cross_entropy_with_logits_forward_cuda(const at::Tensor& input
     out = cuda::launch_loss<scalar_t>(input, red, BceLossAt<scalar_t>{operands<scalar_t>(input, target, weight, pos_weight)});
   });
   return out;
+}
+
+std::vector<at::Tensor> binary_cross_entropy_with_logits_forward_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, const OptTensor& weight_opt, const OptTensor& pos_weight_opt,
+    int64_t reduction) {
+  const char* op = "binary_cross_entropy_with_logits_forward_with_grad_cuda";
+  const at::Tensor *weight = present(weight_opt), *pos_weight = present(pos_weight_opt);
+  check_operands(input, target, weight, pos_weight, op);
+  const Reduction red = check_reduction(reduction, op);
+  TORCH_CHECK(red != Reduction::None, op, ": reduction must be mean or sum (1 or 2), got none");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, grad_input = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "binary_cross_entropy_with_logits_forward_with_grad", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc scale = red == Reduction::Mean ? acc(1) / static_cast<acc>(input.numel()) : acc(1);
+    loss = cuda::launch_loss<scalar_t>(input, red, BceLossWritingGradAt<scalar_t>{
+        operands<scalar_t>(input, target, weight, pos_weight), grad_input.data_ptr<scalar_t>(), scale});
+  });
+  return {loss, grad_input};
 }
 
 std::vector<at::Tensor> binary_cross_entropy_with_logits_backward_cuda(

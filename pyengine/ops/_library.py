@@ -186,6 +186,11 @@ def _register():
     def _(grad_loss, input, target, weight=None, pos_weight=None, reduction=1, need_input=True, need_target=True):
         return loss_grads_fake(input, target, need_input, need_target)
 
+    # the training forward of a reduced loss: the loss and the input's gradient for an incoming 1
+    @_fake("binary_cross_entropy_with_logits_forward_with_grad")
+    def _(input, target, weight=None, pos_weight=None, reduction=1):
+        return input.new_empty(()), input.new_empty(input.shape)
+
     def mse_setup(ctx, inputs, output):
         input, target, ctx.reduction = _with_defaults(inputs, (None, None, 1))
         ctx.save_for_backward(input, target)
@@ -351,7 +356,7 @@ def _register_vmap():
     # does not take Tensor[] and asks the user to file an issue with PyTorch for each operator it runs
     for name in ("linear_backward", "add_backward", "mse_loss_forward", "mse_loss_backward",
                  "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
-                 "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_with_grad",
+                 "binary_cross_entropy_with_logits_forward_with_grad", "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_with_grad",
                  "fused_mlp_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward"):
         torch.library.register_vmap(f"{NAMESPACE}::{name}", _per_member(getattr(ops, name)))
 

@@ -58,6 +58,20 @@ def binary_cross_entropy_with_logits_backward(grad_loss, input, target, weight=N
     return grad_input, grad_target
 
 
+@_backend.reference
+def binary_cross_entropy_with_logits_forward_with_grad(input, target, weight=None, pos_weight=None, reduction=1):
+    """The training forward of 'mean'/'sum' (csrc/autograd.cpp's node takes it when only the input wants a
+    gradient): (loss, d loss / d input for an incoming gradient of 1), so that the backward only scales it."""
+    if reduction == 0:
+        raise RuntimeError("binary_cross_entropy_with_logits_forward_with_grad: reduction must be mean or sum (1 or "
+                           "2), got none")
+    loss = binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, reduction)
+    one = torch.ones((), dtype=input.dtype, device=input.device)
+    grad_input, _ = binary_cross_entropy_with_logits_backward(one, input, target, weight, pos_weight, reduction,
+                                                              need_target=False)
+    return loss, grad_input
+
+
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight=None, pos_weight=None, reduction='mean'):
     BCE with logits for input, target, weight and pos_weight all of one shape and dtype (the weights may be None;
