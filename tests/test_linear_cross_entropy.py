@@ -115,8 +115,9 @@ def logit_gradient_magnitudes(x64, w64, b64, t, g, **kw):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 # (N, H, V, rows per chunk): odd sizes in one chunk and in several (a ragged last one), a wider vocabulary
-@pytest.mark.parametrize("n,h,v,rows", [(37, 65, 130, None), (37, 65, 130, 5), (37, 64, 300, 5)],
-                         ids=["one-chunk", "chunks", "v300"])
+# and the notes' layer, small enough for the CPU's one-pass kernels (run in float32 for the half dtypes)
+@pytest.mark.parametrize("n,h,v,rows", [(37, 65, 130, None), (37, 65, 130, 5), (37, 64, 300, 5), (759, 8, 10, None)],
+                         ids=["one-chunk", "chunks", "v300", "small"])
 # the compiled kernels' GEMMs in the half dtype, or widened to float32 (what a CPU without fast half products runs)
 @pytest.mark.parametrize("half_gemm", ["on", "off"])
 def test_half_precision_error_within_twice_torch(backend, device, dtype, reduction, smoothing, n, h, v, rows,
@@ -314,7 +315,8 @@ def test_kernels_check_their_arguments(backend, device):
 @pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
 def test_half_gemm_override_is_checked(backend, device, monkeypatch):
     """PYENGINE_HALF_GEMM takes on, off or auto; anything else says so rather than picking a path silently."""
-    x, w, b = (p.detach() for p in params((3,), 4, 5, torch.bfloat16, device))
+    # 65 features: past the one-pass kernels (which run half operands in float32), into the chunk loop's GEMMs
+    x, w, b = (p.detach() for p in params((3,), 65, 5, torch.bfloat16, device))
     t = torch.zeros(3, dtype=torch.long, device=device)
     monkeypatch.setenv("PYENGINE_HALF_GEMM", "yes")
     with pytest.raises(RuntimeError, match="PYENGINE_HALF_GEMM=yes: choose on, off or auto"):

@@ -165,6 +165,19 @@ inline std::vector<at::Tensor> lce_grad_buffers(const at::Tensor& x, const LceAr
   return {a.need_x ? k.empty({a.N, a.H}, opts) : at::Tensor(), dw, a.need_bias ? at::zeros({a.V}, opts) : at::Tensor()};
 }
 
+// The row pass's outputs, N each in the accumulation type: log-sum-exp, loss and kept flag (1, 0 where ignored).
+struct LceRowBuffers {
+  at::Tensor lse, rows, kept;
+};
+inline LceRowBuffers lce_row_buffers(const at::Tensor& x, const LceArgs& a) {
+  const auto opts = x.options().dtype(lce_acc_dtype(x));
+  return {at::empty({a.N}, opts), at::empty({a.N}, opts), at::empty({a.N}, opts)};
+}
+// Whether the forward computes the gradients too: a reduced loss with any of them wanted.
+inline bool lce_forward_computes_grad(const LceArgs& a, Reduction reduction) {
+  return reduction != Reduction::None && (a.need_x || a.need_weight || a.need_bias);
+}
+
 // The forward's outputs from the row pass's lse, per-row loss and kept flags (N) and the gradients d (3):
 // {loss ((N) or 0-dim, x's dtype), lse, denom (0-dim: the count of kept rows), dx, dw, db}.
 inline std::vector<at::Tensor> lce_forward_outputs(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& rows,
@@ -184,13 +197,20 @@ inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tenso
                                                                  const c10::optional<at::Tensor>& bias,
                                                                  const at::Tensor& target, const LceArgs& a,
                                                                  Reduction reduction, const LceKernels& k) {
-  const auto opts = x.options().dtype(lce_acc_dtype(x));
-  at::Tensor lse = at::empty({a.N}, opts), rows = at::empty({a.N}, opts), kept = at::empty({a.N}, opts);
-  const bool grad = reduction != Reduction::None && (a.need_x || a.need_weight || a.need_bias);
+  const LceRowBuffers r = lce_row_buffers(x, a);
+  const bool grad = lce_forward_computes_grad(a, reduction);
   std::vector<at::Tensor> d = grad ? lce_grad_buffers(x, a, k) : std::vector<at::Tensor>(3);
-  linear_cross_entropy_chunks(x, weight, bias, target, a, grad ? LceMode::LossAndGrad : LceMode::Loss, k, lse,
-                              rows, kept, at::Tensor(), d[0], d[1], d[2]);
-  return lce_forward_outputs(x, lse, rows, kept, reduction, d);
+  linear_cross_entropy_chunks(x, weight, bias, target, a, grad ? LceMode::LossAndGrad : LceMode::Loss, k, r.lse,
+                              r.rows, r.kept, at::Tensor(), d[0], d[1], d[2]);
+  return lce_forward_outputs(x, r.lse, r.rows, r.kept, reduction, d);
+}
+
+// The backward's own operands: the incoming gradient and the saved lse, (N) each in the accumulation type.
+inline void check_lce_backward_operands(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& x,
+                                        const LceArgs& a, const char* op) {
+  const at::ScalarType acc = lce_acc_dtype(x);
+  check(grad_loss, "grad_loss", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
+  check(lse, "lse", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
 }
 
 // backward of reduction none: the logits of each chunk are computed again and turned into g (p - y').
@@ -200,9 +220,7 @@ inline std::vector<at::Tensor> linear_cross_entropy_backward_impl(const at::Tens
                                                                   const at::Tensor& target, const at::Tensor& lse,
                                                                   const LceArgs& a, const LceKernels& k,
                                                                   const char* op) {
-  const at::ScalarType acc = lce_acc_dtype(x);
-  check(grad_loss, "grad_loss", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
-  check(lse, "lse", op).same_device(x).dtype(acc).sizes({a.N}).contiguous();
+  check_lce_backward_operands(grad_loss, lse, x, a, op);
   std::vector<at::Tensor> d = lce_grad_buffers(x, a, k);
   if (d[0].defined() || d[1].defined() || d[2].defined())
     linear_cross_entropy_chunks(x, weight, bias, target, a, LceMode::GradFromLse, k, lse, at::Tensor(),

@@ -88,25 +88,48 @@ constexpr LceKernels kLceCpu{cpu::empty_output, linear_cross_entropy_rows_cpu, a
                              onednn_logits};
 
 // A layer small enough for linear's one-pass kernels (cpu/linear_small.h: widths up to 64, at most 64K
-// multiply-adds), in float32/float64: the whole batch is one chunk, and its three products run in those kernels
-// instead of three BLAS calls, each ~10 us of fixed work where the notes' 759 x 8 -> 10 layer needs ~1 us of
-// arithmetic. Then logits (N, V) = linear(x), the row pass over them, and {dx, dW, db} = linear's backward of dz.
-bool use_small_path(const at::Tensor& x, const LceArgs& a) {
-  return cpu::use_small_linear(a.N, a.V, a.H) && x.scalar_type() == lce_acc_dtype(x);
+// multiply-adds): the whole batch is one chunk, and its three products run in those kernels instead of three BLAS
+// calls, each ~10 us of fixed work where the notes' 759 x 8 -> 10 layer needs ~1 us of arithmetic. Then logits
+// (N, V) = linear(x), the row pass over them, and {dx, dW, db} = linear's backward of dz. float16/bfloat16 operands
+// are converted to float32 first (at most 64K elements each: cheaper than the chunk loop's fixed work), so
+// everything runs in the accumulation type, as the chunk loop keeps its logits and gradients; the backward of
+// reduction none recomputes the logits the same way, so that they match the forward's lse.
+bool use_small_path(const LceArgs& a) { return cpu::use_small_linear(a.N, a.V, a.H); }
+
+struct SmallOperands {
+  at::Tensor x, weight;
+  c10::optional<at::Tensor> bias;
+  at::Tensor logits;  // x weight^T + bias (N, V), in the accumulation type
+};
+SmallOperands small_logits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const auto acc = lce_acc_dtype(x);
+  const at::Tensor x_acc = x.to(acc), weight_acc = weight.to(acc);
+  const c10::optional<at::Tensor> bias_acc =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(acc)) : c10::nullopt;
+  return {x_acc, weight_acc, bias_acc, linear_forward_cpu(x_acc, weight_acc, bias_acc, /*activation=*/0)};
 }
 
 std::vector<at::Tensor> small_forward(const at::Tensor& x, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                                       const LceArgs& a, Reduction reduction) {
-  const at::Tensor logits = linear_forward_cpu(x, weight, bias, /*activation=*/0);
-  const auto opts = x.options();
-  at::Tensor lse = at::empty({a.N}, opts), rows = at::empty({a.N}, opts), kept = at::empty({a.N}, opts);
-  const bool grad = reduction != Reduction::None && (a.need_x || a.need_weight || a.need_bias);
-  linear_cross_entropy_rows_cpu(logits, target, lse, rows, kept, at::Tensor(),
+  const SmallOperands s = small_logits(x, weight, bias);
+  const LceRowBuffers r = lce_row_buffers(x, a);
+  const bool grad = lce_forward_computes_grad(a, reduction);
+  linear_cross_entropy_rows_cpu(s.logits, target, r.lse, r.rows, r.kept, at::Tensor(),
                                 grad ? LceMode::LossAndGrad : LceMode::Loss, a.ignore_index, a.eps);
   std::vector<at::Tensor> d(3);
-  if (grad) d = linear_backward_cpu(logits, x, weight, a.need_x, a.need_weight, a.need_bias, 0, c10::nullopt);
-  return lce_forward_outputs(x, lse, rows, kept, reduction, d);
+  if (grad) d = linear_backward_cpu(s.logits, s.x, s.weight, a.need_x, a.need_weight, a.need_bias, 0, c10::nullopt);
+  return lce_forward_outputs(x, r.lse, r.rows, r.kept, reduction, d);
+}
+
+std::vector<at::Tensor> small_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                                       const at::Tensor& lse, const LceArgs& a) {
+  if (!a.need_x && !a.need_weight && !a.need_bias) return std::vector<at::Tensor>(3);
+  const SmallOperands s = small_logits(x, weight, bias);
+  linear_cross_entropy_rows_cpu(s.logits, target, lse, at::Tensor(), at::Tensor(), grad_loss, LceMode::GradFromLse,
+                                a.ignore_index, a.eps);
+  return linear_backward_cpu(s.logits, s.x, s.weight, a.need_x, a.need_weight, a.need_bias, 0, c10::nullopt);
 }
 
 }  // namespace
@@ -121,7 +144,7 @@ std::vector<at::Tensor> linear_cross_entropy_forward_cpu(const at::Tensor& x, co
   const Reduction red = check_reduction(reduction, op);
   const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
                                                     need_weight, need_bias, chunk_bytes, false, op);
-  if (use_small_path(x, a)) return small_forward(x, weight, bias, target, a, red);
+  if (use_small_path(a)) return small_forward(x, weight, bias, target, a, red);
   return linear_cross_entropy_forward_impl(x, weight, bias, target, a, red, kLceCpu);
 }
 
@@ -135,6 +158,10 @@ std::vector<at::Tensor> linear_cross_entropy_backward_cpu(const at::Tensor& grad
   const char* op = "linear_cross_entropy_backward_cpu";
   const LceArgs a = check_linear_cross_entropy_args(x, weight, bias, target, ignore_index, label_smoothing, need_x,
                                                     need_weight, need_bias, chunk_bytes, false, op);
+  if (use_small_path(a)) {
+    check_lce_backward_operands(grad_loss, lse, x, a, op);
+    return small_backward(grad_loss, x, weight, bias, target, lse, a);
+  }
   return linear_cross_entropy_backward_impl(grad_loss, x, weight, bias, target, lse, a, kLceCpu, op);
 }
 
