@@ -119,6 +119,9 @@ void def_eager_entries(py::module_ entries) {
   entries.def("tanh", &eager::tanh<K>, py::arg("input"));
   entries.def("leaky_relu", &eager::leaky_relu<K>, py::arg("input"), py::arg("negative_slope"));
   entries.def("add", &eager::add<K>, py::arg("input"), py::arg("other"), py::arg("alpha"));
+  entries.def("mse_loss", &eager::mse_loss<K>, py::arg("input"), py::arg("target"), py::arg("reduction"));
+  entries.def("binary_cross_entropy_with_logits", &eager::binary_cross_entropy_with_logits<K>, py::arg("input"),
+              py::arg("target"), py::arg("reduction"));
 }
 
 }  // namespace

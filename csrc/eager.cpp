@@ -1,4 +1,5 @@
-// The first stop of pyengine.functional's elementwise ops and add (pyengine/ops/<op>.py), in C++. A call on a
+// The first stop of pyengine.functional's elementwise ops, add, mse_loss and binary_cross_entropy_with_logits
+// (pyengine/ops/<op>.py), in C++. A call on a
 // tiny tensor costs torch about 1.5 us; the Python route to the same kernel (argument checks, promotion, backend
 // choice, pyengine/_backend.py compiled_autograd) cost as much again. Here the usual call is recognised and run,
 // node included, in one step: floating tensors of one dtype, on a device whose kernels are built, with no tracer,
@@ -8,11 +9,13 @@
 // none while torch.compile traces (pyengine/_backend.py eager_entries).
 #include "eager.h"
 
+#include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 
 #include "autograd.h"
@@ -75,6 +78,30 @@ bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
 
 constexpr double kFloat16Max = 65504.0;
 
+// A loss's reduction string as the kernels' code: 0 none, 1 mean, 2 sum (anything else: the Python function's
+// error).
+std::optional<int64_t> reduction_code(pybind11::handle h) {
+  if (!PyUnicode_CheckExact(h.ptr())) return std::nullopt;
+  const char* s = PyUnicode_AsUTF8(h.ptr());
+  if (s == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  if (std::strcmp(s, "none") == 0) return 0;
+  if (std::strcmp(s, "mean") == 0) return 1;
+  if (std::strcmp(s, "sum") == 0) return 2;
+  return std::nullopt;
+}
+
+// A loss's input and target as its kernels take them: one shape (torch warns and broadcasts others), one dtype,
+// one device, outside autocast (which turns a loss's half operands into float32).
+template <Kernels K>
+bool usual_loss_operands(const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& target) {
+  return input && target && usual<K>(*input) && usual<K>(*target) &&
+         input->scalar_type() == target->scalar_type() && input->device() == target->device() &&
+         input->sizes() == target->sizes() && !at::autocast::is_autocast_enabled(input->device().type());
+}
+
 }  // namespace
 
 template <Kernels K>
@@ -112,12 +139,32 @@ MaybeTensor add(pybind11::handle input, pybind11::handle other, pybind11::handle
   return autograd::add(*a, *b, *scale);
 }
 
+// The losses' usual call: input and target alone (no weight, no deprecated size_average/reduce: the Python function
+// checks those before it comes here) and a reduction string.
+template <Kernels K>
+MaybeTensor mse_loss(pybind11::handle input, pybind11::handle target, pybind11::handle reduction) {
+  const std::optional<at::Tensor> x = tensor(input), y = tensor(target);
+  const std::optional<int64_t> code = reduction_code(reduction);
+  if (!code || !usual_loss_operands<K>(x, y)) return std::nullopt;
+  return autograd::mse_loss(*x, *y, *code);
+}
+template <Kernels K>
+MaybeTensor binary_cross_entropy_with_logits(pybind11::handle input, pybind11::handle target,
+                                             pybind11::handle reduction) {
+  const std::optional<at::Tensor> x = tensor(input), y = tensor(target);
+  const std::optional<int64_t> code = reduction_code(reduction);
+  if (!code || !usual_loss_operands<K>(x, y)) return std::nullopt;
+  return autograd::binary_cross_entropy_with_logits(*x, *y, c10::nullopt, c10::nullopt, *code);
+}
+
 #define PYENGINE_EAGER_ENTRIES(K)                                                                          \
   template MaybeTensor relu<K>(pybind11::handle);                                                          \
   template MaybeTensor sigmoid<K>(pybind11::handle);                                                       \
   template MaybeTensor tanh<K>(pybind11::handle);                                                          \
   template MaybeTensor leaky_relu<K>(pybind11::handle, pybind11::handle);                                  \
-  template MaybeTensor add<K>(pybind11::handle, pybind11::handle, pybind11::handle);
+  template MaybeTensor add<K>(pybind11::handle, pybind11::handle, pybind11::handle);                       \
+  template MaybeTensor mse_loss<K>(pybind11::handle, pybind11::handle, pybind11::handle);                  \
+  template MaybeTensor binary_cross_entropy_with_logits<K>(pybind11::handle, pybind11::handle, pybind11::handle);
 PYENGINE_EAGER_ENTRIES(Kernels::kByDevice)
 PYENGINE_EAGER_ENTRIES(Kernels::kCpp)
 PYENGINE_EAGER_ENTRIES(Kernels::kCuda)

@@ -24,6 +24,11 @@ template <Kernels K>
 std::optional<at::Tensor> leaky_relu(pybind11::handle input, pybind11::handle negative_slope);
 template <Kernels K>
 std::optional<at::Tensor> add(pybind11::handle input, pybind11::handle other, pybind11::handle alpha);
+template <Kernels K>
+std::optional<at::Tensor> mse_loss(pybind11::handle input, pybind11::handle target, pybind11::handle reduction);
+template <Kernels K>
+std::optional<at::Tensor> binary_cross_entropy_with_logits(pybind11::handle input, pybind11::handle target,
+                                                           pybind11::handle reduction);
 
 }  // namespace eager
 }  // namespace pyengine

@@ -1,4 +1,5 @@
-"""The C++ first stop of the elementwise ops and add (csrc/eager.cpp, pyengine._C.eager): for the calls it takes,
+"""The C++ first stop of the elementwise ops, add, mse_loss and binary_cross_entropy_with_logits (csrc/eager.cpp,
+pyengine._C.eager): for the calls it takes,
 the same values, layout, dtype, gradients and graph node as the Python route it short-cuts; every other call it
 hands back (None) to the Python function, which then does the whole work."""
 import pytest
@@ -19,6 +20,15 @@ OPS = {
     "leaky_relu": (lambda x, y: PF.leaky_relu(x, 0.2), lambda x, y: F.leaky_relu(x, 0.2)),
     "add": (lambda x, y: PF.add(x, y, alpha=-3), lambda x, y: torch.add(x, y, alpha=-3)),
     "add_row_first": (lambda x, y: PF.add(y, x, alpha=0.5), lambda x, y: torch.add(y, x, alpha=0.5)),
+    # the losses take a target of x's shape: y broadcast (a strided view) and, for BCE, squashed into [0, 1]
+    "mse_loss": (lambda x, y: PF.mse_loss(x, y.expand_as(x)), lambda x, y: F.mse_loss(x, y.expand_as(x))),
+    "mse_loss_none": (lambda x, y: PF.mse_loss(x, y.expand_as(x), reduction="none"),
+                      lambda x, y: F.mse_loss(x, y.expand_as(x), reduction="none")),
+    "bce_with_logits": (lambda x, y: PF.binary_cross_entropy_with_logits(x, torch.sigmoid(y).expand_as(x)),
+                        lambda x, y: F.binary_cross_entropy_with_logits(x, torch.sigmoid(y).expand_as(x))),
+    "bce_with_logits_sum": (
+        lambda x, y: PF.binary_cross_entropy_with_logits(x, torch.sigmoid(y.detach()).expand_as(x), reduction="sum"),
+        lambda x, y: F.binary_cross_entropy_with_logits(x, torch.sigmoid(y.detach()).expand_as(x), reduction="sum")),
 }
 
 
@@ -61,15 +71,16 @@ def test_same_as_the_python_route(op, layout, dtype, requires_grad):
     x, y = _operands(layout, dtype)
     fast, fast_grads = _run(op, x, y, requires_grad, eager=True)
     slow, slow_grads = _run(op, x, y, requires_grad, eager=False)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)  # NaN: a mean over no elements
     assert fast.dtype == slow.dtype and fast.stride() == slow.stride()
     assert type(fast.grad_fn) is type(slow.grad_fn)
     for a, b in zip(fast_grads, slow_grads):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     expected = OPS[op][1](x, y)
-    torch.testing.assert_close(fast, expected, **({"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}))
+    torch.testing.assert_close(fast, expected, equal_nan=True,
+                               **({"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -82,6 +93,9 @@ def test_the_usual_call_is_taken(requires_grad):
     assert (out.grad_fn is not None) == requires_grad
     assert eager.add(x, torch.randn(6), 1) is not None
     assert eager.leaky_relu(x, 0.1) is not None
+    for reduction in ("mean", "sum", "none"):
+        assert eager.mse_loss(x, torch.randn(759, 6), reduction) is not None
+        assert eager.binary_cross_entropy_with_logits(x, torch.rand(759, 6), reduction) is not None
 
 
 def test_unusual_calls_are_handed_back():
@@ -98,9 +112,17 @@ def test_unusual_calls_are_handed_back():
         "shapes that do not broadcast": lambda: eager.add(x, torch.randn(4), 1),
         "bool alpha": lambda: eager.add(x, x, True),
         "alpha past float16": lambda: eager.add(x.half(), x.half(), 1e6),
+        "a target of another shape": lambda: eager.mse_loss(x, torch.randn(3), "mean"),
+        "a target of another dtype": lambda: eager.binary_cross_entropy_with_logits(x, x.double(), "mean"),
+        "an integer target": lambda: eager.mse_loss(x, torch.ones(4, 3, dtype=torch.long), "mean"),
+        "an unknown reduction": lambda: eager.mse_loss(x, x, "avg"),
+        "a reduction that is no string": lambda: eager.binary_cross_entropy_with_logits(x, x, 1),
     }
     for why, call in handed_back.items():
         assert call() is None, why
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a loss's bfloat16 operands become float32 there
+        assert eager.mse_loss(x.bfloat16(), x.bfloat16(), "mean") is None
+        assert PF.mse_loss(x.bfloat16(), x.bfloat16()).dtype == torch.float32
 
 
 def test_transforms_and_tracers_are_handed_back():
@@ -143,3 +165,7 @@ def test_errors_are_torchs_through_the_fallback():
         PF.relu(torch.ones(2, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="Boolean alpha only supported"):
         PF.add(torch.randn(3), torch.randn(3), alpha=True)
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        PF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(3), reduction="avg")
+    with pytest.raises(ValueError, match="must be the same as input size"):
+        PF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(2))

@@ -132,6 +132,11 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         >>> PF.mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), reduction="none")
         tensor([0., 4.])
     """
+    if weight is None and size_average is None and reduce is None:
+        eager = _backend.eager_entries()  # the usual call in one C++ step (csrc/eager.cpp), else None
+        result = None if eager is None else eager.mse_loss(input, target, reduction)
+        if result is not None:
+            return result
     if weight is not None:
         raise NotImplementedError("pyengine.mse_loss has no weight argument; multiply the per-element loss instead")
     reduction = _check_reduction(reduction, size_average, reduce)
