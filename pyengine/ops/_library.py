@@ -356,7 +356,8 @@ def _register_vmap():
     # does not take Tensor[] and asks the user to file an issue with PyTorch for each operator it runs
     for name in ("linear_backward", "add_backward", "mse_loss_forward", "mse_loss_backward",
                  "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
-                 "binary_cross_entropy_with_logits_forward_with_grad", "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_with_grad",
+                 "binary_cross_entropy_with_logits_forward_with_grad", "cross_entropy_forward",
+                 "cross_entropy_backward", "cross_entropy_forward_with_grad",
                  "fused_mlp_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward"):
         torch.library.register_vmap(f"{NAMESPACE}::{name}", _per_member(getattr(ops, name)))
 
