@@ -95,22 +95,16 @@ void map_acc(scalar_t* out, int64_t n, const Op& op, const In*... in) {
   });
 }
 
-// sum over i < n of op(in[i]...), in acc_t. Fixed chunks summed in order: the same result on every run.
-template <typename scalar_t, typename Op, typename... In>
-acc_t<scalar_t> sum_acc(int64_t n, const Op& op, const In*... in) {
-  using acc = acc_t<scalar_t>;
-  constexpr int64_t V = Vectorized<acc>::size();
+// The sum of chunk_total(begin, end) over fixed chunks of kElementwiseGrain elements of [0, n), the chunks run in
+// parallel and their totals added in order: the same result on every run and any number of threads.
+template <typename acc, typename ChunkTotal>
+acc sum_over_chunks(int64_t n, const ChunkTotal& chunk_total) {
   const int64_t chunks = (n + kElementwiseGrain - 1) / kElementwiseGrain;
   std::vector<acc> partial(static_cast<size_t>(chunks), acc(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = c * kElementwiseGrain, end = std::min(n, begin + kElementwiseGrain);
-      Vectorized<acc> lanes(acc(0));
-      int64_t i = begin;
-      for (; i + V <= end; i += V) lanes = lanes + op(load_acc(in + i)...);
-      acc total = at::vec::vec_reduce_all<acc>([](const auto& a, const auto& b) { return a + b; }, lanes);
-      for (; i < end; ++i) total += op(static_cast<acc>(in[i])...);
-      partial[c] = total;
+      const int64_t begin = c * kElementwiseGrain;
+      partial[c] = chunk_total(begin, std::min(n, begin + kElementwiseGrain));
     }
   });
   acc total = 0;
@@ -118,36 +112,43 @@ acc_t<scalar_t> sum_acc(int64_t n, const Op& op, const In*... in) {
   return total;
 }
 
+// sum over i < n of op(in[i]...), in acc_t, chunk by chunk (sum_over_chunks).
+template <typename scalar_t, typename Op, typename... In>
+acc_t<scalar_t> sum_acc(int64_t n, const Op& op, const In*... in) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t V = Vectorized<acc>::size();
+  return sum_over_chunks<acc>(n, [&](int64_t begin, int64_t end) {
+    Vectorized<acc> lanes(acc(0));
+    int64_t i = begin;
+    for (; i + V <= end; i += V) lanes = lanes + op(load_acc(in + i)...);
+    acc total = at::vec::vec_reduce_all<acc>([](const auto& a, const auto& b) { return a + b; }, lanes);
+    for (; i < end; ++i) total += op(static_cast<acc>(in[i])...);
+    return total;
+  });
+}
+
 // sum_acc and map_acc in one pass: op(in[i]...) returns {loss, grad} (LossAndGrad); the losses are summed as
-// sum_acc sums them (the same chunks in the same order, so the same total) and out[i] = grad.
+// sum_acc sums them (the same chunks, lanes and order, so the same total) and out[i] = grad.
 template <typename scalar_t, typename Op, typename... In>
 acc_t<scalar_t> sum_and_map_acc(scalar_t* out, int64_t n, const Op& op, const In*... in) {
   using acc = acc_t<scalar_t>;
   constexpr int64_t V = Vectorized<acc>::size();
-  const int64_t chunks = (n + kElementwiseGrain - 1) / kElementwiseGrain;
-  std::vector<acc> partial(static_cast<size_t>(chunks), acc(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = c * kElementwiseGrain, end = std::min(n, begin + kElementwiseGrain);
-      Vectorized<acc> lanes(acc(0));
-      int64_t i = begin;
-      for (; i + V <= end; i += V) {
-        const auto r = op(load_acc(in + i)...);
-        lanes = lanes + r.loss;
-        store_acc(out + i, r.grad);
-      }
-      acc total = at::vec::vec_reduce_all<acc>([](const auto& a, const auto& b) { return a + b; }, lanes);
-      for (; i < end; ++i) {
-        const auto r = op(static_cast<acc>(in[i])...);
-        total += r.loss;
-        out[i] = static_cast<scalar_t>(r.grad);
-      }
-      partial[c] = total;
+  return sum_over_chunks<acc>(n, [&](int64_t begin, int64_t end) {
+    Vectorized<acc> lanes(acc(0));
+    int64_t i = begin;
+    for (; i + V <= end; i += V) {
+      const auto r = op(load_acc(in + i)...);
+      lanes = lanes + r.loss;
+      store_acc(out + i, r.grad);
     }
+    acc total = at::vec::vec_reduce_all<acc>([](const auto& a, const auto& b) { return a + b; }, lanes);
+    for (; i < end; ++i) {
+      const auto r = op(static_cast<acc>(in[i])...);
+      total += r.loss;
+      out[i] = static_cast<scalar_t>(r.grad);
+    }
+    return total;
   });
-  acc total = 0;
-  for (acc p : partial) total += p;
-  return total;
 }
 
 // An uninitialized output of shape with the given dense strides (layout.h), from the output cache: a dense
