@@ -90,8 +90,8 @@ template <typename T> at::vec::Vectorized<T> pe_tanh(const at::vec::Vectorized<T
 // ms against 0.26-0.38 ms; now ~1.5x torch's time). |x| < 0.55: the odd Taylor series x - x^3/3 + 2x^5/15 - ...
 // through x^17 (the first term left out is below 6e-9 of the result); above: 1 - 2 / (exp(2|x|) + 1) with x's
 // sign, where the fraction is below 0.5, so the subtraction loses no digits; exp overflowing to inf gives 1.
-// exp is pe_exp_fast: outside AVX-512 exp_u20, with at most 2.4e-7 relative error against float64 (torch's float32
-// tanh: 6e-8).
+// exp is pe_exp_fast. Against float64 over [-12, 12]: at most 1.8e-7 relative error (1.5 ulp) with AVX-512's pe_exp,
+// 2.4e-7 with exp_u20 elsewhere; torch's float32 tanh: 6e-8.
 inline at::vec::Vectorized<float> pe_tanh(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
   const Vec ax = x.abs(), x2 = x * x;
