@@ -59,9 +59,10 @@ def check_against_torch(backend, device, dtype, x_shape, n, bias, activation):
         assert_close(g, g_ref)
 
 
-# (K, N) at 37 rows: the CPU's small-layer path, and the BLAS one (oneDNN's fused linear where the CPU multiplies
-# the dtype natively; PYENGINE_HALF_GEMM=off keeps the bias rows, GEMM and activation pass)
-HALF_SHAPES = [(48, 19), (65, 130)]
+# (K, N) at 37 rows: the CPU's small-layer path, one output feature (K past the small path), and the BLAS one
+# (oneDNN's fused linear where the CPU multiplies the dtype natively; PYENGINE_HALF_GEMM=off keeps the bias rows,
+# GEMM and activation pass)
+HALF_SHAPES = [(48, 19), (65, 130), (1030, 1)]
 HALF_GEMM = ["on", "off"]
 
 

@@ -26,6 +26,9 @@ SHAPES = [(1, 1, 1), (3, 5, 1), (129, 33, 130), (257, 40, 7), (2, 1030, 3), (110
 # a width one past 64
 SHAPES += [(759, 8, 6), (40, 17, 33), (50, 31, 16), (3, 64, 1), (16, 64, 64), (17, 64, 64), (1000, 8, 8),
            (1001, 8, 8), (9, 65, 3), (7, 3, 65)]
+# One output feature past the small path (csrc/cpu/linear_single_output.h): K a whole number of vectors and not,
+# rows in several chunks of 256 and a part one, a long K
+SHAPES += [(4100, 37, 1), (1100, 64, 1), (300, 1030, 1)]
 
 
 def layout(t, kind):

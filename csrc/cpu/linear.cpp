@@ -5,7 +5,8 @@
 //   dx = dz @ weight               (M, N) @ (N, K)   BLAS
 //   dW = dz^T @ x                  (N, M) @ (M, K)   BLAS
 //   db = sum over rows of dz       (N)               our column reduction (cpu/reduce.h, or the fused pass)
-// Without an activation dz is dy itself. Small layers (cpu/linear_small.h) skip BLAS and do all of it in one pass.
+// Without an activation dz is dy itself. Small layers (cpu/linear_small.h) and layers of one output feature
+// (cpu/linear_single_output.h) skip BLAS and do all of it in one pass.
 // float32, and float16/bfloat16 on a CPU with dot products for them: the forward is oneDNN's linear with the bias
 // and activation applied to its float32 sums (cpu/onednn_linear.h), one call and no pass over y.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
@@ -19,6 +20,7 @@
 
 #include "common/checks.h"
 #include "cpu/elementwise.h"
+#include "cpu/linear_single_output.h"
 #include "cpu/linear_small.h"
 #include "cpu/onednn_linear.h"
 #include "cpu/reduce.h"
@@ -111,17 +113,24 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check(*bias, "bias", "linear_forward_cpu").same_device(x).same_dtype(x).sizes({N});
-  if (!cpu::use_small_linear(M, N, K)) {
+  const bool small = cpu::use_small_linear(M, N, K), single_output = N == 1 && !small;
+  if (!small && !single_output) {
     if (at::Tensor fused = cpu::onednn_linear(x, weight, bias, act); fused.defined()) return fused;
   }
   at::Tensor y = cpu::empty_output({M, N}, x.options());
-  if (cpu::use_small_linear(M, N, K)) {
+  if (small || single_output) {
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), b = has_bias ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_forward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {
-        cpu::small_linear_forward<decltype(a)::value>(y.data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                                                      wc.const_data_ptr<scalar_t>(),
-                                                      has_bias ? b.const_data_ptr<scalar_t>() : nullptr, M, N, K);
+        constexpr Activation A = decltype(a)::value;
+        scalar_t* out = y.data_ptr<scalar_t>();
+        const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *wp = wc.const_data_ptr<scalar_t>();
+        const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+        if (small) {
+          cpu::small_linear_forward<A>(out, xp, wp, bp, M, N, K);
+        } else {
+          cpu::single_output_linear_forward<A>(out, xp, wp, bp, M, K);
+        }
       });
     });
     return y;
@@ -165,18 +174,26 @@ std::vector<at::Tensor> linear_backward_cpu(const at::Tensor& grad_y_in, const a
     check(*y_saved, "y", "linear_backward_cpu").same_device(x).same_dtype(x).sizes({M, N});
     y = y_saved->contiguous();
   }
-  if (cpu::use_small_linear(M, N, x.size(1))) {
+  const bool small = cpu::use_small_linear(M, N, x.size(1));
+  if (small || N == 1) {
     const int64_t K = x.size(1);
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     if (need_x) grad_x = cpu::empty_output({M, K}, x.options());
     if (need_weight) grad_weight = cpu::empty_output({N, K}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_backward_cpu", [&] {
       dispatch_activation(act, [&](auto a) {
-        cpu::small_linear_backward<decltype(a)::value>(
-            need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
-            need_bias ? grad_bias.data_ptr<scalar_t>() : nullptr, grad_z.const_data_ptr<scalar_t>(),
-            y.defined() ? y.const_data_ptr<scalar_t>() : nullptr, xc.const_data_ptr<scalar_t>(),
-            wc.const_data_ptr<scalar_t>(), M, N, K);
+        constexpr Activation A = decltype(a)::value;
+        scalar_t* dx = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+        scalar_t* dw = need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
+        scalar_t* db = need_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* dy = grad_z.const_data_ptr<scalar_t>();
+        const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t *xp = xc.const_data_ptr<scalar_t>(), *wp = wc.const_data_ptr<scalar_t>();
+        if (small) {
+          cpu::small_linear_backward<A>(dx, dw, db, dy, yp, xp, wp, M, N, K);
+        } else {
+          cpu::single_output_linear_backward<A>(dx, dw, db, dy, yp, xp, wp, M, K);
+        }
       });
     });
     return {grad_x, grad_weight, grad_bias};
