@@ -87,6 +87,26 @@ def test_sizes_round_up_to_2_mib_and_a_block_serves_only_requests_near_its_size(
     assert pyengine.cpu_cache_info()["in_use_bytes"] == 14 * MiB
 
 
+
+def test_outputs_from_64_kib_to_1_mib_take_page_aligned_blocks_in_64_kib_steps():
+    KiB = 1 << 10
+    a = output_of(256 * KiB)
+    block = a.data_ptr()
+    assert block % (4 * KiB) == 0
+    assert pyengine.cpu_cache_info()["in_use_bytes"] == 256 * KiB
+    del a
+    hits, misses = counters()
+    b = output_of(200 * KiB)  # rounded up to 256 KiB: the same block
+    assert b.data_ptr() == block and counters() == (hits + 1, misses)
+    c = output_of(260 * KiB)  # 320 KiB: fresh
+    assert counters() == (hits + 1, misses + 1)
+    assert pyengine.cpu_cache_info()["in_use_bytes"] == 576 * KiB
+    del b, c
+    assert pyengine.cpu_cache_info()["cached_bytes"] == 576 * KiB
+    small = output_of(60 * KiB)  # below 64 KiB: torch's allocator, not the cache
+    assert counters() == (hits + 1, misses + 1) and pyengine.cpu_cache_info()["in_use_bytes"] == 0
+    assert torch.equal(small, torch.zeros(15 * KiB))
+
 def test_best_fit_takes_the_smallest_block_that_holds_the_request():
     big, small = output_of(64 * MiB), output_of(8 * MiB)
     small_block = small.data_ptr()

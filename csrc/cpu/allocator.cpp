@@ -28,17 +28,28 @@ namespace pyengine_shared {
 namespace cpu {
 namespace {
 
-// Below this, glibc's heap already recycles freed memory without faults: the cache would only add a lock.
-constexpr size_t kMinBlockBytes = size_t{1} << 20;
-// Blocks are aligned to and sized in whole transparent huge pages. The huge-page hint covers the whole huge pages
-// of the first request a block serves: past them, the last part of a huge page the output does not fill stays in
-// 4 KB pages, so the process's resident memory counts the output's bytes (a 125 MiB gradient is not 126 MiB).
+// Below this, a fault costs at most 16 pages and the lock would be most of the cost. From here up glibc's heap
+// does not reliably recycle freed memory: once a process holds long-lived tensors (a model, a dataset), its
+// freed outputs of a few hundred KB sit at the top of the heap and are trimmed back to the system on free, so
+// the next call faults them in again (FusedMLP 4096x32->64->64->1 in bfloat16, forward+backward: ~500 faults
+// of ~3 us a step; benchmarks/NOTES.md, "Outputs of 64 KiB and up from the cache").
+constexpr size_t kMinBlockBytes = size_t{64} << 10;
+// Blocks of 1 MiB and up are aligned to and sized in whole transparent huge pages. The huge-page hint covers the
+// whole huge pages of the first request a block serves: past them, the last part of a huge page the output does
+// not fill stays in 4 KB pages, so the process's resident memory counts the output's bytes (a 125 MiB gradient
+// is not 126 MiB). Smaller blocks are page aligned and sized in steps of kSmallBlockStep, so that requests a
+// little apart share blocks.
+constexpr size_t kHugeBlockBytes = size_t{1} << 20;
 constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kSmallBlockStep = size_t{64} << 10;
+constexpr size_t kPage = size_t{4} << 10;
 // Holds two 500 MiB cross_entropy gradients (4096x32000 float32) or sixteen 64 MB activations.
 constexpr size_t kDefaultLimit = size_t{1} << 30;
 constexpr const char* kLimitVariable = "PYENGINE_CPU_CACHE_BYTES";
 
-size_t round_to_huge_pages(size_t n) { return (n + kHugePage - 1) / kHugePage * kHugePage; }
+size_t round_up(size_t n, size_t step) { return (n + step - 1) / step * step; }
+
+size_t block_size_for(size_t n) { return n >= kHugeBlockBytes ? round_up(n, kHugePage) : round_up(n, kSmallBlockStep); }
 
 // A hint: pages already faulted in and kernels without THP ignore it.
 void advise_huge_pages(void* p, size_t n) {
@@ -93,7 +104,7 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBlockBytes || !enabled()) return c10::GetDefaultCPUAllocator()->allocate(n);
-    const size_t size = round_to_huge_pages(n);
+    const size_t size = block_size_for(n);
     size_t block_size = size;
     void* block = take_cached(size, block_size);
     if (block == nullptr) block = fresh_block(size, n);
@@ -172,10 +183,11 @@ class OutputCache final : public c10::Allocator {
 
   void* fresh_block(size_t size, size_t used) {
     void* block = nullptr;
-    bool ok = posix_memalign(&block, kHugePage, size) == 0;
+    const size_t alignment = size >= kHugeBlockBytes ? kHugePage : kPage;
+    bool ok = posix_memalign(&block, alignment, size) == 0;
     if (!ok) {
       empty();  // what the cache holds may be what the system lacks
-      ok = posix_memalign(&block, kHugePage, size) == 0;
+      ok = posix_memalign(&block, alignment, size) == 0;
     }
     TORCH_CHECK_WITH(OutOfMemoryError, ok, "pyengine: out of memory allocating a CPU output of ", size, " bytes (",
                      info().in_use_bytes, " bytes held by live pyengine outputs). Free some tensors, or use smaller ",

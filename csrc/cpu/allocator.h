@@ -1,9 +1,11 @@
 // A caching allocator for the CPU kernels' large outputs, as torch's CUDA caching allocator is for GPU memory.
 // A fresh 64 MB output from glibc is a new mmap, returned with munmap on free: every call page-faults it in
 // again and the Linux kernel zeroes each page first, which costs as much as the kernel's own writes (see
-// benchmarks/NOTES.md, "A caching allocator for large CPU outputs"). Here blocks of 1 MiB or more are 2 MiB
-// aligned, advised into transparent huge pages, and kept after their tensor is freed, for the next output of
-// about the same size. Outputs are ordinary resizable CPU tensors: the storage's allocator is the cache.
+// benchmarks/NOTES.md, "A caching allocator for large CPU outputs"); outputs of a few hundred KB fault too, once
+// long-lived tensors leave them at the top of glibc's heap. Here every output of 64 KiB or more takes a block
+// that is kept after its tensor is freed, for the next output of about the same size: blocks of 1 MiB or more
+// 2 MiB aligned and advised into transparent huge pages, smaller ones in 64 KiB steps. Outputs are ordinary
+// resizable CPU tensors: the storage's allocator is the cache.
 //
 // PYENGINE_CPU_CACHE_BYTES (read at first use; a byte count, or with a K, M or G suffix in powers of 1024)
 // caps the bytes kept in freed blocks, default 1 GiB; 0 turns the cache off: empty_output is then at::empty with
@@ -25,7 +27,7 @@ at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options)
 
 struct OutputCacheInfo {
   int64_t cached_bytes, cached_blocks;  // freed blocks kept for reuse
-  int64_t in_use_bytes, in_use_blocks;  // blocks held by live tensors (whole blocks, rounded up to 2 MiB)
+  int64_t in_use_bytes, in_use_blocks;  // blocks held by live tensors (whole blocks: 64 KiB or 2 MiB steps)
   int64_t hits, misses;                 // requests served from a kept block, and from fresh memory
   int64_t limit_bytes;                  // the cap on cached_bytes
 };
