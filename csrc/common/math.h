@@ -1,6 +1,6 @@
 // Per-element math shared by the CPU and CUDA kernels. Each formula lives here once; the CPU kernels also
 // instantiate it with at::vec::Vectorized<float/double> (see cpu/vec_math.h for the vector overloads of
-// pe_exp, pe_log, pe_max_nan and pe_where_positive), so the CPU tests exercise the formulas the GPU runs.
+// pe_exp, pe_log, pe_max_nan, pe_zero_where_negative and pe_where_positive), so the CPU tests exercise the formulas the GPU runs.
 #pragma once
 
 #include <cmath>
@@ -35,16 +35,18 @@ PE_HD double pe_tanh(double x) { return ::tanh(x); }
 PE_HD float pe_abs(float x) { return ::fabsf(x); }
 PE_HD double pe_abs(double x) { return ::fabs(x); }
 
-// max(x, y) that returns NaN when x is NaN (torch.relu(nan) is nan).
+// max(x, y) that returns NaN when x is NaN.
 template <typename T> PE_HD T pe_max_nan(T x, T y) { return (x != x || x > y) ? x : y; }
+// 0 where x < 0, else x itself: NaN and -0 stay as they are, as torch.relu keeps them.
+template <typename T> PE_HD T pe_zero_where_negative(T x) { return x < T(0) ? T(0) : x; }
 // 0 where y <= 0, else g: a NaN y passes g through, as torch's threshold_backward does.
 template <typename T> PE_HD T pe_where_positive(T y, T g) { return y <= T(0) ? T(0) : g; }
 
 // c > 0 ? a : b, lane by lane on vectors (NaN c picks b).
 template <typename T> PE_HD T pe_select_positive(T c, T a, T b) { return c > T(0) ? a : b; }
 
-// relu: y = max(x, 0); dx = dy * (y > 0), from the output alone.
-template <typename T> PE_HD T relu_forward_math(T x) { return pe_max_nan(x, T(0)); }
+// relu: y = max(x, 0) (NaN and -0 kept); dx = dy * (y > 0), from the output alone.
+template <typename T> PE_HD T relu_forward_math(T x) { return pe_zero_where_negative(x); }
 template <typename T> PE_HD T relu_backward_math(T dy, T y) { return pe_where_positive(y, dy); }
 
 // sigmoid: y = 1 / (1 + e^-x); dx = dy * y * (1 - y), from the output alone. For x -> -inf e^-x

@@ -67,6 +67,46 @@ void map_contiguous(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t
   });
 }
 
+// float16/bfloat16 lanes as their int16 bit patterns, for relu, whose results are its operands' own values or 0:
+// selecting bits needs no widening to float and no rounding back. bfloat16's rounding alone is ~16 instructions
+// a vector: relu's backward over 4096x64 bfloat16 took 45 us that way, against 14 us for a copy of it.
+// With m = v & 0x7fff (the bits without the sign): v > 0 as an int16 is a positive float, v >= 0 any float with
+// the sign clear, m == 0 either zero, and m above inf's bits a NaN of either sign. So relu(x) keeps x where x < 0
+// is false (x >= 0, -0 or NaN) and is +0 elsewhere, and relu's dx keeps dy where y <= 0 is false (y > 0 or NaN):
+// relu_forward_math and relu_backward_math (common/math.h) lane by lane.
+template <typename scalar_t> Vectorized<int16_t> inf_bits() {
+  static_assert(is_reduced_float<scalar_t>());
+  return Vectorized<int16_t>(std::is_same_v<scalar_t, at::BFloat16> ? 0x7f80 : 0x7c00);
+}
+template <typename scalar_t> Vectorized<int16_t> relu_forward_bits(const Vectorized<int16_t>& x) {
+  const Vectorized<int16_t> m = x & Vectorized<int16_t>(0x7fff);
+  return x & ((x > Vectorized<int16_t>(-1)) | (m == Vectorized<int16_t>(0)) | (m > inf_bits<scalar_t>()));
+}
+template <typename scalar_t>
+Vectorized<int16_t> relu_backward_bits(const Vectorized<int16_t>& dy, const Vectorized<int16_t>& y) {
+  const Vectorized<int16_t> m = y & Vectorized<int16_t>(0x7fff);
+  return dy & ((y > Vectorized<int16_t>(0)) | (m > inf_bits<scalar_t>()));
+}
+template <typename scalar_t> Vectorized<int16_t> load_bits(const scalar_t* p) {
+  return Vectorized<int16_t>::loadu(reinterpret_cast<const int16_t*>(p));
+}
+template <typename scalar_t> void store_bits(scalar_t* p, const Vectorized<int16_t>& v) {
+  v.store(reinterpret_cast<int16_t*>(p));
+}
+
+// out[i] = op(in[i]...) over n elements of float16/bfloat16 inputs: the vector loop on their bits, through
+// bits_op(scalar_t(), bits...) (the first argument names the type: [](auto t, auto x) { return
+// relu_forward_bits<decltype(t)>(x); }), and the tail through op on acc values.
+template <typename scalar_t, typename BitsOp, typename Op, typename... In>
+void map_bits(scalar_t* out, int64_t n, const BitsOp& bits_op, const Op& op, const In*... in) {
+  constexpr int64_t V = Vectorized<int16_t>::size();
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + V <= end; i += V) store_bits(out + i, bits_op(scalar_t(), load_bits(in + i)...));
+    for (; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc_t<scalar_t>>(in[i])...));
+  });
+}
+
 // acc-typed vectors of Vectorized<acc_t>::size() elements, loaded from and stored to scalar_t memory.
 template <typename scalar_t> Vectorized<acc_t<scalar_t>> load_acc(const scalar_t* p) {
   if constexpr (is_reduced_float<scalar_t>()) {
@@ -168,14 +208,21 @@ inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
 // y = op(x) for an activation: any shape, y laid out as torch lays out a unary op's output (common/layout.h): a
 // dense x's own layout (contiguous, channels_last, any permutation), else dense in x's dim order. Either way x's
 // elements are then a flat array in y's order, or are copied into y to be one, and mapped in place.
-template <typename Op> at::Tensor activation_forward(const at::Tensor& x, const char* name, const Op& op) {
+// half_bits: where given, float16/bfloat16 vectors go through it on their bits instead (map_bits's bits_op).
+template <typename Op, typename HalfBits = std::nullptr_t>
+at::Tensor activation_forward(const at::Tensor& x, const char* name, const Op& op,
+                              const HalfBits& half_bits = nullptr) {
   check(x, "x", name).cpu().floating();
   at::Tensor y = empty_output(x.sizes(), elementwise_output_strides(x.sizes(), {x}), x.options());
   const bool gathered = !same_layout(x, y.strides());
   if (gathered) y.copy_(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "activation_forward_cpu", [&] {
     const scalar_t* src = gathered ? y.const_data_ptr<scalar_t>() : x.const_data_ptr<scalar_t>();
-    map_contiguous(y.data_ptr<scalar_t>(), src, x.numel(), op);
+    if constexpr (is_reduced_float<scalar_t>() && !std::is_null_pointer_v<HalfBits>) {
+      map_bits(y.data_ptr<scalar_t>(), x.numel(), half_bits, op, src);
+    } else {
+      map_contiguous(y.data_ptr<scalar_t>(), src, x.numel(), op);
+    }
   });
   return y;
 }
@@ -183,17 +230,23 @@ template <typename Op> at::Tensor activation_forward(const at::Tensor& x, const 
 // dx = op(dy, saved) for an activation whose derivative is a function of its saved output (or input); dx laid
 // out as torch's backward lays it out (`first`: common/layout.h), each operand read flat in that order, copied
 // into it first when its elements lie otherwise (the gradient of a sum, expanded from one value, for one).
-template <typename Op>
+// half_bits: as activation_forward's.
+template <typename Op, typename HalfBits = std::nullptr_t>
 at::Tensor activation_backward(const at::Tensor& grad_y_in, const at::Tensor& saved_in, const char* name,
-                               FirstOperand first, const Op& op) {
+                               FirstOperand first, const Op& op, const HalfBits& half_bits = nullptr) {
   check(saved_in, "saved tensor", name).cpu().floating();
   check(grad_y_in, "grad_y", name).same_device(saved_in).same_dtype(saved_in).sizes(saved_in.sizes());
   at::Tensor grad_x =
       empty_output(saved_in.sizes(), activation_grad_strides(grad_y_in, saved_in, first), saved_in.options());
   const at::Tensor grad_y = in_layout_of(grad_y_in, grad_x), saved = in_layout_of(saved_in, grad_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "activation_backward_cpu", [&] {
-    map_contiguous(grad_x.data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
-                   saved.numel(), op);
+    scalar_t* out = grad_x.data_ptr<scalar_t>();
+    const scalar_t *dy = grad_y.const_data_ptr<scalar_t>(), *kept = saved.const_data_ptr<scalar_t>();
+    if constexpr (is_reduced_float<scalar_t>() && !std::is_null_pointer_v<HalfBits>) {
+      map_bits(out, saved.numel(), half_bits, op, dy, kept);
+    } else {
+      map_contiguous(out, dy, kept, saved.numel(), op);
+    }
   });
   return grad_x;
 }

@@ -17,6 +17,7 @@
 #include <ATen/ops/mm.h>
 
 #include <cstring>
+#include <tuple>
 
 #include "common/checks.h"
 #include "cpu/elementwise.h"
@@ -71,11 +72,21 @@ void activation_grad_with_column_sum(scalar_t* dz, scalar_t* db, const scalar_t*
             // a whole vector of the half type at once, as its two float halves: load_acc would convert a
             // whole vector for one half (this pass took 1.5x float32's time in bfloat16 that way)
             using Vec = at::vec::Vectorized<scalar_t>;
+            static_assert(Vec::size() == 2 * V && at::vec::Vectorized<int16_t>::size() == 2 * V);
             for (; j + 2 * V <= width; j += 2 * V) {
-              const auto [dy0, dy1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(dy + off + j));
-              const auto [y0, y1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(y + off + j));
-              const AccVec g0 = activation_backward_math<A>(dy0, y0), g1 = activation_backward_math<A>(dy1, y1);
-              at::vec::convert_from_float<scalar_t>(g0, g1).store(dz + off + j);
+              AccVec g0, g1;
+              if constexpr (A == Activation::kRelu) {  // dz is dy's own bits or 0: no rounding (elementwise.h)
+                const auto bits = cpu::relu_backward_bits<scalar_t>(cpu::load_bits(dy + off + j),
+                                                                    cpu::load_bits(y + off + j));
+                cpu::store_bits(dz + off + j, bits);
+                std::tie(g0, g1) = at::vec::convert_to_float<scalar_t>(Vec::loadu(dz + off + j));
+              } else {
+                const auto [dy0, dy1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(dy + off + j));
+                const auto [y0, y1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(y + off + j));
+                g0 = activation_backward_math<A>(dy0, y0);
+                g1 = activation_backward_math<A>(dy1, y1);
+                at::vec::convert_from_float<scalar_t>(g0, g1).store(dz + off + j);
+              }
               (AccVec::loadu(block + j) + g0).store(block + j);
               (AccVec::loadu(block + j + V) + g1).store(block + j + V);
             }

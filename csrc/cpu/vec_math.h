@@ -113,7 +113,12 @@ at::vec::Vectorized<T> pe_select_positive(const at::vec::Vectorized<T>& c, const
                                           const at::vec::Vectorized<T>& b) {
   return at::vec::Vectorized<T>::blendv(b, a, c > at::vec::Vectorized<T>(T(0)));
 }
-// at::vec::maximum propagates NaN, as torch.relu does.
+// NaN compares false: a NaN x is kept, as is -0.
+template <typename T> at::vec::Vectorized<T> pe_zero_where_negative(const at::vec::Vectorized<T>& x) {
+  const at::vec::Vectorized<T> zero(T(0));
+  return at::vec::Vectorized<T>::blendv(x, zero, x < zero);
+}
+// at::vec::maximum propagates NaN.
 template <typename T>
 at::vec::Vectorized<T> pe_max_nan(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
   return at::vec::maximum(x, y);
