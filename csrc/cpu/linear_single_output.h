@@ -15,7 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include "cpu/elementwise.h"
@@ -32,13 +32,12 @@ constexpr int64_t kRowBlock = 8;
 // Two vectors of a row as acc_t lanes: a half type's one vector converts to two float ones (a load of one float
 // vector's worth of a half type would go through a staging copy), float and double load two.
 template <typename scalar_t>
-std::pair<at::vec::Vectorized<acc_t<scalar_t>>, at::vec::Vectorized<acc_t<scalar_t>>> load_two(const scalar_t* p) {
+void load_two(const scalar_t* p, at::vec::Vectorized<acc_t<scalar_t>>& lo, at::vec::Vectorized<acc_t<scalar_t>>& hi) {
   if constexpr (is_reduced_float<scalar_t>()) {
-    const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-    return {lo, hi};
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
   } else {
-    constexpr int64_t V = at::vec::Vectorized<scalar_t>::size();
-    return {at::vec::Vectorized<scalar_t>::loadu(p), at::vec::Vectorized<scalar_t>::loadu(p + V)};
+    lo = at::vec::Vectorized<scalar_t>::loadu(p);
+    hi = at::vec::Vectorized<scalar_t>::loadu(p + at::vec::Vectorized<scalar_t>::size());
   }
 }
 template <typename scalar_t>
@@ -60,41 +59,92 @@ template <typename scalar_t> std::vector<acc_t<scalar_t>> padded_weight_row(cons
   return w;
 }
 
+// dot[r] = x[r, :] . w for R rows of x (R a constant: the sums stay in registers, where a run-time row count
+// kept them on the stack and took 3x the time in bfloat16).
+template <int R, typename scalar_t>
+void dot_rows(acc_t<scalar_t>* dot, const scalar_t* x, const acc_t<scalar_t>* w, int64_t K) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int64_t V = Vec::size();
+  Vec s[R];
+  for (int r = 0; r < R; ++r) s[r] = Vec(acc_t<scalar_t>(0));
+  int64_t k = 0;
+  for (; k + 2 * V <= K; k += 2 * V) {
+    const Vec w0 = Vec::loadu(w + k), w1 = Vec::loadu(w + k + V);
+    for (int r = 0; r < R; ++r) {
+      Vec x0, x1;
+      load_two(x + r * K + k, x0, x1);
+      s[r] = at::vec::fmadd(x1, w1, at::vec::fmadd(x0, w0, s[r]));
+    }
+  }
+  for (; k < K; k += V) {
+    const Vec wk = Vec::loadu(w + k);
+    for (int r = 0; r < R; ++r) s[r] = at::vec::fmadd(load_part(x + r * K + k, std::min(V, K - k)), wk, s[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    dot[r] = at::vec::vec_reduce_all<acc_t<scalar_t>>([](const Vec& p, const Vec& q) { return p + q; }, s[r]);
+  }
+}
+
 template <Activation A, typename scalar_t>
 void single_output_linear_forward(scalar_t* y, const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
                                   int64_t M, int64_t K) {
   using acc = acc_t<scalar_t>;
-  using Vec = at::vec::Vectorized<acc>;
-  constexpr int64_t V = Vec::size();
   const std::vector<acc> w = padded_weight_row(weight, K);
   const acc b = bias ? static_cast<acc>(bias[0]) : acc(0);
   const int64_t grain = std::max<int64_t>(kRowBlock, kElementwiseGrain / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t i0 = r0; i0 < r1; i0 += kRowBlock) {
       const int64_t rows = std::min(kRowBlock, r1 - i0);
-      Vec s[kRowBlock];
-      for (int r = 0; r < kRowBlock; ++r) s[r] = Vec(acc(0));
-      int64_t k = 0;
-      for (; k + 2 * V <= K; k += 2 * V) {
-        const Vec w0 = Vec::loadu(&w[k]), w1 = Vec::loadu(&w[k + V]);
-        for (int r = 0; r < kRowBlock; ++r) {
-          if (r >= rows) continue;
-          const auto [x0, x1] = load_two(x + (i0 + r) * K + k);
-          s[r] = at::vec::fmadd(x1, w1, at::vec::fmadd(x0, w0, s[r]));
-        }
+      acc dot[kRowBlock];
+      if (rows == kRowBlock) {
+        dot_rows<kRowBlock>(dot, x + i0 * K, w.data(), K);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) dot_rows<1>(dot + r, x + (i0 + r) * K, w.data(), K);
       }
-      for (; k < K; k += V) {
-        const Vec wk = Vec::loadu(&w[k]);
-        for (int r = 0; r < kRowBlock; ++r) {
-          if (r < rows) s[r] = at::vec::fmadd(load_part(x + (i0 + r) * K + k, std::min(V, K - k)), wk, s[r]);
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        const acc dot = at::vec::vec_reduce_all<acc>([](const Vec& p, const Vec& q) { return p + q; }, s[r]);
-        y[i0 + r] = static_cast<scalar_t>(activation_forward_math<A>(b + dot));
-      }
+      for (int64_t r = 0; r < rows; ++r) y[i0 + r] = static_cast<scalar_t>(activation_forward_math<A>(b + dot[r]));
     }
   });
+}
+
+// For R rows (a constant, as dot_rows) with their dz in d: dx[r, :] = d[r] * w (dx may be null), and
+// dw += sum_r d[r] * x[r, :] (dw null: not asked for).
+template <int R, typename scalar_t>
+void scatter_rows(scalar_t* dx, acc_t<scalar_t>* dw, const acc_t<scalar_t>* d, const scalar_t* x,
+                  const acc_t<scalar_t>* w, int64_t K) {
+  using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+  constexpr int64_t V = Vec::size();
+  Vec dv[R];
+  for (int r = 0; r < R; ++r) dv[r] = Vec(d[r]);
+  int64_t k = 0;
+  for (; k + 2 * V <= K; k += 2 * V) {
+    if (dx) {
+      const Vec w0 = Vec::loadu(w + k), w1 = Vec::loadu(w + k + V);
+      for (int r = 0; r < R; ++r) store_two(dx + r * K + k, dv[r] * w0, dv[r] * w1);
+    }
+    if (dw) {
+      Vec sum0 = Vec::loadu(dw + k), sum1 = Vec::loadu(dw + k + V);
+      for (int r = 0; r < R; ++r) {
+        Vec x0, x1;
+        load_two(x + r * K + k, x0, x1);
+        sum0 = at::vec::fmadd(dv[r], x0, sum0);
+        sum1 = at::vec::fmadd(dv[r], x1, sum1);
+      }
+      sum0.store(dw + k);
+      sum1.store(dw + k + V);
+    }
+  }
+  for (; k < K; k += V) {
+    const int64_t count = std::min(V, K - k);
+    if (dx) {
+      const Vec wk = Vec::loadu(w + k);
+      for (int r = 0; r < R; ++r) store_part(dx + r * K + k, dv[r] * wk, count);
+    }
+    if (dw) {
+      Vec sum = Vec::loadu(dw + k);
+      for (int r = 0; r < R; ++r) sum = at::vec::fmadd(dv[r], load_part(x + r * K + k, count), sum);
+      sum.store(dw + k);
+    }
+  }
 }
 
 // dx (M, K), dweight (K), dbias (1): each null when not asked for; y null without an activation.
@@ -102,8 +152,6 @@ template <Activation A, typename scalar_t>
 void single_output_linear_backward(scalar_t* dx, scalar_t* dweight, scalar_t* dbias, const scalar_t* dy,
                                    const scalar_t* y, const scalar_t* x, const scalar_t* weight, int64_t M, int64_t K) {
   using acc = acc_t<scalar_t>;
-  using Vec = at::vec::Vectorized<acc>;
-  constexpr int64_t V = Vec::size();
   const std::vector<acc> w = padded_weight_row(weight, K);
   const int64_t width = static_cast<int64_t>(w.size()), stride = width + 1;  // a chunk's sums: dw, then db
   const int64_t chunks = (M + kSingleOutputRows - 1) / kSingleOutputRows;
@@ -111,56 +159,27 @@ void single_output_linear_backward(scalar_t* dx, scalar_t* dweight, scalar_t* db
   std::vector<acc> partial(sums ? static_cast<size_t>(chunks * stride) : 0, acc(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      acc* dw = sums ? partial.data() + c * stride : nullptr;
+      acc* dw = dweight ? partial.data() + c * stride : nullptr;
       acc db(0);
       const int64_t end = std::min(M, (c + 1) * kSingleOutputRows);
       for (int64_t i0 = c * kSingleOutputRows; i0 < end; i0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, end - i0);
-        Vec d[kRowBlock];
-        for (int r = 0; r < rows; ++r) {
+        acc d[kRowBlock];
+        for (int64_t r = 0; r < rows; ++r) {
           const acc g = static_cast<acc>(dy[i0 + r]);
-          const acc dz = y ? activation_backward_math<A>(g, static_cast<acc>(y[i0 + r])) : g;
-          db += dz;
-          d[r] = Vec(dz);
+          d[r] = y ? activation_backward_math<A>(g, static_cast<acc>(y[i0 + r])) : g;
+          db += d[r];
         }
-        int64_t k = 0;
-        for (; k + 2 * V <= K; k += 2 * V) {
-          if (dx) {
-            const Vec w0 = Vec::loadu(&w[k]), w1 = Vec::loadu(&w[k + V]);
-            for (int r = 0; r < kRowBlock; ++r) {
-              if (r < rows) store_two(dx + (i0 + r) * K + k, d[r] * w0, d[r] * w1);
-            }
-          }
-          if (dweight) {
-            Vec sum0 = Vec::loadu(dw + k), sum1 = Vec::loadu(dw + k + V);
-            for (int r = 0; r < kRowBlock; ++r) {
-              if (r >= rows) continue;
-              const auto [x0, x1] = load_two(x + (i0 + r) * K + k);
-              sum0 = at::vec::fmadd(d[r], x0, sum0);
-              sum1 = at::vec::fmadd(d[r], x1, sum1);
-            }
-            sum0.store(dw + k);
-            sum1.store(dw + k + V);
-          }
-        }
-        for (; k < K; k += V) {
-          const int64_t count = std::min(V, K - k);
-          if (dx) {
-            const Vec wk = Vec::loadu(&w[k]);
-            for (int r = 0; r < kRowBlock; ++r) {
-              if (r < rows) store_part(dx + (i0 + r) * K + k, d[r] * wk, count);
-            }
-          }
-          if (dweight) {
-            Vec sum = Vec::loadu(dw + k);
-            for (int r = 0; r < kRowBlock; ++r) {
-              if (r < rows) sum = at::vec::fmadd(d[r], load_part(x + (i0 + r) * K + k, count), sum);
-            }
-            sum.store(dw + k);
+        scalar_t* dx_rows = dx ? dx + i0 * K : nullptr;
+        if (rows == kRowBlock) {
+          scatter_rows<kRowBlock>(dx_rows, dw, d, x + i0 * K, w.data(), K);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            scatter_rows<1>(dx ? dx_rows + r * K : nullptr, dw, d + r, x + (i0 + r) * K, w.data(), K);
           }
         }
       }
-      if (sums) dw[width] = db;
+      if (sums) partial[c * stride + width] = db;
     }
   });
   if (!sums) return;
