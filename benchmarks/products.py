@@ -3,7 +3,10 @@
 
 Per case: pyengine's forward (inputs that require grad, as in training) and forward+backward, torch.mm of the
 forward's products and of all of them (forward; dx = dy W and dW = dy^T x per layer, random operands of the
-same shapes and dtype), and torch's own composition forward+backward. The ratios printed are pyengine's time
+same shapes and dtype), and torch's own composition forward+backward. The products write into outputs made once
+(torch.mm(..., out=)): their time is the products' alone. A fresh output from glibc may be fresh pages, whose
+faults cost as much as a 64-wide product (benchmarks/NOTES.md, session 11), and whether it is depends on what
+else the process holds; with fresh outputs mm_all read 0.60 or 1.35 ms from one run to the next. The ratios printed are pyengine's time
 over the products' time (fwd/mm_fwd, fb/mm_all) and over torch's (fb/torch_fb).
 
     python -m benchmarks.products [--cases lce_large,mlp_medium] [--dtype bfloat16] [--budget 3] [--threads N]
@@ -29,11 +32,12 @@ def _lce(n, h, v, dtype):
     x, w, b = _randn((n, h), dtype, True), _randn((v, h), dtype, True, 1 / math.sqrt(h)), _randn((v,), dtype, True)
     t = torch.randint(0, v, (n,))
     xd, wd, dz, dz_t = x.detach(), w.detach(), _randn((n, v), dtype), _randn((v, n), dtype)
+    logits, dx, dw = torch.empty(n, v, dtype=dtype), torch.empty(n, h, dtype=dtype), torch.empty(v, h, dtype=dtype)
     return {
         "fwd": lambda: PF.linear_cross_entropy(x, w, t, linear_bias=b),
         "fb": lambda: torch.autograd.grad(PF.linear_cross_entropy(x, w, t, linear_bias=b), (x, w, b)),
-        "mm_fwd": lambda: torch.mm(xd, wd.t()),
-        "mm_all": lambda: (torch.mm(xd, wd.t()), torch.mm(dz, wd), torch.mm(dz_t, xd)),
+        "mm_fwd": lambda: torch.mm(xd, wd.t(), out=logits),
+        "mm_all": lambda: (torch.mm(xd, wd.t(), out=logits), torch.mm(dz, wd, out=dx), torch.mm(dz_t, xd, out=dw)),
         "torch_fb": lambda: torch.autograd.grad(F.cross_entropy(F.linear(x, w, b), t), (x, w, b)),
     }
 
@@ -47,16 +51,19 @@ def _layers(rows, widths, dtype, pyengine_fn, torch_fn):
     acts = [_randn((rows, n), dtype) for n in widths]  # a_l, and dy of the layer below
     acts_t = [a.t().contiguous() for a in acts]
     wd = [w.detach() for w in ws]
+    outs = [torch.empty(rows, n, dtype=dtype) for n in widths[1:]]  # a_{l+1}
+    dxs = [torch.empty(rows, n, dtype=dtype) for n in widths[:-1]]  # dx of each layer
+    dws = [torch.empty_like(w) for w in wd]
 
     def mm_fwd():
-        return [torch.mm(acts[i], wd[i].t()) for i in range(len(ws))]
+        return [torch.mm(acts[i], wd[i].t(), out=outs[i]) for i in range(len(ws))]
 
     return {
         "fwd": lambda: pyengine_fn(x, ws, bs),
         "fb": lambda: torch.autograd.grad(pyengine_fn(x, ws, bs), params, gy),
         "mm_fwd": mm_fwd,
-        "mm_all": lambda: (mm_fwd(), [torch.mm(acts_t[i + 1], acts[i]) for i in range(len(ws))],
-                           [torch.mm(acts[i + 1], wd[i]) for i in range(len(ws))]),
+        "mm_all": lambda: (mm_fwd(), [torch.mm(acts_t[i + 1], acts[i], out=dws[i]) for i in range(len(ws))],
+                           [torch.mm(acts[i + 1], wd[i], out=dxs[i]) for i in range(len(ws))]),
         "torch_fb": lambda: torch.autograd.grad(torch_fn(x, ws, bs), params, gy),
     }
 
