@@ -1,6 +1,7 @@
 // Per-element math shared by the CPU and CUDA kernels. Each formula lives here once; the CPU kernels also
 // instantiate it with at::vec::Vectorized<float/double> (see cpu/vec_math.h for the vector overloads of
-// pe_exp, pe_log, pe_max_nan, pe_zero_where_negative and pe_where_positive), so the CPU tests exercise the formulas the GPU runs.
+// pe_exp, pe_log, pe_max_nan, pe_zero_where_negative and pe_where_positive), so the CPU tests exercise the
+// formulas the GPU runs.
 #pragma once
 
 #include <cmath>
