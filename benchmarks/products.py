@@ -6,8 +6,8 @@ forward's products and of all of them (forward; dx = dy W and dW = dy^T x per la
 same shapes and dtype), and torch's own composition forward+backward. The products write into outputs made once
 (torch.mm(..., out=)): their time is the products' alone. A fresh output from glibc may be fresh pages, whose
 faults cost as much as a 64-wide product (benchmarks/NOTES.md, session 11), and whether it is depends on what
-else the process holds; with fresh outputs mm_all read 0.60 or 1.35 ms from one run to the next. The ratios printed are pyengine's time
-over the products' time (fwd/mm_fwd, fb/mm_all) and over torch's (fb/torch_fb).
+else the process holds; with fresh outputs mm_all read 0.60 or 1.35 ms from one run to the next. The ratios
+printed are pyengine's time over the products' time (fwd/mm_fwd, fb/mm_all) and over torch's (fb/torch_fb).
 
     python -m benchmarks.products [--cases lce_large,mlp_medium] [--dtype bfloat16] [--budget 3] [--threads N]
 """
