@@ -299,7 +299,7 @@ def test_fused_mlp(backend, device, data, lead, widths, activation, output_activ
         rows = _numel(lead)
         x, params = views[0].reshape(rows, widths[0]), views[1:]
         m_y, layer_m, m_x = product_magnitudes(x, list(zip(params[:layers], params[layers:], acts)),
-                                               g.reshape(rows, widths[-1]))
+                                               g.reshape(rows, widths[-1]), rounded_to=dtype)
         return m_y.reshape(g.shape), [m_x.reshape(views[0].shape), *(m for m, _ in layer_m), *(m for _, m in layer_m)]
 
     _compare(backend, device, ours, theirs, drawn, dtype, magnitudes=magnitudes)

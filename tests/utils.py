@@ -120,14 +120,20 @@ def output_gradient_magnitude(op, y64, grad_out):
     return None if terms is None else grad_out.detach().double().abs() * terms(y64.detach().double())
 
 
-def product_magnitudes(x, layers, grad_out):
+def product_magnitudes(x, layers, grad_out, rounded_to=None):
     """The magnitudes assert_half_close takes for a stack of linear layers y = act(h @ W^T + b), computed in
     float64 from the float64 reference's values: x (M, K0); layers a list of (W, b or None, act name or None);
     grad_out (M, N_last). Each output element of a product is a sum whose terms have the size |A| @ |B|; its
     rounding error scales with that, however far the sum cancels. An activation carries its input's error on
     (times |act'|) beside its own rounding; its backward, computed from the saved output, has the terms of
     OUTPUT_GRADIENT_TERMS. Returns (output magnitude, [per layer: (dW, db) magnitudes], input-gradient
-    magnitude)."""
+    magnitude).
+    rounded_to: the float16/bfloat16 dtype the layers' outputs are rounded to where saved (default: x's dtype,
+    where it is one). Below that dtype's smallest normal a rounded value's error is half a subnormal step, not
+    eps / 2 of the value, so each layer output's magnitude is held at least there: a sigmoid output of 1e-6
+    in float16 is off by up to 3%, and the gradient terms it scales with it (torch's and ours alike)."""
+    dtype = rounded_to or x.dtype
+    floor = torch.finfo(dtype).tiny if dtype in HALF_DTYPES else 0.0
     act_fns = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
     h, m_h, saved = x.detach().double(), x.detach().double().abs(), []
     for w, b, act in layers:
@@ -136,8 +142,9 @@ def product_magnitudes(x, layers, grad_out):
         m_z = m_h @ w64.abs().T + (0 if b is None else b.detach().double().abs())
         y = act_fns[act](z)
         d_act = torch.ones_like(z) if act is None else (z > 0).double() if act == "relu" else y * (1 - y)
-        saved.append((m_h, w64, OUTPUT_GRADIENT_TERMS[act](y) if act in OUTPUT_GRADIENT_TERMS else d_act))
-        h, m_h = y, y.abs() + d_act * m_z
+        y_saved = torch.where(y.abs() < floor, torch.full_like(y, floor), y)
+        saved.append((m_h, w64, OUTPUT_GRADIENT_TERMS[act](y_saved) if act in OUTPUT_GRADIENT_TERMS else d_act))
+        h, m_h = y, (y.abs() + d_act * m_z).clamp_min(floor)
     m_g, grads = grad_out.detach().double().abs(), []
     for m_in, w64, act_terms in reversed(saved):
         m_dz = m_g * act_terms
