@@ -57,8 +57,8 @@ def _same_bits(a, b):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_signed_zeros_nans_and_every_half_bit_pattern_as_torch(backend, device, dtype):
-    # relu keeps -0 and NaN as they are, and its gradient passes where y > 0 or y is NaN (torch's
-    # threshold_backward); the half types' kernels select bits without widening (csrc/cpu/elementwise.h)
+    # relu keeps NaN (and -0 as torch does on the device), and its gradient passes where y > 0 or y is NaN
+    # (torch's threshold_backward); the CPU's half types select bits without widening (csrc/cpu/elementwise.h)
     x = _special_values(dtype).to(device)
     dy = torch.randn(x.shape, dtype=torch.float32, device=device).to(dtype)
     with on(backend):

@@ -46,8 +46,15 @@ template <typename T> PE_HD T pe_where_positive(T y, T g) { return y <= T(0) ? T
 // c > 0 ? a : b, lane by lane on vectors (NaN c picks b).
 template <typename T> PE_HD T pe_select_positive(T c, T a, T b) { return c > T(0) ? a : b; }
 
-// relu: y = max(x, 0) (NaN and -0 kept); dx = dy * (y > 0), from the output alone.
-template <typename T> PE_HD T relu_forward_math(T x) { return pe_zero_where_negative(x); }
+// relu: y = max(x, 0) (NaN kept); dx = dy * (y > 0), from the output alone. -0 as torch gives it on each device:
+// its CPU relu keeps -0 (x < 0 ? 0 : x); its CUDA relu is max(x, 0), where CUDA's max gives +0.
+template <typename T> PE_HD T relu_forward_math(T x) {
+#ifdef __CUDA_ARCH__
+  return pe_max_nan(x, T(0));
+#else
+  return pe_zero_where_negative(x);
+#endif
+}
 template <typename T> PE_HD T relu_backward_math(T dy, T y) { return pe_where_positive(y, dy); }
 
 // sigmoid: y = 1 / (1 + e^-x); dx = dy * y * (1 - y), from the output alone. For x -> -inf e^-x
