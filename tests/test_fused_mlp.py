@@ -87,7 +87,7 @@ def _draw_away_from_relu_kinks(make_x, sizes, device, activation, tries=50):
             z = h @ w.detach().double().T + b.detach().double()
             m_z = m_h @ w.detach().double().abs().T + b.detach().double().abs()
             clear = clear and bool((z.abs() > 2e-6 * m_z).all())
-            h, m_h = z.clamp_min(0), z.abs()
+            h, m_h = z.clamp_min(0), (z > 0).double() * m_z  # the next layer's terms, as product_magnitudes
         if clear:
             return x, weights, biases
     raise AssertionError(f"no draw of {tries} kept every relu pre-activation clear of 0")
