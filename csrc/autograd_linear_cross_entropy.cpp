@@ -1,11 +1,11 @@
 // linear_cross_entropy's C++ autograd Function: the twin of pyengine/ops/linear_cross_entropy.py
 // LinearCrossEntropyFunction for x (N, H), weight (V, H), bias (V) or none and int64 class indices (N), the
 // functional form's usual call (it sends every other case to the Python Function). The Python Function's own
-// cost (its forward's argument handling, ctx, six outputs, the mean's scaling as tensor ops) is about 100 us a
-// call, as much as the whole of torch's linear + cross_entropy on the notes' 759 x 8 -> 10 layer.
-//   'mean'/'sum', a gradient wanted: the forward computes the loss's gradients in the same pass over the chunks
-//   (the mean's divided in place) and saves them; the backward of the usual incoming 1 returns them as they are
-//   (autograd then takes dweight as weight.grad with no copy), any other incoming gradient scales them.
+// cost (its forward's argument handling, ctx, six outputs) is about 100 us a call, as much as the whole of torch's
+// linear + cross_entropy on the notes' 759 x 8 -> 10 layer.
+//   'mean'/'sum', a gradient wanted: the forward kernel computes the loss's gradients in the same pass over the
+//   chunks (the mean's divided by the kernel) and saves them; the backward of the usual incoming 1 returns them
+//   as they are (autograd then takes dweight as weight.grad with no copy), any other incoming gradient scales them.
 //   'none': the forward saves the inputs and each row's log-sum-exp; the backward computes the chunks' logits
 //   again and turns them into g (p - y').
 #include "autograd.h"
@@ -21,23 +21,6 @@ namespace autograd {
 namespace {
 
 constexpr const char* kUnfused = "cross_entropy(linear(...)) from torch.nn.functional";
-
-// grads /= denom, the count of kept rows, in place; no kept row (denom 0): the gradients are all zero, kept so.
-// On the CPU the count is read as a number (one multiply each); on a GPU reading it would wait for the device.
-void divide_by_kept_rows(const variable_list& grads, const at::Tensor& denom) {
-  if (denom.is_cpu()) {
-    const double kept = denom.item<double>();
-    if (kept == 0) return;
-    for (const at::Tensor& g : grads) {
-      if (g.defined()) g.mul_(1.0 / kept);
-    }
-    return;
-  }
-  const at::Tensor scale = at::where(denom == 0, at::ones_like(denom), denom).reciprocal();
-  for (const at::Tensor& g : grads) {
-    if (g.defined()) g.mul_(scale);
-  }
-}
 
 }  // namespace
 
@@ -57,8 +40,6 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
     // the inputs are saved even where the backward reads only the gradients: changing one in place then fails the
     // backward, as it fails torch's linear + cross_entropy, and the double-backward error links to them
     if (reduced) {
-      const variable_list grads{r[3], r[4], r[5]};
-      if (reduction == 1) divide_by_kept_rows(grads, r[2]);
       ctx->save_for_backward({r[3], r[4], r[5], x, weight, has_bias ? *bias : at::Tensor()});
     } else {
       ctx->save_for_backward({x, weight, has_bias ? *bias : at::Tensor(), target, r[1]});

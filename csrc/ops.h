@@ -104,9 +104,9 @@ namespace pyengine {
 // linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) int64; reduction 0 none, 1 mean, 2 sum.
 // cross_entropy(x @ weight^T + bias, target) computed over chunks of rows of at most chunk_bytes of logits.
 // forward -> {loss ((N) for none, else 0-dim; x's dtype), lse (N), denom (0-dim: the kept rows' count),
-//             dx (N, H), dweight (V, H), dbias (V)}: the gradients of the summed loss (no mean divisor) computed in
-//             the same pass, for mean/sum and each flag set (else undefined). lse, denom and the gradients are in
-//             the accumulation type (float for float/half/bfloat16).
+//             dx (N, H), dweight (V, H), dbias (V)}: the gradients of the loss returned (the mean's divided by
+//             denom), computed in the same pass, for mean/sum and each flag set (else undefined). lse, denom and
+//             the gradients are in the accumulation type (float for float/half/bfloat16).
 // backward (reduction none; recomputes the logits) -> {dx, dweight, dbias} of sum_r grad_loss_r loss_r, grad_loss
 // (N) and the results in the accumulation type.
 #define PYENGINE_LINEAR_CROSS_ENTROPY_OPS(dev)                                                                    \

@@ -19,8 +19,11 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/eq.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -178,8 +181,26 @@ inline bool lce_forward_computes_grad(const LceArgs& a, Reduction reduction) {
   return reduction != Reduction::None && (a.need_x || a.need_weight || a.need_bias);
 }
 
-// The forward's outputs from the row pass's lse, per-row loss and kept flags (N) and the gradients d (3):
-// {loss ((N) or 0-dim, x's dtype), lse, denom (0-dim: the count of kept rows), dx, dw, db}.
+// d /= denom (the count of kept rows), in place: the summed loss's gradients become the mean's. No kept row: d is
+// all zeros and stays so (torch's gradient of that NaN mean). On the CPU the count is read as one number (one
+// multiply an element); on a GPU reading it would wait for the device, so the reciprocal stays there.
+inline void divide_by_kept_rows(const std::vector<at::Tensor>& d, const at::Tensor& denom) {
+  if (denom.is_cpu()) {
+    const double kept = denom.item<double>();
+    for (const at::Tensor& g : d) {
+      if (g.defined() && kept != 0) g.mul_(1.0 / kept);
+    }
+    return;
+  }
+  const at::Tensor scale = at::where(at::eq(denom, 0), at::ones_like(denom), denom).reciprocal();
+  for (const at::Tensor& g : d) {
+    if (g.defined()) g.mul_(scale);
+  }
+}
+
+// The forward's outputs from the row pass's lse, per-row loss and kept flags (N) and the gradients d (3) of the
+// summed loss: {loss ((N) or 0-dim, x's dtype), lse, denom (0-dim: the count of kept rows), dx, dw, db}, the
+// gradients now those of the loss returned (the mean's divided here, in place: no second weight-sized tensor).
 inline std::vector<at::Tensor> lce_forward_outputs(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& rows,
                                                    const at::Tensor& kept, Reduction reduction,
                                                    const std::vector<at::Tensor>& d) {
@@ -188,11 +209,12 @@ inline std::vector<at::Tensor> lce_forward_outputs(const at::Tensor& x, const at
   at::Tensor loss = reduction == Reduction::None ? rows
                     : reduction == Reduction::Sum ? rows.sum()
                                                   : at::div(rows.sum(), denom);
+  if (reduction == Reduction::Mean) divide_by_kept_rows(d, denom);
   return {loss.to(x.scalar_type()), lse, denom, d[0], d[1], d[2]};
 }
 
 // forward: {loss ((N) or 0-dim, x's dtype), lse (N), denom (0-dim: the count of kept rows), dx, dw, db}.
-// With reduction mean or sum and any need_* flag the gradients of the summed loss come out of the same pass.
+// With reduction mean or sum and any need_* flag the loss's gradients come out of the same pass.
 inline std::vector<at::Tensor> linear_cross_entropy_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                                                  const c10::optional<at::Tensor>& bias,
                                                                  const at::Tensor& target, const LceArgs& a,

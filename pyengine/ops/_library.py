@@ -246,7 +246,8 @@ def _register():
                 None, None)[:len(ctx.needs_input_grad)]  # one per input given: a traced call drops defaults
 
     # linear_cross_entropy: x (N, H), weight (V, H), bias (V), target (N) -> loss, lse (N), denom, and for
-    # mean/sum the gradients of the summed loss, in the accumulation type, where their flags are set
+    # mean/sum the loss's gradients (the mean's divided by denom), in the accumulation type, where their flags
+    # are set
     @_fake("linear_cross_entropy_forward")
     def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_x, need_weight, need_bias,
           chunk_bytes):
@@ -284,8 +285,6 @@ def _register():
                                                            need_b, chunk_bytes)
         else:
             scale = grad_loss.to(denom.dtype)
-            if reduction == 1:
-                scale = scale / torch.where(denom == 0, torch.ones_like(denom), denom)
             dx, dw, db = (None if d is None else d * scale for d in (dx, dw, db))
         grads = [None if d is None else d.to(x.dtype) for d in (dx, dw, db)]
         return (*grads, None, None, None, None, None, None, None, None)

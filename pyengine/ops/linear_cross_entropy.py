@@ -7,8 +7,8 @@ For x (N, H), W (V, H), b (V) and class targets t (N), over chunks of R rows (R 
   dx_c = dz W,  dW += dz^T x_c,  db += dz.sum(0)
 For 'mean' and 'sum' the incoming gradient is one number, so the forward (when any input needs a gradient)
 runs the whole backward in the same pass, three GEMMs in all like the unfused pair, and saves dx, dW, db of
-the summed loss; the backward only scales them by grad / denom (denom: the count of kept rows, a device
-tensor: the host never waits for it). For 'none' the incoming gradient differs per row and is known only in
+the loss ('mean' divides them by denom, the count of kept rows, in place); the backward only scales them by
+the incoming gradient. For 'none' the incoming gradient differs per row and is known only in
 the backward: the forward keeps one lse per row and the backward computes each chunk's logits again (a
 fourth GEMM). Ignored rows (t == ignore_index) have loss 0 and gradient 0.
 Here (the python reference) the GEMMs run in float32 for float16/bfloat16 inputs. The compiled kernels run them
@@ -98,7 +98,8 @@ class _Gradients:
 def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, reduction=1, label_smoothing=0.0,
                                  need_x=True, need_weight=True, need_bias=True, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """x (N, H), weight (V, H), bias (V) or None, target (N) -> (loss, lse (N), denom, dx, dweight, dbias);
-    the gradients (of the summed loss) only for reduction mean/sum and the flags set, else None."""
+    the gradients (of the loss returned: for 'mean' divided by denom, the count of kept rows) only for reduction
+    mean/sum and the flags set, else None."""
     v = weight.shape[0]
     acc = acc_dtype(x.dtype)
     need_bias = need_bias and bias is not None
@@ -118,6 +119,9 @@ def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, red
     denom = (target != ignore_index).sum().to(acc)  # a device tensor: never read by the host
     loss = rows_loss if reduction == 0 else rows_loss.sum() if reduction == 2 else rows_loss.sum() / denom
     dx, dw, db = grads.result() if grad else (None, None, None)
+    if reduction == 1 and grad:  # every row ignored: the gradients are 0 and stay 0 (torch's, for its NaN mean)
+        dx, dw, db = (None if d is None else d / torch.where(denom == 0, torch.ones_like(denom), denom)
+                      for d in (dx, dw, db))
     return loss.to(x.dtype), lse, denom, dx, dw, db
 
 
@@ -167,7 +171,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     label_smoothing=0.0, chunk_bytes=None) with the arguments of cross_entropy, no class weights, and chunk_bytes
     the logits budget per chunk (None: PYENGINE_LINEAR_CROSS_ENTROPY_CHUNK_BYTES, else 16 MiB).
     apply(...) returns (loss, lse, denom, dx, dweight, dbias): the loss and, not differentiable, what the backward
-    reads (the gradients of the summed loss where the forward computed them, else None); the functional
+    reads (the loss's gradients where the forward computed them, else None); the functional
     pyengine.functional.linear_cross_entropy returns the loss alone."""
     generate_vmap_rule = True
 
@@ -184,14 +188,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         early = red != 0 and not torch._C._are_functorch_transforms_active()
         need = (early and input.requires_grad, early and weight.requires_grad,
                 early and bias is not None and bias.requires_grad)
+        # the gradients of the loss itself (the mean's divided by the kernel): the backward of an incoming 1 is
+        # these tensors, with no weight-sized copy
         loss, lse, denom, dx, dw, db = _backend.kernels(x.device).linear_cross_entropy_forward(
             x, weight, b, t, ignore_index, red, float(label_smoothing), *need, _chunk_bytes(chunk_bytes))
-        if red == 1 and any(need):  # the gradients of the mean, in place: the backward of an incoming 1 is then
-            # these tensors themselves, with no weight-sized copy (every row ignored: 0 stays 0, as torch's)
-            scale = torch.where(denom == 0, torch.ones_like(denom), denom).reciprocal()
-            for d in (dx, dw, db):
-                if d is not None:
-                    d.mul_(scale)
         return loss.reshape(input.shape[:-1]) if red == 0 else loss, lse, denom, dx, dw, db
 
     @staticmethod
