@@ -10,7 +10,7 @@ import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   backward_aten_calls, grads, magnitude, make, on, product_magnitudes)
+                   backward_aten_calls, grads, layer_terms, magnitude, make, on, product_magnitudes)
 
 TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
@@ -82,13 +82,8 @@ def _draw_away_from_relu_kinks(make_x, sizes, device, activation, tries=50):
         weights, biases = _params(sizes, torch.float32, device)
         if activation != "relu":
             return x, weights, biases
-        h, m_h, clear = x.detach().double(), x.detach().double().abs(), True
-        for w, b in list(zip(weights, biases))[:-1]:
-            z = h @ w.detach().double().T + b.detach().double()
-            m_z = m_h @ w.detach().double().abs().T + b.detach().double().abs()
-            clear = clear and bool((z.abs() > 2e-6 * m_z).all())
-            h, m_h = z.clamp_min(0), (z > 0).double() * m_z  # the next layer's terms, as product_magnitudes
-        if clear:
+        hidden = [(w, b, "relu") for w, b in zip(weights[:-1], biases[:-1])]
+        if all(bool((z.abs() > 2e-6 * m_z).all()) for _, _, _, z, m_z, _, _ in layer_terms(x, hidden)[0]):
             return x, weights, biases
     raise AssertionError(f"no draw of {tries} kept every relu pre-activation clear of 0")
 

@@ -120,6 +120,25 @@ def output_gradient_magnitude(op, y64, grad_out):
     return None if terms is None else grad_out.detach().double().abs() * terms(y64.detach().double())
 
 
+def layer_terms(x, layers, floor=0.0):
+    """A stack of linear layers y = act(h @ W^T + b) in float64 from x (M, K0), layers a list of (W, b or None,
+    act name or None): ([per layer: (act, m_h, W, z, m_z, y, act'(z))], output magnitude). m_h is the size of
+    the layer input's terms, z its pre-activation and m_z = m_h @ |W|^T + |b| the size of the terms summed into
+    z; the next layer's input has terms of size |y| + |act'(z)| m_z (its own rounding, and its input's error
+    carried on), held at least `floor`."""
+    act_fns = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+    h, m_h, terms = x.detach().double(), x.detach().double().abs(), []
+    for w, b, act in layers:
+        w64 = w.detach().double()
+        z = h @ w64.T + (0 if b is None else b.detach().double())
+        m_z = m_h @ w64.abs().T + (0 if b is None else b.detach().double().abs())
+        y = act_fns[act](z)
+        d_act = torch.ones_like(z) if act is None else (z > 0).double() if act == "relu" else y * (1 - y)
+        terms.append((act, m_h, w64, z, m_z, y, d_act))
+        h, m_h = y, (y.abs() + d_act * m_z).clamp_min(floor)
+    return terms, m_h
+
+
 def product_magnitudes(x, layers, grad_out, rounded_to=None):
     """The magnitudes assert_half_close takes for a stack of linear layers y = act(h @ W^T + b), computed in
     float64 from the float64 reference's values: x (M, K0); layers a list of (W, b or None, act name or None);
@@ -134,23 +153,14 @@ def product_magnitudes(x, layers, grad_out, rounded_to=None):
     in float16 is off by up to 3%, and the gradient terms it scales with it (torch's and ours alike)."""
     dtype = rounded_to or x.dtype
     floor = torch.finfo(dtype).tiny if dtype in HALF_DTYPES else 0.0
-    act_fns = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
-    h, m_h, saved = x.detach().double(), x.detach().double().abs(), []
-    for w, b, act in layers:
-        w64 = w.detach().double()
-        z = h @ w64.T + (0 if b is None else b.detach().double())
-        m_z = m_h @ w64.abs().T + (0 if b is None else b.detach().double().abs())
-        y = act_fns[act](z)
-        d_act = torch.ones_like(z) if act is None else (z > 0).double() if act == "relu" else y * (1 - y)
-        y_saved = torch.where(y.abs() < floor, torch.full_like(y, floor), y)
-        saved.append((m_h, w64, OUTPUT_GRADIENT_TERMS[act](y_saved) if act in OUTPUT_GRADIENT_TERMS else d_act))
-        h, m_h = y, (y.abs() + d_act * m_z).clamp_min(floor)
+    terms, m_out = layer_terms(x, layers, floor)
     m_g, grads = grad_out.detach().double().abs(), []
-    for m_in, w64, act_terms in reversed(saved):
-        m_dz = m_g * act_terms
+    for act, m_in, w64, _, _, y, d_act in reversed(terms):
+        y_saved = torch.where(y.abs() < floor, torch.full_like(y, floor), y)
+        m_dz = m_g * (OUTPUT_GRADIENT_TERMS[act](y_saved) if act in OUTPUT_GRADIENT_TERMS else d_act)
         grads.append((m_dz.T @ m_in, m_dz.sum(0)))
         m_g = m_dz @ w64.abs()
-    return m_h, grads[::-1], m_g
+    return m_out, grads[::-1], m_g
 
 
 def assert_raises_like(torch_call, our_call, match):
