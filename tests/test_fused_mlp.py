@@ -72,31 +72,36 @@ def test_forward_and_every_gradient_match_torch(backend, device, dtype, sizes, b
     assert_network_close(x, weights, biases, activation, output_activation, y, y_ref, ours, ref, gy)
 
 
-def _draw_away_from_relu_kinks(make_x, sizes, device, activation, tries=50):
+def _draw_away_from_relu_kinks(make_x, sizes, device, activation, tries=100):
     """Fresh x, weights and biases whose hidden pre-activations all lie clear of relu's kink: where the float64
-    z is within float32 rounding of its terms' size from 0, a product summed in another order can land on the
-    other side, and relu's derivative (0 or 1) with it, for ours and torch's alike (one such unit moved 27 of
-    a row's 32 input gradients by 3.7e-4 in one CI run). Other activations take the first draw."""
+    z is within float32 rounding of its terms' size from 0 (here 1e-6 of it, 8 float32 epsilons; the size as
+    product_magnitudes takes it), a product summed in another order can land on the other side, and relu's
+    derivative (0 or 1) with it, for ours and torch's alike (one such unit moved 27 of a row's 32 input
+    gradients by 3.7e-4 in one CI run). About one draw in five of the test's network is clear. Other
+    activations take the first draw."""
     for _ in range(tries):
         x = make_x()
         weights, biases = _params(sizes, torch.float32, device)
         if activation != "relu":
             return x, weights, biases
         hidden = [(w, b, "relu") for w, b in zip(weights[:-1], biases[:-1])]
-        if all(bool((z.abs() > 2e-6 * m_z).all()) for _, _, _, z, m_z, _, _ in layer_terms(x, hidden)[0]):
+        if all(bool((z.abs() > 1e-6 * m_z).all()) for _, _, _, z, m_z, _, _ in layer_terms(x, hidden)[0]):
             return x, weights, biases
     raise AssertionError(f"no draw of {tries} kept every relu pre-activation clear of 0")
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["layer_gemms", "blocked"])
-@pytest.mark.parametrize("activation,output_activation", [("relu", "sigmoid"), ("sigmoid", None)])
+@pytest.mark.parametrize("activation,output_activation", [("relu", "sigmoid"), ("sigmoid", None), (None, "relu")])
+# 1: a one-output head, whose layer runs linear's one-output kernels (cpu/linear_single_output.h) among the GEMMs
+@pytest.mark.parametrize("outputs", [3, 1])
 def test_float32_network_with_enough_work_for_layer_gemms(backend, device, deterministic, activation,
-                                                           output_activation):
-    # 1027 x (32*64 + 64*65 + 65*3) multiply-adds: the CPU's layer GEMMs, or its blocked loop when deterministic
+                                                           output_activation, outputs):
+    # 1027 x (32*64 + 64*65 + 65*outputs) multiply-adds: the CPU's layer GEMMs, or its blocked loop when
+    # deterministic
     x, weights, biases = _draw_away_from_relu_kinks(lambda: make((1027, 32), torch.float32, device,
                                                                  requires_grad=True),
-                                                    [32, 64, 65, 3], device, activation)
+                                                    [32, 64, 65, outputs], device, activation)
     inputs = [x, *weights, *biases]
     saved = torch.are_deterministic_algorithms_enabled()
     try:
@@ -146,7 +151,9 @@ def test_only_the_needed_gradients(backend, device, wanted):
 @pytest.mark.parametrize("activation,output_activation", [("sigmoid", None), ("relu", "sigmoid")])
 # the CPU's blocked float32 loop, and a network with enough work for its layer-by-layer half-precision GEMMs
 # where the CPU multiplies the dtype fast (PYENGINE_HALF_GEMM=off keeps the blocked loop)
-@pytest.mark.parametrize("sizes,rows", [([16, 32, 8, 3], 150), ([32, 64, 65, 3], 1027)], ids=["small", "wide"])
+# "head": one output, whose layer runs linear's one-output kernels (cpu/linear_single_output.h) among the GEMMs
+@pytest.mark.parametrize("sizes,rows", [([16, 32, 8, 3], 150), ([32, 64, 65, 3], 1027), ([32, 64, 65, 1], 1027)],
+                         ids=["small", "wide", "head"])
 @pytest.mark.parametrize("half_gemm", ["on", "off"])
 def test_half_precision_error_within_twice_torch(backend, device, dtype, activation, output_activation, sizes, rows,
                                                  half_gemm, monkeypatch):
