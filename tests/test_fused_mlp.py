@@ -9,10 +9,8 @@ import torch.nn.functional as F
 import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
-from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
-                   backward_aten_calls, grads, layer_terms, magnitude, make, on, product_magnitudes)
-
-TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, TORCH_ACTIVATIONS, assert_close,
+                   assert_half_close, backward_aten_calls, grads, layer_terms, magnitude, make, on, product_magnitudes)
 
 # (sizes, batch shape, activation, output_activation): the notes' MLP, one layer, widths 1, 3, 127 and 128,
 # rows around the CPU block of 64 and across several blocks, leading batch dims, 0 rows, no activation.

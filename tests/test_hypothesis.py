@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import pyengine.functional as PF
 from test_cross_entropy import gradient_terms
-from utils import (BACKEND_DEVICES, HALF_DTYPES, assert_close, assert_half_close, magnitude, on,
+from utils import (BACKEND_DEVICES, HALF_DTYPES, TORCH_ACTIVATIONS, assert_close, assert_half_close, magnitude, on,
                    output_gradient_magnitude, product_magnitudes)
 
 # PYENGINE_HYPOTHESIS_EXAMPLES: fewer examples where a second configuration reruns the suite (.ci/oldest-torch)
@@ -285,11 +285,10 @@ def test_fused_mlp(backend, device, data, lead, widths, activation, output_activ
     drawn += [data.draw(tensors([widths[i + 1], widths[i]], low=-1, high=1)) for i in range(layers)]
     drawn += [data.draw(tensors([widths[i + 1]], low=-1, high=1)) for i in range(layers)]
     acts = [activation] * (layers - 1) + [output_activation]
-    torch_act = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
     def theirs(x, *params):
         for w, b, act in zip(params[:layers], params[layers:], acts):
-            x = torch_act[act](F.linear(x, w, b))
+            x = TORCH_ACTIVATIONS[act](F.linear(x, w, b))
         return x
 
     def ours(x, *params):

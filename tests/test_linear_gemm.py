@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pyengine.functional as PF
-from utils import COMPILED_DEVICES, grads, make, on
+from utils import COMPILED_DEVICES, TORCH_ACTIVATIONS, grads, make, on
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Floor of the error bound, relative to the sum of |terms| of each output element (its condition): a few
@@ -51,7 +51,6 @@ def assert_error_like_torch(ours, theirs, ref64, cond64, floor=None):
     assert (err <= bound).all(), (err.max().item(), torch_err, (err - bound).max().item())
 
 
-ACTS = {None: lambda z: z, "relu": F.relu, "sigmoid": torch.sigmoid}
 # Relative error of z from the inputs' rounding inside the GEMM (TF32 rounds them to 10 mantissa bits; the
 # other paths multiply exactly and accumulate in float32 or better), times a margin.
 KINK_MARGIN = {"tf32": 8 * 2.0**-11, "exact": 1e-5}
@@ -80,7 +79,7 @@ def check_linear(backend, device, dtype, m, k, n, x_kind, w_kind, bias, activati
     x = layout(x0, x_kind).requires_grad_()
     w = layout(w0, w_kind).requires_grad_()
     inputs = [x, w] + ([b] if bias else [])
-    act = ACTS[activation]
+    act = TORCH_ACTIVATIONS[activation]
     with on(backend):
         y = PF.linear(x, w, b, activation=activation)
         ours, gy = grads(y, inputs)

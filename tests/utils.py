@@ -120,19 +120,22 @@ def output_gradient_magnitude(op, y64, grad_out):
     return None if terms is None else grad_out.detach().double().abs() * terms(y64.detach().double())
 
 
+# torch's own activations by the names fused_mlp and linear take
+TORCH_ACTIVATIONS = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
 def layer_terms(x, layers, floor=0.0):
     """A stack of linear layers y = act(h @ W^T + b) in float64 from x (M, K0), layers a list of (W, b or None,
     act name or None): ([per layer: (act, m_h, W, z, m_z, y, act'(z))], output magnitude). m_h is the size of
     the layer input's terms, z its pre-activation and m_z = m_h @ |W|^T + |b| the size of the terms summed into
     z; the next layer's input has terms of size |y| + |act'(z)| m_z (its own rounding, and its input's error
     carried on), held at least `floor`."""
-    act_fns = {None: lambda z: z, "relu": torch.relu, "sigmoid": torch.sigmoid}
     h, m_h, terms = x.detach().double(), x.detach().double().abs(), []
     for w, b, act in layers:
         w64 = w.detach().double()
         z = h @ w64.T + (0 if b is None else b.detach().double())
         m_z = m_h @ w64.abs().T + (0 if b is None else b.detach().double().abs())
-        y = act_fns[act](z)
+        y = TORCH_ACTIVATIONS[act](z)
         d_act = torch.ones_like(z) if act is None else (z > 0).double() if act == "relu" else y * (1 - y)
         terms.append((act, m_h, w64, z, m_z, y, d_act))
         h, m_h = y, (y.abs() + d_act * m_z).clamp_min(floor)

@@ -119,9 +119,8 @@ def linear_cross_entropy_forward(x, weight, bias, target, ignore_index=-100, red
     denom = (target != ignore_index).sum().to(acc)  # a device tensor: never read by the host
     loss = rows_loss if reduction == 0 else rows_loss.sum() if reduction == 2 else rows_loss.sum() / denom
     dx, dw, db = grads.result() if grad else (None, None, None)
-    if reduction == 1 and grad:  # every row ignored: the gradients are 0 and stay 0 (torch's, for its NaN mean)
-        dx, dw, db = (None if d is None else d / torch.where(denom == 0, torch.ones_like(denom), denom)
-                      for d in (dx, dw, db))
+    if reduction == 1 and grad:
+        dx, dw, db = (None if d is None else d / _mean_divisor(denom) for d in (dx, dw, db))
     return loss.to(x.dtype), lse, denom, dx, dw, db
 
 
@@ -234,8 +233,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             x, b, t = _flatten(input, weight, bias, target, ctx.args[1])
             g = grad_loss.reshape(-1).to(lse.dtype)
             if ctx.red != 0:
-                g = (g / torch.where(denom == 0, torch.ones_like(denom), denom) if ctx.red == 1 else g).expand(
-                    x.shape[0])
+                g = (g / _mean_divisor(denom) if ctx.red == 1 else g).expand(x.shape[0])
             dx, dw, db = _backend.backward_kernels(ctx.kernels).linear_cross_entropy_backward(
                 g.contiguous(), x, weight, b, t, lse, *ctx.args, *need, ctx.chunk_bytes)
         dx = None if dx is None else dx.to(dtype).reshape(input_shape)
@@ -308,6 +306,12 @@ def _check_api_args(input, linear_weight, target, linear_bias, weight, reduction
                            f"weight tensor should be defined either for all {num_classes} classes or no classes "
                            f"but got weight tensor of shape: {list(weight.shape)}")
     return lead, out, False
+
+
+def _mean_divisor(denom):
+    """The count of kept rows that 'mean' divides the gradients by, 0 taken as 1: where every row is ignored the
+    gradients are 0 and stay 0 (torch's, for its NaN mean)."""
+    return torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
 def _kept_mean(total, denom, kept):
