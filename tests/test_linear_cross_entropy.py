@@ -10,8 +10,9 @@ from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES,
 
 IGNORE = -100
 REDUCTIONS = ["mean", "sum", "none"]
-# (leading dims, H, V): 0 rows, one class, odd sizes, leading batch dims, a vocabulary past the vector widths.
-SHAPES = [((0,), 5, 7), ((1,), 3, 1), ((7,), 5, 13), ((2, 3), 4, 17), ((33,), 17, 70)]
+# (leading dims, H, V): 0 rows, one class, odd sizes, leading batch dims, a vocabulary past the vector widths, and
+# whole blocks of rows with a row per vector lane (up to 16 classes) and a ragged last block.
+SHAPES = [((0,), 5, 7), ((1,), 3, 1), ((7,), 5, 13), ((2, 3), 4, 17), ((33,), 17, 70), ((37,), 5, 10)]
 
 
 def row_bytes(v, dtype):
@@ -89,8 +90,8 @@ def test_matches_torch_composition(backend, device, dtype, shape, reduction, bia
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_gradcheck(backend, device, reduction, bias, smoothing):
-    x, w, b = params((7,), 4, 6, torch.float64, device, bias)
-    t = targets((7,), 6, device, "some")
+    x, w, b = params((19,), 4, 6, torch.float64, device, bias)  # two blocks of 8 rows in lanes, and 3 rows
+    t = targets((19,), 6, device, "some")
     chunk = 3 * row_bytes(6, torch.float64)
     with on(backend):
         assert torch.autograd.gradcheck(
