@@ -26,6 +26,16 @@ inline bool cpu_has_feature(const std::string& name) {
   return found != features.end() && found->second.isBool() && found->second.toBool();
 }
 
+// Whether torch's cpuinfo names this CPU as one of Intel's (MKL's sgemm runs at its best there).
+inline bool cpu_is_intel() {
+  static const bool intel = [] {
+    const auto features = at::cpu::get_cpu_capabilities();
+    const auto name = features.find("cpu_name");
+    return name != features.end() && name->second.isString() && name->second.toStringRef().rfind("Intel", 0) == 0;
+  }();
+  return intel;
+}
+
 // Whether this CPU has oneDNN's dot-product instructions for the half dtype t (the CPU rule above).
 inline bool cpu_fast_half(at::ScalarType t) {
   static const bool bf16 = cpu_has_feature("avx512_bf16") || cpu_has_feature("amx_bf16");
