@@ -55,4 +55,10 @@ inline bool fast_half_gemm(const at::Tensor& x) {
   return x.is_cpu() && at::globalContext().userEnabledMkldnn() && cpu_fast_half(t);
 }
 
+// A float16/bfloat16 x whose products run faster widened to float32 (rounded to the dtype once at the end).
+inline bool half_gemm_widens(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) && !fast_half_gemm(x);
+}
+
 }  // namespace pyengine
