@@ -22,10 +22,10 @@ Environment variables read at run time:
                                chunk_bytes is not given (read at each call; default 16 MiB)
     PYENGINE_HALF_GEMM         'on' or 'off': linear_cross_entropy's and fused_mlp's float16/bfloat16 matrix
                                products in the input's dtype, or widened to float32 (fused_mlp on the CPU: its
-                               float32 loop), and linear's CPU forward through oneDNN's fused linear or not,
-                               whatever the device's fast path (read at each call; default 'auto': in the dtype
-                               on CUDA, and on a CPU with avx512_bf16/AMX for bfloat16 or avx512_fp16/AMX-FP16
-                               for float16)
+                               float32 loop), and linear's CPU products (oneDNN's fused linear in the dtype,
+                               or widened to float32), whatever the device's fast path (read at each call;
+                               default 'auto': in the dtype on CUDA, and on a CPU with avx512_bf16/AMX for
+                               bfloat16 or avx512_fp16/AMX-FP16 for float16)
     PYENGINE_EXPECT_BACKENDS   comma-separated backends that `python -m pyengine info --check` requires built
     PYENGINE_CPU_CAPABILITY    'default', 'avx2' or 'avx512': run a lower build of the CPU kernels than the best
                                this CPU runs (read once, at the first kernel call; ATEN_CPU_CAPABILITY lowers it

@@ -65,9 +65,9 @@ def check_against_torch(backend, device, dtype, x_shape, n, bias, activation):
         assert_close(g, g_ref, scale=float(m.max()) if m.numel() else 0.0)
 
 
-# (K, N) at 37 rows: the CPU's small-layer path, one output feature (K past the small path), and the BLAS one
-# (oneDNN's fused linear where the CPU multiplies the dtype natively; PYENGINE_HALF_GEMM=off keeps the bias rows,
-# GEMM and activation pass)
+# (K, N) at 37 rows: the CPU's small-layer path, one output feature (K past the small path), and the BLAS one.
+# There PYENGINE_HALF_GEMM=on takes oneDNN's fused linear where the CPU multiplies the dtype natively, and the bias
+# rows, a GEMM in the dtype and the activation pass elsewhere; off, the products in float32 on widened copies.
 HALF_SHAPES = [(48, 19), (65, 130), (1030, 1)]
 HALF_GEMM = ["on", "off"]
 

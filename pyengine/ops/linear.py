@@ -12,7 +12,9 @@ code from ACTIVATIONS). Both derivatives are functions of the output y alone, so
 and dz takes the place of dy in the three products above.
 float16/bfloat16 on a CPU that multiplies the dtype natively (avx512_bf16/AMX for bfloat16, avx512_fp16/AMX-FP16
 for float16): the forward is torch's own oneDNN linear, bias and activation applied to the float32 sums before
-the one rounding (PYENGINE_HALF_GEMM=off keeps the BLAS path below).
+the one rounding. On any other CPU (or with PYENGINE_HALF_GEMM=off) the products above the small-layer sizes run
+in float32 on widened copies, each result rounded to the dtype once: torch's own half products are emulated
+there, about 4x float32's time.
 Kernels: csrc/cpu/linear.cpp, csrc/cuda/linear.cu.
 """
 
