@@ -20,18 +20,23 @@
 
 namespace pyengine {
 
-inline bool cpu_has_feature(const std::string& name) {
-  static const auto features = at::cpu::get_cpu_capabilities();
-  const auto found = features.find(name);
-  return found != features.end() && found->second.isBool() && found->second.toBool();
+// torch's cpuinfo reading of this CPU: features by name, and its "cpu_name".
+inline const c10::IValue* cpu_capability(const std::string& name) {
+  static const auto capabilities = at::cpu::get_cpu_capabilities();
+  const auto found = capabilities.find(name);
+  return found == capabilities.end() ? nullptr : &found->second;
 }
 
-// Whether torch's cpuinfo names this CPU as one of Intel's (MKL's sgemm runs at its best there).
+inline bool cpu_has_feature(const std::string& name) {
+  const c10::IValue* v = cpu_capability(name);
+  return v != nullptr && v->isBool() && v->toBool();
+}
+
+// Whether cpuinfo names this CPU as one of Intel's (MKL's sgemm runs at its best there).
 inline bool cpu_is_intel() {
   static const bool intel = [] {
-    const auto features = at::cpu::get_cpu_capabilities();
-    const auto name = features.find("cpu_name");
-    return name != features.end() && name->second.isString() && name->second.toStringRef().rfind("Intel", 0) == 0;
+    const c10::IValue* v = cpu_capability("cpu_name");
+    return v != nullptr && v->isString() && v->toStringRef().rfind("Intel", 0) == 0;
   }();
   return intel;
 }
