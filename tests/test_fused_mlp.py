@@ -10,7 +10,8 @@ import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
 from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, TORCH_ACTIVATIONS, assert_close,
-                   assert_half_close, backward_aten_calls, grads, layer_terms, magnitude, make, on, product_magnitudes)
+                   assert_half_close, backward_aten_calls, grads, layer_terms, magnitude, make, on, product_magnitudes,
+                   relu_kink_slack)
 
 # (sizes, batch shape, activation, output_activation): the notes' MLP, one layer, widths 1, 3, 127 and 128,
 # rows around the CPU block of 64 and across several blocks, leading batch dims, 0 rows, no activation.
@@ -170,9 +171,12 @@ def test_half_precision_error_within_twice_torch(backend, device, dtype, activat
     acts = [activation] * (len(weights) - 1) + [output_activation]
     m_y, layer_m, m_x = product_magnitudes(x, list(zip(weights, biases, acts)), gy)
     magnitudes = [m_x, *(m_w for m_w, _ in layer_m), *(m_b for _, m_b in layer_m)]
+    # a hidden relu unit within rounding of its kink may go either way, for ours and torch's alike
+    layer_s, s_x = relu_kink_slack(x, list(zip(weights, biases, acts)), gy)
+    slacks = [s_x, *(s_w for s_w, _ in layer_s), *(s_b for _, s_b in layer_s)]
     assert_half_close(y, y_torch, y64, m_y)
-    for g, g_torch, g64, m in zip(ours, theirs, ref, magnitudes):
-        assert_half_close(g, g_torch, g64, m)
+    for g, g_torch, g64, m, s in zip(ours, theirs, ref, magnitudes, slacks):
+        assert_half_close(g, g_torch, g64, m, s)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

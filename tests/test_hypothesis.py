@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import pyengine.functional as PF
 from test_cross_entropy import gradient_terms
 from utils import (BACKEND_DEVICES, HALF_DTYPES, TORCH_ACTIVATIONS, assert_close, assert_half_close, magnitude, on,
-                   output_gradient_magnitude, product_magnitudes)
+                   output_gradient_magnitude, product_magnitudes, relu_kink_slack)
 
 # PYENGINE_HYPOTHESIS_EXAMPLES: fewer examples where a second configuration reruns the suite (.ci/oldest-torch)
 SETTINGS = settings(max_examples=int(os.environ.get("PYENGINE_HYPOTHESIS_EXAMPLES", 100)), deadline=None,
@@ -107,7 +107,8 @@ def _compare(backend, device, ours, theirs, drawn, dtypes, others=(), magnitudes
     The size of the terms each result element sums, where they can cancel far below it: by default the output's
     own and, for a leaf's gradient, the sum of the |gradients| of its view's elements (an expanded dim sums them);
     magnitudes(views64, g64) -> (output magnitude or None, [view-gradient magnitude or None]) overrides them
-    where the op itself cancels. assert_half_close takes them as they are, assert_close their largest as scale."""
+    where the op itself cancels. assert_half_close takes them as they are, assert_close their largest as scale.
+    A third item, [view-gradient slack or None], is assert_half_close's slack (utils.relu_kink_slack)."""
     drawn = [Drawn(d.base.to(device), d.view, d.layout) for d in drawn]
     dtypes = list(dtypes) if isinstance(dtypes, (list, tuple)) else [dtypes] * len(drawn)
     try:
@@ -131,10 +132,12 @@ def _compare(backend, device, ours, theirs, drawn, dtypes, others=(), magnitudes
     g64 = grad_out.double()
     found = torch.autograd.grad(exact, exact_leaves + exact_views, g64, allow_unused=True)
     exact_grads, m_views = found[:len(drawn)], [None if v is None else v.abs() for v in found[len(drawn):]]
-    m_out = None
+    m_out, slack_grads = None, [None] * len(drawn)
     if magnitudes is not None:
-        m_out, op_views = magnitudes([v.detach() for v in exact_views], g64)
+        m_out, op_views, *slack_views = magnitudes([v.detach() for v in exact_views], g64)
         m_views = [m if m is not None else default for m, default in zip(op_views, m_views)]
+        if slack_views:
+            slack_grads = _leaf_magnitudes(drawn, slack_views[0])
     m_grads = _leaf_magnitudes(drawn, m_views)
     if not half:
         assert_close(out, ref, scale=None if m_out is None else magnitude(m_out))
@@ -150,10 +153,10 @@ def _compare(backend, device, ours, theirs, drawn, dtypes, others=(), magnitudes
                 assert_close(g, r, computed, scale=None if m is None else magnitude(m))
         return
     assert_half_close(out, ref, exact, m_out)
-    for g, r, e, m in zip(grads, ref_grads, exact_grads, m_grads):
+    for g, r, e, m, slack in zip(grads, ref_grads, exact_grads, m_grads, slack_grads):
         assert (g is None) == (r is None)
         if r is not None:
-            assert_half_close(g, r, e, m)
+            assert_half_close(g, r, e, m, slack)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -297,9 +300,11 @@ def test_fused_mlp(backend, device, data, lead, widths, activation, output_activ
     def magnitudes(views, g):
         rows = _numel(lead)
         x, params = views[0].reshape(rows, widths[0]), views[1:]
-        m_y, layer_m, m_x = product_magnitudes(x, list(zip(params[:layers], params[layers:], acts)),
-                                               g.reshape(rows, widths[-1]), rounded_to=dtype)
-        return m_y.reshape(g.shape), [m_x.reshape(views[0].shape), *(m for m, _ in layer_m), *(m for _, m in layer_m)]
+        net, g_rows = list(zip(params[:layers], params[layers:], acts)), g.reshape(rows, widths[-1])
+        m_y, layer_m, m_x = product_magnitudes(x, net, g_rows, rounded_to=dtype)
+        layer_s, s_x = relu_kink_slack(x, net, g_rows, rounded_to=dtype)
+        return (m_y.reshape(g.shape), [m_x.reshape(views[0].shape), *(m for m, _ in layer_m), *(m for _, m in layer_m)],
+                [s_x.reshape(views[0].shape), *(s for s, _ in layer_s), *(s for _, s in layer_s)])
 
     _compare(backend, device, ours, theirs, drawn, dtype, magnitudes=magnitudes)
 

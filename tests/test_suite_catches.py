@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import test_hypothesis
 from utils import (MAX_GROWTH_PER_CALL, assert_close, assert_half_close, assert_raises_like, memory_growth_per_call,
-                   product_magnitudes)
+                   product_magnitudes, relu_kink_slack)
 
 
 def _rejected(check, *args, **kwargs):
@@ -61,6 +61,35 @@ def test_half_close_with_magnitudes_still_rejects_a_wrong_product():
     assert_half_close(right, right, exact, m_y)
     wrong = (x[:, 1:].float() @ w[:, 1:].float().T).to(torch.bfloat16)  # one of 48 terms left out
     _rejected(assert_half_close, wrong, right, exact, m_y)
+
+
+def _relu_gradient(x, w0, b0, w1, gy, flip):
+    """x's gradient through relu(x @ w0^T + b0) @ w1^T in float64, relu's derivative flipped at the (row, unit)
+    pairs in `flip`."""
+    z = x.double() @ w0.double().T + b0.double()
+    mask = (z > 0).double()
+    for i, j in flip:
+        mask[i, j] = 1 - mask[i, j]
+    return ((gy.double() @ w1.double()) * mask) @ w0.double()
+
+
+def test_half_close_relu_kink_slack_forgives_only_a_unit_at_its_kink():
+    """A float16 input gradient with relu's derivative flipped at one hidden unit: where the unit's float64 input
+    is 6e-5 of its terms from 0 (within rounding of the kink), relu_kink_slack lets it pass, and without the slack
+    it is rejected; the same flip at a unit clear of its kink is rejected with the slack too."""
+    x = torch.tensor([[1.0, -1.0], [0.75, 0.25]], dtype=torch.float16)
+    w0 = torch.tensor([[0.5, 0.5], [0.25, -0.5], [-0.5, 1.0]], dtype=torch.float16)
+    b0 = torch.tensor([2.0**-14, 0.125, 0.25], dtype=torch.float16)  # unit 0 of row 0: z = 2^-14, terms of 1
+    w1, gy = torch.tensor([[1.0, -0.5, 0.75]], dtype=torch.float16), torch.ones(2, 1, dtype=torch.float16)
+    layers = [(w0, b0, "relu"), (w1, None, None)]
+    exact = _relu_gradient(x, w0, b0, w1, gy, [])
+    right = exact.to(torch.float16)
+    _, _, m_x = product_magnitudes(x, layers, gy)
+    _, s_x = relu_kink_slack(x, layers, gy)
+    at_kink, clear = _relu_gradient(x, w0, b0, w1, gy, [(0, 0)]), _relu_gradient(x, w0, b0, w1, gy, [(1, 1)])
+    assert_half_close(at_kink.to(torch.float16), right, exact, m_x, s_x)
+    _rejected(assert_half_close, at_kink.to(torch.float16), right, exact, m_x)
+    _rejected(assert_half_close, clear.to(torch.float16), right, exact, m_x, s_x)
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
