@@ -179,17 +179,37 @@ struct AddBackward : torch::autograd::Node {
   }
 };
 
+// A fused loss's input gradient (computed by its forward for an incoming 1) for the incoming gradient: the usual 1
+// returns it as it is; on a GPU reading the incoming value would wait for the device, so it is multiplied there.
+static at::Tensor scaled_fused_gradient(const at::Tensor& fused_grad, const at::Tensor& incoming) {
+  return !incoming.is_cpu() || incoming.item<double>() != 1.0 ? fused_grad * incoming : fused_grad;
+}
+
 // Losses over input and target of one shape and dtype (the functional form broadcast them); the kernels take
 // contiguous tensors. The inputs themselves are saved, so that double backward reaches them.
+// `fused` (a reduced loss whose input alone wants a gradient, float32/float64: fuses_input_gradient): the forward
+// computes the input's gradient for an incoming 1 in the same pass as the loss, and the backward only scales it:
+// one read of the operands in all, where the backward would read them again. Not for float16/bfloat16, whose saved
+// gradient would be rounded twice when the incoming one is not 1. The operands are saved either way: double
+// backward (create_graph) differentiates the reference's formulas from them.
 struct MSELossFunction : torch::autograd::Function<MSELossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                            int64_t reduction) {
-    ctx->save_for_backward({input, target});
+                            int64_t reduction, bool fused) {
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["fused"] = fused;
+    if (fused) {
+      variable_list r = pyengine::mse_loss_forward_with_grad(input.contiguous(), target.contiguous(), reduction);
+      ctx->save_for_backward({input, target, r[1]});
+      return r[0];
+    }
+    ctx->save_for_backward({input, target});
     return pyengine::mse_loss_forward(input.contiguous(), target.contiguous(), reduction);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
+    if (ctx->saved_data["fused"].toBool() && !at::GradMode::is_enabled()) {
+      return {scaled_fused_gradient(saved[2], grads[0]), {}, {}, {}};
+    }
     const at::Tensor input = saved[0].contiguous(), target = saved[1].contiguous(), grad = grads[0].contiguous();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
@@ -197,15 +217,11 @@ struct MSELossFunction : torch::autograd::Function<MSELossFunction> {
                           ? call_reference("mse_loss_backward", grad, input, target, reduction, need_input,
                                            need_target)
                           : pyengine::mse_loss_backward(grad, input, target, reduction, need_input, need_target);
-    return {g[0], g[1], {}};
+    return {g[0], g[1], {}, {}};
   }
 };
 
-// `fused` (a reduced loss whose input alone wants a gradient, float32/float64): the forward computes the input's
-// gradient for an incoming 1 in the same pass as the loss, and the backward only scales it (returns it, for the
-// usual 1): one read of the operands in all, where the backward would read them again. Not for float16/bfloat16,
-// whose saved gradient would be rounded twice when the incoming one is not 1. The operands are saved either way:
-// double backward (create_graph) differentiates the reference's formulas from them.
+// `fused`: as MSELossFunction's.
 struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCrossEntropyWithLogitsFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
@@ -233,10 +249,7 @@ struct BinaryCrossEntropyWithLogitsFunction : torch::autograd::Function<BinaryCr
     const variable_list saved = ctx->get_saved_variables();
     const bool recording = at::GradMode::is_enabled();
     if (ctx->saved_data["fused"].toBool() && !recording) {
-      // the usual incoming 1 returns the saved gradient as it is; on a GPU reading it would wait for the device
-      at::Tensor grad = saved[4];
-      if (!grads[0].is_cpu() || grads[0].item<double>() != 1.0) grad = grad * grads[0];
-      return {grad, {}, {}, {}, {}, {}};
+      return {scaled_fused_gradient(saved[4], grads[0]), {}, {}, {}, {}, {}};
     }
     const at::Tensor input = saved[0].contiguous(), target = saved[1].contiguous(), grad = grads[0].contiguous();
     const c10::optional<at::Tensor> weight = contiguous(as_optional(saved[2]));
@@ -358,18 +371,23 @@ at::Tensor add(const at::Tensor& input, const at::Tensor& other, double alpha) {
   torch::autograd::set_history(out, node);
   return out;
 }
+// Whether a loss's forward also computes the input's gradient (MSELossFunction's `fused`).
+static bool fuses_input_gradient(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  return reduction != 0 && input.requires_grad() && !target.requires_grad() &&
+         (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+}
+
 at::Tensor mse_loss(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
-  return records_graph(input, target) ? MSELossFunction::apply(input, target, reduction)
-                                      : pyengine::mse_loss_forward(input.contiguous(), target.contiguous(), reduction);
+  return records_graph(input, target)
+             ? MSELossFunction::apply(input, target, reduction, fuses_input_gradient(input, target, reduction))
+             : pyengine::mse_loss_forward(input.contiguous(), target.contiguous(), reduction);
 }
 at::Tensor binary_cross_entropy_with_logits(const at::Tensor& input, const at::Tensor& target,
                                             const c10::optional<at::Tensor>& weight,
                                             const c10::optional<at::Tensor>& pos_weight, int64_t reduction) {
   using F = BinaryCrossEntropyWithLogitsFunction;
   if (records_graph(input, target)) {
-    const bool fused = reduction != 0 && input.requires_grad() && !target.requires_grad() &&
-                       (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
-    return F::apply(input, target, weight, pos_weight, reduction, fused);
+    return F::apply(input, target, weight, pos_weight, reduction, fuses_input_gradient(input, target, reduction));
   }
   return pyengine::binary_cross_entropy_with_logits_forward(input.contiguous(), target.contiguous(),
                                                             F::contiguous(weight), F::contiguous(pos_weight),

@@ -100,6 +100,7 @@ struct AsOptionalList<Kernel> {
   m.impl("cross_entropy_backward", &cross_entropy_backward##suffix);                                          \
   m.impl("mse_loss_forward", &mse_loss_forward##suffix);                                                      \
   m.impl("mse_loss_backward", &AsTuple<2, &mse_loss_backward##suffix>::call);                                 \
+  m.impl("mse_loss_forward_with_grad", &AsTuple<2, &mse_loss_forward_with_grad##suffix>::call);               \
   m.impl("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward##suffix);      \
   m.impl("binary_cross_entropy_with_logits_backward",                                                       \
          &AsTuple<2, &binary_cross_entropy_with_logits_backward##suffix>::call);                               \
@@ -148,6 +149,7 @@ TORCH_LIBRARY(pyengine, m) {
   m.def("mse_loss_forward(Tensor input, Tensor target, int reduction=1) -> Tensor");
   m.def("mse_loss_backward(Tensor grad_loss, Tensor input, Tensor target, int reduction=1, bool need_input=True, "
         "bool need_target=True) -> (Tensor, Tensor)");
+  m.def("mse_loss_forward_with_grad(Tensor input, Tensor target, int reduction=1) -> (Tensor, Tensor)");
   m.def("binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight=None, "
         "Tensor? pos_weight=None, int reduction=1) -> Tensor");
   m.def("binary_cross_entropy_with_logits_backward(Tensor grad_loss, Tensor input, Tensor target, "
@@ -212,6 +214,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mse_loss_forward", &mse_loss_forward, py::arg("input"), py::arg("target"), py::arg("reduction") = 1);
   m.def("mse_loss_backward", &mse_loss_backward, py::arg("grad_loss"), py::arg("input"), py::arg("target"),
         py::arg("reduction") = 1, py::arg("need_input") = true, py::arg("need_target") = true);
+  m.def("mse_loss_forward_with_grad", &mse_loss_forward_with_grad, py::arg("input"), py::arg("target"),
+        py::arg("reduction") = 1);
   m.def("binary_cross_entropy_with_logits_forward", &binary_cross_entropy_with_logits_forward, py::arg("input"),
         py::arg("target"), py::arg("weight") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("reduction") = 1);

@@ -56,11 +56,14 @@ namespace pyengine {
 
 // mse_loss: input and target of one shape and dtype (the caller broadcasts), contiguous.
 // forward -> loss (input's shape for none, else 0-dim); backward -> {dinput, dtarget}, undefined where not needed.
+// forward_with_grad: as binary_cross_entropy_with_logits' below.
 #define PYENGINE_MSE_LOSS_OPS(dev)                                                                          \
   at::Tensor mse_loss_forward_##dev(const at::Tensor& input, const at::Tensor& target, int64_t reduction);  \
   std::vector<at::Tensor> mse_loss_backward_##dev(const at::Tensor& grad_loss, const at::Tensor& input,     \
                                                   const at::Tensor& target, int64_t reduction, bool need_input, \
-                                                  bool need_target);
+                                                  bool need_target);                                        \
+  std::vector<at::Tensor> mse_loss_forward_with_grad_##dev(const at::Tensor& input, const at::Tensor& target,  \
+                                                           int64_t reduction);
 
 // binary_cross_entropy_with_logits: input, target and the optional weight and pos_weight all of one shape and
 // dtype (the caller broadcasts the weights), contiguous. Outputs as mse_loss.

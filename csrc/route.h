@@ -142,6 +142,10 @@ inline std::vector<at::Tensor> mse_loss_backward(const at::Tensor& grad_loss, co
                                                  bool need_target) {
   PE_ROUTE(input, mse_loss_backward, grad_loss, input, target, reduction, need_input, need_target);
 }
+inline std::vector<at::Tensor> mse_loss_forward_with_grad(const at::Tensor& input, const at::Tensor& target,
+                                                          int64_t reduction) {
+  PE_ROUTE(input, mse_loss_forward_with_grad, input, target, reduction);
+}
 
 inline at::Tensor binary_cross_entropy_with_logits_forward(const at::Tensor& input, const at::Tensor& target,
                                                            const OptTensor& weight, const OptTensor& pos_weight,

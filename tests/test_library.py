@@ -88,6 +88,10 @@ def _samples(name, dtype, device):
             g = r(5, 3) if reduction == 0 else r()
             weights = (r(5, 3, low=0.5), None) if bce else ()
             yield (g, r(5, 3), r(5, 3, low=0.0, high=1.0), *weights, reduction, *flags)
+    elif name == "mse_loss_forward_with_grad":
+        for shape in ((5, 3), (17,), (), (0,)):
+            for reduction in (1, 2) if math.prod(shape) else (2,):  # opcheck compares NaN (0/0) as unequal
+                yield r(*shape), r(*shape), reduction
     elif name == "binary_cross_entropy_with_logits_forward_with_grad":
         for shape, weighted in (((5, 3), False), ((17,), True), ((), True), ((0,), False)):
             weights = (r(*shape, low=0.5), r(*shape, low=0.5)) if weighted else (None, None)

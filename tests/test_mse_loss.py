@@ -2,10 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyengine
 import pyengine.functional as PF
 import pyengine.nn as pnn
-from utils import (BACKEND_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close, assert_raises_like,
-                   grads, make, on)
+from utils import (BACKEND_DEVICES, COMPILED_DEVICES, FLOAT_DTYPES, HALF_DTYPES, assert_close, assert_half_close,
+                   assert_raises_like, backward_aten_calls, grads, magnitude, make, on)
 
 SHAPES = [(), (0,), (1,), (17,), (4, 33), (3, 5, 7), (50001,)]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -26,6 +27,67 @@ def test_forward_backward_match_torch(backend, device, dtype, shape, reduction):
     assert_close(loss, ref_loss)
     for a, b in zip(ours, ref):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("incoming", ["one", "random"])
+def test_fixed_target_matches_torch(backend, device, dtype, shape, reduction, incoming):
+    """The usual training call, a reduced loss whose input alone wants a gradient: the compiled backend's forward
+    computes the gradient with the loss (mse_loss_forward_with_grad) and its backward returns it for an incoming 1,
+    scales it for any other."""
+    x = make(shape, dtype, device, requires_grad=True)
+    y = make(shape, dtype, device)
+    g = torch.ones((), dtype=dtype, device=device) if incoming == "one" else None
+    with on(backend):
+        loss = PF.mse_loss(x, y, reduction=reduction)
+        (gx,), g = grads(loss, [x], g)
+    ref_loss = F.mse_loss(x, y, reduction=reduction)
+    (gx_ref,), _ = grads(ref_loss, [x], g)
+    assert_close(loss, ref_loss)
+    assert_close(gx, gx_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("reduction", [1, 2], ids=["mean", "sum"])
+@pytest.mark.parametrize("n", [0, 1, 17, 70001])  # below a vector, a vector and a tail, several parallel chunks
+def test_forward_with_grad_is_the_forward_and_the_backward_for_one(backend, device, dtype, reduction, n):
+    """The kernels' contract: the training forward's loss is the forward's bit for bit (the same sums in the same
+    order), and its gradient the backward's for an incoming 1 to a rounding (the compiler may fuse multiply-adds
+    differently in the two loops)."""
+    x, y = make((n,), dtype, device), make((n,), dtype, device)
+    with on(backend):
+        kernels = pyengine._backend.kernels(torch.device(device))
+        loss, gx = kernels.mse_loss_forward_with_grad(x, y, reduction)
+        one = torch.ones((), dtype=dtype, device=device)
+        loss_forward = kernels.mse_loss_forward(x, y, reduction)
+        gx_backward, none = kernels.mse_loss_backward(one, x, y, reduction, True, False)
+    torch.testing.assert_close(loss, loss_forward, rtol=0, atol=0, equal_nan=True)  # NaN: the mean of nothing
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(gx, gx_backward, rtol=eps, atol=eps * magnitude(gx_backward))
+    assert none is None
+    with on(backend), pytest.raises(RuntimeError, match="reduction must be mean or sum"):
+        kernels.mse_loss_forward_with_grad(x, y, 0)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_of_a_fixed_target_makes_no_input_sized_tensor(backend, device, dtype):
+    """The backward returns the gradient the forward computed (scales it, for an incoming gradient other than 1)
+    instead of reading input and target again."""
+    x = make((33, 7), dtype, device, requires_grad=True)
+    y = make((33, 7), dtype, device)
+    for incoming in (1.0, 2.5):
+        x.grad = None
+        with on(backend):
+            calls = backward_aten_calls(PF.mse_loss(x, y) * incoming)
+        assert not [c for c in calls if c[0].startswith("empty") and c[1] == x.shape], calls
+        ref = x.detach().requires_grad_()
+        (F.mse_loss(ref, y) * incoming).backward()
+        assert_close(x.grad, ref.grad)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -53,6 +115,9 @@ def test_gradcheck(backend, device, reduction):
     y = make((3, 4), torch.float64, device, requires_grad=True)
     with on(backend):
         assert torch.autograd.gradcheck(lambda a, b: PF.mse_loss(a, b, reduction=reduction), (x, y))
+        # a fixed target: the gradient from the forward (test_fixed_target_matches_torch), and its double backward
+        assert torch.autograd.gradcheck(lambda a: PF.mse_loss(a, y.detach(), reduction=reduction), (x,))
+        assert torch.autograd.gradgradcheck(lambda a: PF.mse_loss(a, y.detach(), reduction=reduction), (x,))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

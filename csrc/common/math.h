@@ -117,6 +117,10 @@ template <typename T> struct LossAndGrad {
   T loss;
   T grad;
 };
+// mse_loss's loss and dl/dx for an incoming g, from one read of x and y (the forward_with_grad kernels).
+template <typename T> PE_HD LossAndGrad<T> mse_loss_and_grad_math(T x, T y, T g) {
+  return {mse_loss_math(x, y), mse_loss_grad_math(x, y, g)};
+}
 template <typename T> PE_HD LossAndGrad<T> bce_with_logits_loss_and_grad_math(T x, T y, T pw) {
   const T e = bce_exp_neg_abs(x);
   return {bce_with_logits_loss_from_exp(x, y, pw, e), bce_with_logits_grad_input_from_exp(x, y, pw, e)};

@@ -2,6 +2,8 @@
 //   none: l_i = (x_i - y_i)^2     sum: sum_i l_i     mean: sum_i l_i / n   (n = 0: NaN, as torch)
 //   dx_i = 2 (x_i - y_i) * g_i (none) | g (sum) | g / n (mean);   dy_i = -dx_i
 // Formulas: mse_loss_math / mse_loss_grad_math in common/math.h.
+// forward_with_grad, the training forward of sum/mean: the loss and dx for g = 1 in one pass over x and y, so that
+// the backward only scales dx (or returns it, for the usual incoming 1) instead of reading x and y again.
 #include "cpu/vec_math.h"  // first: it silences a gcc false positive in the torch headers it includes
 
 #include <ATen/ops/scalar_tensor.h>
@@ -38,6 +40,28 @@ at::Tensor mse_loss_forward_cpu(const at::Tensor& input, const at::Tensor& targe
     }
   });
   return out;
+}
+
+std::vector<at::Tensor> mse_loss_forward_with_grad_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                      int64_t reduction) {
+  const char* op = "mse_loss_forward_with_grad_cpu";
+  check_operands(input, target, op);
+  const Reduction red = check_reduction(reduction, op);
+  TORCH_CHECK(red != Reduction::None, op, ": reduction must be mean or sum (1 or 2), got none");
+  const int64_t n = input.numel();
+  at::Tensor loss, grad_input = cpu::empty_output(input.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "mse_loss_forward_with_grad_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    // the backward's g for an incoming 1: dx is what backward(1) gives, and the loss the forward's sum
+    const acc scale = red == Reduction::Mean ? acc(1) / static_cast<acc>(n) : acc(1);
+    acc total = cpu::sum_and_map_acc(grad_input.data_ptr<scalar_t>(), n, [scale](auto xv, auto yv) {
+      return mse_loss_and_grad_math(xv, yv, decltype(xv)(scale));
+    }, input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>());
+    if (red == Reduction::Mean) total /= static_cast<acc>(n);
+    loss = at::scalar_tensor(static_cast<double>(total), input.options());
+  });
+  return {loss, grad_input};
 }
 
 std::vector<at::Tensor> mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,

@@ -2,6 +2,7 @@
 //   l_i = (x_i - y_i)^2, written out (none) or summed on the device (sum, mean; cuda/loss.cuh)
 //   dx_i = 2 (x_i - y_i) * g_i;  dy_i = -dx_i     with g_i the incoming gradient (times 1/n for mean)
 // Formulas: mse_loss_math / mse_loss_grad_math in common/math.h, shared with the CPU kernels.
+// forward_with_grad (sum, mean): the loss reduced as the forward's, and dx for g = 1 written by the same pass.
 #include <ATen/Dispatch.h>
 
 #include "cuda/loss.cuh"
@@ -15,6 +16,21 @@ template <typename scalar_t> struct MseLossAt {
   const scalar_t* y;
   __device__ __forceinline__ acc_t<scalar_t> operator()(int64_t i) const {
     return mse_loss_math<acc_t<scalar_t>>(x[i], y[i]);
+  }
+};
+
+// The loss of element i, which also writes dx[i] for an incoming gradient of 1 (`scale`: 1/n for the mean, else 1):
+// launch_loss calls it once per element, so the reduced loss and dx come from one read of the operands.
+template <typename scalar_t> struct MseLossWritingGradAt {
+  const scalar_t* x;
+  const scalar_t* y;
+  scalar_t* dx;
+  acc_t<scalar_t> scale;
+  __device__ __forceinline__ acc_t<scalar_t> operator()(int64_t i) const {
+    using acc = acc_t<scalar_t>;
+    const LossAndGrad<acc> r = mse_loss_and_grad_math<acc>(x[i], y[i], scale);
+    dx[i] = static_cast<scalar_t>(r.grad);
+    return r.loss;
   }
 };
 
@@ -48,6 +64,25 @@ at::Tensor mse_loss_forward_cuda(const at::Tensor& input, const at::Tensor& targ
                                       MseLossAt<scalar_t>{input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>()});
   });
   return out;
+}
+
+std::vector<at::Tensor> mse_loss_forward_with_grad_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                       int64_t reduction) {
+  const char* op = "mse_loss_forward_with_grad_cuda";
+  check_operands(input, target, op);
+  const Reduction red = check_reduction(reduction, op);
+  TORCH_CHECK(red != Reduction::None, op, ": reduction must be mean or sum (1 or 2), got none");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, grad_input = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "mse_loss_forward_with_grad_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc scale = red == Reduction::Mean ? acc(1) / static_cast<acc>(input.numel()) : acc(1);
+    loss = cuda::launch_loss<scalar_t>(input, red, MseLossWritingGradAt<scalar_t>{
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+        scale});
+  });
+  return {loss, grad_input};
 }
 
 std::vector<at::Tensor> mse_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,

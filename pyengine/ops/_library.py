@@ -191,6 +191,10 @@ def _register():
     def _(input, target, weight=None, pos_weight=None, reduction=1):
         return input.new_empty(()), input.new_empty(input.shape)
 
+    @_fake("mse_loss_forward_with_grad")
+    def _(input, target, reduction=1):
+        return input.new_empty(()), input.new_empty(input.shape)
+
     def mse_setup(ctx, inputs, output):
         input, target, ctx.reduction = _with_defaults(inputs, (None, None, 1))
         ctx.save_for_backward(input, target)
@@ -354,9 +358,9 @@ def _register_vmap():
     # the rest (losses, backwards, Tensor[] arguments): one call per batch member, as torch's fallback would, which
     # does not take Tensor[] and asks the user to file an issue with PyTorch for each operator it runs
     for name in ("linear_backward", "add_backward", "mse_loss_forward", "mse_loss_backward",
-                 "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
-                 "binary_cross_entropy_with_logits_forward_with_grad", "cross_entropy_forward",
-                 "cross_entropy_backward", "cross_entropy_forward_with_grad",
+                 "mse_loss_forward_with_grad", "binary_cross_entropy_with_logits_forward",
+                 "binary_cross_entropy_with_logits_backward", "binary_cross_entropy_with_logits_forward_with_grad",
+                 "cross_entropy_forward", "cross_entropy_backward", "cross_entropy_forward_with_grad",
                  "fused_mlp_backward", "linear_cross_entropy_forward", "linear_cross_entropy_backward"):
         torch.library.register_vmap(f"{NAMESPACE}::{name}", _per_member(getattr(ops, name)))
 

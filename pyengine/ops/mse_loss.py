@@ -39,6 +39,17 @@ def mse_loss_backward(grad_loss, input, target, reduction=1, need_input=True, ne
     return (grad.to(input.dtype) if need_input else None), ((-grad).to(input.dtype) if need_target else None)
 
 
+@_backend.reference
+def mse_loss_forward_with_grad(input, target, reduction=1):
+    """The training forward of 'mean'/'sum' (csrc/autograd.cpp's node takes it when only the input wants a
+    gradient): (loss, d loss / d input for an incoming gradient of 1), so that the backward only scales it."""
+    if reduction == 0:
+        raise RuntimeError("mse_loss_forward_with_grad: reduction must be mean or sum (1 or 2), got none")
+    one = torch.ones((), dtype=input.dtype, device=input.device)
+    grad_input, _ = mse_loss_backward(one, input, target, reduction, need_target=False)
+    return mse_loss_forward(input, target, reduction), grad_input
+
+
 def _check_reduction(reduction, size_average, reduce):
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
